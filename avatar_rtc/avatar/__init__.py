@@ -1,0 +1,1 @@
+"""Avatar templates: preparation, the on-disk cache, and per-frame face data."""

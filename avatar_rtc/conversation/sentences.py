@@ -1,0 +1,79 @@
+"""Cut streaming text into sentences, so speech starts as soon as the first one is complete."""
+
+from __future__ import annotations
+
+import re
+
+# Abbreviations whose trailing period does not end a sentence.
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof sr jr st vs etc e.g i.e no fig approx dept est inc ltd co".split()
+)
+# Full-width punctuation ends a sentence on its own; ASCII punctuation needs a space or the end after it.
+_CJK_END = "。！？；…"
+_ASCII_END = ".!?;"
+_CLOSERS = "\"')]}”’」』）"
+
+
+class SentenceChunker:
+    """Feed text as it streams in; get complete sentences back. English and Chinese punctuation."""
+
+    def __init__(self, max_chars: int = 300) -> None:
+        self._buffer = ""
+        self._max_chars = max_chars
+
+    def push(self, text: str) -> list[str]:
+        self._buffer += text
+        sentences: list[str] = []
+        while True:
+            cut = self._find_cut(self._buffer)
+            if cut is None:
+                break
+            sentence, self._buffer = self._buffer[:cut].strip(), self._buffer[cut:]
+            if sentence:
+                sentences.append(sentence)
+        return sentences
+
+    def flush(self) -> list[str]:
+        """End of the stream: whatever is left is the last sentence."""
+        rest, self._buffer = self._buffer.strip(), ""
+        return [rest] if rest else []
+
+    def _find_cut(self, text: str) -> int | None:
+        for i, ch in enumerate(text):
+            if ch in _CJK_END:
+                return self._after_closers(text, i + 1)
+            if ch in _ASCII_END:
+                end = self._after_closers(text, i + 1)
+                if end >= len(text):
+                    return None  # wait: the next chunk may continue a number or an abbreviation
+                if not text[end].isspace():
+                    continue  # "3.5", "e.g.x", "U.S.A"
+                if ch == "." and self._is_abbreviation(text[:i]):
+                    continue
+                return end
+            if ch == "\n" and text[:i].strip():
+                return i + 1
+        if len(text) > self._max_chars:
+            # A run-on without punctuation: cut at the last comma or space so TTS is not starved.
+            for sep in "，,、 ":
+                pos = text.rfind(sep, 0, self._max_chars)
+                if pos > 0:
+                    return pos + 1
+            return self._max_chars
+        return None
+
+    @staticmethod
+    def _after_closers(text: str, i: int) -> int:
+        while i < len(text) and text[i] in _CLOSERS:
+            i += 1
+        return i
+
+    @staticmethod
+    def _is_abbreviation(head: str) -> bool:
+        word = re.split(r"\s", head)[-1].lower().rstrip(".")
+        return word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha() and word not in "ia")
+
+
+def split_sentences(text: str) -> list[str]:
+    chunker = SentenceChunker()
+    return chunker.push(text) + chunker.flush()

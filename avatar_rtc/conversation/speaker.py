@@ -1,0 +1,62 @@
+"""Speak sentences on one session: TTS, then the same samples to the playout and the renderer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Iterable
+
+import numpy as np
+
+from avatar_rtc.conversation.audio import resample_pcm
+from avatar_rtc.conversation.tts import TextToSpeech
+from avatar_rtc.render.base import Renderer
+from avatar_rtc.rtc.playout import Playout, Utterance
+
+
+class Speaker:
+    """Sentence-level streaming: each sentence is queued as soon as it is synthesised, so the first
+    one plays while later ones are still being made."""
+
+    def __init__(self, tts: TextToSpeech, playout: Playout, renderer: Renderer, piece_s: float = 0.4) -> None:
+        if playout.sample_rate % renderer.sample_rate:
+            raise ValueError("renderer sample rate must divide the playout sample rate")
+        self.tts = tts
+        self.playout = playout
+        self.renderer = renderer
+        self._ratio = playout.sample_rate // renderer.sample_rate
+        self._piece = int(piece_s * playout.sample_rate) // self._ratio * self._ratio
+
+    async def speak(self, sentences: Iterable[str] | AsyncIterable[str], utterance: Utterance) -> None:
+        try:
+            if isinstance(sentences, AsyncIterable):
+                async for sentence in sentences:
+                    await self.speak_sentence(sentence, utterance)
+            else:
+                for sentence in sentences:
+                    await self.speak_sentence(sentence, utterance)
+        finally:
+            self.renderer.flush()
+            if not utterance.finished:
+                self.playout.complete(utterance)
+
+    async def speak_sentence(self, sentence: str, utterance: Utterance) -> None:
+        async for pcm in self.tts.synthesize(sentence):
+            await self._schedule(pcm, self.tts.sample_rate, utterance)
+        # A sentence boundary ends a renderer segment: its last frames need not wait for the next
+        # sentence's audio as lookahead.
+        self.renderer.flush()
+
+    async def _schedule(self, pcm: np.ndarray, rate: int, utterance: Utterance) -> None:
+        out_rate, render_rate = self.playout.sample_rate, self.renderer.sample_rate
+        playout_pcm = resample_pcm(pcm, rate, out_rate)
+        # Whole renderer samples per chunk, so the playout and the renderer agree on where speech ends.
+        padding = -len(playout_pcm) % self._ratio
+        if padding:
+            playout_pcm = np.concatenate([playout_pcm, np.zeros(padding, np.int16)])
+        render_pcm = resample_pcm(pcm, rate, render_rate)
+        want = len(playout_pcm) // self._ratio
+        render_pcm = np.pad(render_pcm, (0, max(0, want - len(render_pcm))))[:want]
+        for lo in range(0, len(playout_pcm), self._piece):
+            piece = playout_pcm[lo : lo + self._piece]
+            start = await self.playout.schedule_audio(piece, utterance)
+            r_lo = lo // self._ratio
+            self.renderer.push_audio(render_pcm[r_lo : r_lo + len(piece) // self._ratio], start)

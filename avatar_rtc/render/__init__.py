@@ -1,0 +1,1 @@
+"""Renderers: audio in, avatar frames out, on the session's media timeline."""

@@ -1,0 +1,43 @@
+"""All live sessions of the process: creation under limits, lookup, and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiortc import RTCSessionDescription
+
+from avatar_rtc.avatar.template import Template
+from avatar_rtc.rtc.session import Session, SessionDeps
+
+
+class TooManySessionsError(RuntimeError):
+    pass
+
+
+class SessionManager:
+    def __init__(self, deps: SessionDeps, template: Template) -> None:
+        self.deps = deps
+        self.template = template
+        self.sessions: dict[str, Session] = {}
+
+    async def create(self, offer: RTCSessionDescription) -> tuple[Session, RTCSessionDescription]:
+        limit = self.deps.settings.limits.max_sessions
+        if len(self.sessions) >= limit:
+            raise TooManySessionsError(f"the server is at its limit of {limit} sessions")
+        session = Session(self.deps, self.template, on_closed=self._forget)
+        self.sessions[session.id] = session
+        try:
+            answer = await session.accept(offer)
+        except BaseException:
+            await session.close()
+            raise
+        return session, answer
+
+    def get(self, session_id: str) -> Session | None:
+        return self.sessions.get(session_id)
+
+    def _forget(self, session: Session) -> None:
+        self.sessions.pop(session.id, None)
+
+    async def close_all(self) -> None:
+        await asyncio.gather(*(s.close() for s in list(self.sessions.values())), return_exceptions=True)

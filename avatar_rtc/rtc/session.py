@@ -1,0 +1,275 @@
+"""One caller: a peer connection, its media clock and playout, its data channel, its speech."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from avatar_rtc.avatar.template import Template
+from avatar_rtc.config import Settings
+from avatar_rtc.conversation.sentences import split_sentences
+from avatar_rtc.conversation.speaker import Speaker
+from avatar_rtc.conversation.tts import TextToSpeech
+from avatar_rtc.render.base import RendererEngine
+from avatar_rtc.rtc.clock import MediaClock
+from avatar_rtc.rtc.playout import Playout, Utterance
+from avatar_rtc.rtc.tracks import AvatarAudioTrack, AvatarVideoTrack
+
+log = logging.getLogger(__name__)
+
+EVENTS_CHANNEL = "events"
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_PENDING_UTTERANCES = 8
+
+
+class SessionError(ValueError):
+    """A request the session refuses; the message is safe to show the caller."""
+
+
+class TextTooLongError(SessionError):
+    pass
+
+
+@dataclass(frozen=True)
+class SessionDeps:
+    """What every session shares: settings and the process-wide engines."""
+
+    settings: Settings
+    tts: TextToSpeech
+    renderer: RendererEngine
+
+
+def rtc_configuration(settings: Settings) -> RTCConfiguration:
+    servers = [
+        RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in settings.ice_servers
+    ]
+    # An explicit (possibly empty) list: with None aiortc would fall back to a public STUN server.
+    return RTCConfiguration(iceServers=servers)
+
+
+class Session:
+    def __init__(self, deps: SessionDeps, template: Template, on_closed: Callable[[Session], None]) -> None:
+        self.id = secrets.token_urlsafe(9)
+        self.deps = deps
+        media = deps.settings.media
+        self.clock = MediaClock()
+        self.playout = Playout(
+            self.clock.now,
+            template,
+            fps=media.fps,
+            sample_rate=media.audio_sample_rate,
+            lead_s=media.speech_lead_ms / 1000,
+            max_ahead_s=media.max_ahead_s,
+        )
+        self.playout.on_started = self._on_speech_started
+        self.playout.on_finished = self._on_speech_finished
+        self.renderer = deps.renderer.open(template)
+        self.speaker = Speaker(deps.tts, self.playout, self.renderer)
+        self.audio_track = AvatarAudioTrack(self.clock, self.playout, media.audio_frame_ms)
+        self.video_track = AvatarVideoTrack(self.clock, self.playout)
+        self.pc = RTCPeerConnection(rtc_configuration(deps.settings))
+        self.channel: RTCDataChannel | None = None
+        self.state = "idle"
+        self._on_closed = on_closed
+        self._pending: asyncio.Queue[Utterance] = asyncio.Queue(MAX_PENDING_UTTERANCES)
+        self._speaking_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self.pc.on("datachannel", self._on_datachannel)
+        self.pc.on("track", self._on_track)
+        self.pc.on("connectionstatechange", self._on_connection_state)
+
+    # -- signaling ------------------------------------------------------------------------------
+    async def accept(self, offer: RTCSessionDescription) -> RTCSessionDescription:
+        self.pc.addTrack(self.audio_track)
+        video_sender = self.pc.addTrack(self.video_track)
+        # Codec preferences only take effect when set before the remote offer is applied.
+        wanted = self.deps.settings.media.video_codec.lower()
+        codecs = [
+            c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType.lower() == f"video/{wanted}"
+        ]
+        for transceiver in self.pc.getTransceivers():
+            if transceiver.sender is video_sender and codecs:
+                transceiver.setCodecPreferences(codecs)
+        await self.pc.setRemoteDescription(offer)
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        self._spawn(self._pump_frames())
+        self._spawn(self._speak_pending())
+        return self.pc.localDescription
+
+    # -- requests -------------------------------------------------------------------------------
+    def say(self, text: object) -> Utterance:
+        if not isinstance(text, str) or not text.strip():
+            raise SessionError("text must be a non-empty string")
+        limit = self.deps.settings.limits.max_text_chars
+        if len(text) > limit:
+            raise TextTooLongError(f"text is longer than {limit} characters")
+        utterance = Utterance(text=text.strip())
+        try:
+            self._pending.put_nowait(utterance)
+        except asyncio.QueueFull:
+            raise SessionError(f"more than {MAX_PENDING_UTTERANCES} utterances are waiting") from None
+        return utterance
+
+    def interrupt(self) -> None:
+        """Stop speaking now: cancel synthesis, drop queued text, audio and frames."""
+        while not self._pending.empty():
+            self._pending.get_nowait()
+        if self._speaking_task is not None:
+            self._speaking_task.cancel()
+        self.renderer.clear()
+        self.playout.clear()
+        self._set_state("idle")
+
+    def stats(self) -> dict[str, Any]:
+        playout = self.playout.stats
+        lateness = sorted(playout.video_send_lateness)
+
+        def pct(q: float) -> float | None:
+            return (
+                round(lateness[min(len(lateness) - 1, int(q * len(lateness)))] * 1000, 2)
+                if lateness
+                else None
+            )
+
+        return {
+            "session_id": self.id,
+            "state": self.state,
+            "media_time_s": round(self.clock.now(), 3),
+            "frames_sent": playout.frames_sent,
+            "frames_rendered": playout.frames_rendered,
+            "frames_idle": playout.frames_idle,
+            "frames_late": playout.frames_late,
+            "frames_dropped": playout.frames_dropped,
+            "audio_frames_sent": playout.audio_frames_sent,
+            "send_lateness_ms_p50": pct(0.5),
+            "send_lateness_ms_p99": pct(0.99),
+        }
+
+    def send_event(self, event: dict[str, Any]) -> None:
+        channel = self.channel
+        if channel is not None and channel.readyState == "open":
+            channel.send(json.dumps(event))
+
+    # -- loops ----------------------------------------------------------------------------------
+    async def _pump_frames(self) -> None:
+        async for frame in self.renderer.frames():
+            await self.playout.put_frame(frame.index, frame.image)
+
+    async def _speak_pending(self) -> None:
+        while True:
+            utterance = await self._pending.get()
+            if not self.playout.speaking:
+                self._set_state("preparing")
+            task = asyncio.ensure_future(self.speaker.speak(split_sentences(utterance.text), utterance))
+            self._speaking_task = task
+            await asyncio.wait({task})
+            self._speaking_task = None
+            if not task.cancelled() and task.exception() is not None:
+                log.error("session %s: speech failed", self.id, exc_info=task.exception())
+                self.send_event({"type": "error", "message": f"speech failed: {task.exception()}"})
+            if not self.playout.speaking and self._pending.empty():
+                self._set_state("idle")
+
+    async def _drain(self, track: MediaStreamTrack) -> None:
+        # Until a consumer (voice input) reads the caller's track, read and drop its frames so the
+        # receiver's queue does not grow for the whole call.
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                await track.recv()
+
+    # -- callbacks ------------------------------------------------------------------------------
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if channel.label != EVENTS_CHANNEL:
+            return
+        self.channel = channel
+        channel.on("message", self._on_message)
+        channel.on("open", lambda: self._greet())
+        if channel.readyState == "open":
+            self._greet()
+
+    def _greet(self) -> None:
+        self.send_event({"type": "hello", "session_id": self.id})
+        self.send_event({"type": "state", "state": self.state})
+
+    def _on_message(self, message: str | bytes) -> None:
+        try:
+            if len(message) > MAX_MESSAGE_BYTES:
+                raise SessionError(f"message larger than {MAX_MESSAGE_BYTES} bytes")
+            try:
+                data = json.loads(message)
+            except (ValueError, UnicodeDecodeError):
+                raise SessionError("message is not valid JSON") from None
+            if not isinstance(data, dict):
+                raise SessionError("message must be a JSON object")
+            kind = data.get("type")
+            if kind == "say":
+                self.say(data.get("text"))
+            elif kind == "interrupt":
+                self.interrupt()
+            elif kind == "ping":
+                self.send_event({"type": "pong", "t": data.get("t")})
+            else:
+                raise SessionError(f"unknown message type {kind!r}")
+        except SessionError as error:
+            self.send_event({"type": "error", "message": str(error)})
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio":
+            self._spawn(self._drain(track))
+
+    async def _on_connection_state(self) -> None:
+        if self.pc.connectionState in ("failed", "closed"):
+            await self.close()
+
+    def _on_speech_started(self, utterance: Utterance) -> None:
+        self._set_state("speaking")
+
+    def _on_speech_finished(self, utterance: Utterance) -> None:
+        self.send_event(utterance.metrics())
+        if not self.playout.speaking and self._pending.empty() and self._speaking_task is None:
+            self._set_state("idle")
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.send_event({"type": "state", "state": state})
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("session %s: task failed", self.id, exc_info=task.exception())
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._speaking_task is not None:
+            self._speaking_task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.renderer.aclose()
+        await self.pc.close()
+        self._on_closed(self)

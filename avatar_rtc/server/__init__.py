@@ -1,0 +1,1 @@
+"""HTTP and signaling: the aiohttp app, its routes, and request validation."""

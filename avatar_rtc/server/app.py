@@ -1,0 +1,146 @@
+"""The aiohttp application: the call page, WebRTC signaling, and the small JSON API."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from aiortc import RTCSessionDescription
+from aiortc import sdp as aiortc_sdp
+
+from avatar_rtc import __version__
+from avatar_rtc.rtc.manager import SessionManager, TooManySessionsError
+from avatar_rtc.rtc.session import Session, SessionError, TextTooLongError
+from avatar_rtc.wiring import Services
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 256 * 1024
+SERVICES = web.AppKey("services", Services)
+
+
+def json_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(
+            text=json.dumps({"error": "Content-Type must be application/json"}),
+            content_type="application/json",
+        )
+    try:
+        data = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": "body is not valid JSON"}), content_type="application/json"
+        ) from None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": "body must be a JSON object"}), content_type="application/json"
+        )
+    return data
+
+
+def _sessions(request: web.Request) -> SessionManager:
+    return request.app[SERVICES].sessions
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(request.app[SERVICES].settings.static_dir / "index.html")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response(
+        {"status": "ok", "version": __version__, "sessions": len(_sessions(request).sessions)}
+    )
+
+
+async def client_config(request: web.Request) -> web.Response:
+    settings = request.app[SERVICES].settings
+    return web.json_response({"ice_servers": [s.model_dump(exclude_none=True) for s in settings.ice_servers]})
+
+
+async def offer(request: web.Request) -> web.Response:
+    data = await read_json_object(request)
+    sdp, kind = data.get("sdp"), data.get("type")
+    if not isinstance(sdp, str) or not sdp.strip():
+        return json_error(400, "field 'sdp' must be a non-empty string")
+    if kind != "offer":
+        return json_error(400, "field 'type' must be 'offer'")
+    try:
+        parsed = aiortc_sdp.SessionDescription.parse(sdp)
+    except Exception as error:  # aiortc's parser raises anything from AssertionError to ValueError
+        return json_error(400, f"malformed SDP offer: {error or type(error).__name__}")
+    if not any(m.kind in ("audio", "video") for m in parsed.media):
+        return json_error(400, "malformed SDP offer: it offers no audio or video")
+    try:
+        session, answer = await _sessions(request).create(RTCSessionDescription(sdp=sdp, type="offer"))
+    except TooManySessionsError as error:
+        return json_error(503, str(error))
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, AssertionError) as error:
+        # Parsed but unusable: no fingerprint, no common codec, bad ICE credentials, ...
+        return json_error(400, f"unusable SDP offer: {error or type(error).__name__}")
+    return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.id})
+
+
+def _session_or_404(request: web.Request) -> Session:
+    session = _sessions(request).get(request.match_info["session_id"])
+    if session is None:
+        raise web.HTTPNotFound(text=json.dumps({"error": "unknown session"}), content_type="application/json")
+    return session
+
+
+async def say(request: web.Request) -> web.Response:
+    session = _session_or_404(request)
+    data = await read_json_object(request)
+    try:
+        utterance = session.say(data.get("text"))
+    except TextTooLongError as error:
+        return json_error(413, str(error))
+    except SessionError as error:
+        return json_error(400, str(error))
+    return web.json_response({"utterance_id": utterance.id}, status=202)
+
+
+async def session_stats(request: web.Request) -> web.Response:
+    return web.json_response(_session_or_404(request).stats())
+
+
+async def interrupt(request: web.Request) -> web.Response:
+    _session_or_404(request).interrupt()
+    return web.json_response({"status": "interrupted"})
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as ``{"error": message}``, including aiohttp's own (413, 404, 405)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if error.status < 400 or error.content_type == "application/json":
+            raise
+        message = error.text if error.text and not error.text.startswith(f"{error.status}:") else error.reason
+        return json_error(error.status, message or error.reason)
+
+
+async def _close_sessions(app: web.Application) -> None:
+    await app[SERVICES].sessions.close_all()
+
+
+def create_app(services: Services) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
+    app[SERVICES] = services
+    app.router.add_get("/", index)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/api/config", client_config)
+    app.router.add_post("/offer", offer)
+    app.router.add_post("/api/sessions/{session_id}/say", say)
+    app.router.add_post("/api/sessions/{session_id}/interrupt", interrupt)
+    app.router.add_get("/api/sessions/{session_id}/stats", session_stats)
+    app.router.add_static("/static", services.settings.static_dir)
+    app.on_shutdown.append(_close_sessions)
+    return app

@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Benchmark live calls: 1, 2 and 4 simultaneous callers against a server in its own process.
+
+Prints, per run: received frames/s, inter-frame gap p50/p99 at the peer, late/repeated/dropped frames
+and send-time error (server side), lip offset at the peer (corrected by a calibration sender),
+`say` to first speech audio at the peer, and the server's CPU and resident memory.
+
+Run as root it re-executes itself in a loopback-only network namespace; either way every peer
+connection uses 127.0.0.1 only and no STUN server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from avatar_rtc.testing.lipsync import MouthDarkness, lip_offset, mouth_box  # noqa: E402
+from avatar_rtc.testing.receiver import CallReceiver  # noqa: E402
+from avatar_rtc.testing.synthetic import SyntheticSender, syllable_signal  # noqa: E402
+from avatar_rtc.wiring import restrict_ice_host_addresses  # noqa: E402
+
+SENTENCES = [
+    "Hello! Nice to meet you today.",
+    "The weather is lovely, so let us go for a walk in the park.",
+    "Could you tell me more about your plans for the weekend?",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def first_speech_delay(receiver: CallReceiver, sent_at: float, threshold: float = 500.0) -> float | None:
+    rec = receiver.received
+    for arrival, pcm in zip(rec.audio_arrival, rec.audio_pcm, strict=True):
+        if arrival >= sent_at and np.sqrt(np.mean(pcm.astype(np.float64) ** 2)) > threshold:
+            return arrival - sent_at
+    return None
+
+
+async def calibrate(box: tuple[int, int, int, int]) -> float:
+    sender = SyntheticSender(syllable_signal(6.0), box)
+    receiver = CallReceiver(probe=MouthDarkness(box))
+    await receiver.connect(sender.answer)
+    await asyncio.sleep(6.5)
+    bias = lip_offset(receiver.received).offset_s
+    await receiver.close()
+    await sender.close()
+    return bias
+
+
+async def run_calls(
+    url: str, pid: int, n: int, box: tuple[int, int, int, int], bias: float, seconds: float
+) -> None:
+    receivers = [CallReceiver(probe=MouthDarkness(box)) for _ in range(n)]
+    async with aiohttp.ClientSession() as http:
+        await asyncio.gather(*(r.connect_http(url, http) for r in receivers))
+        await asyncio.sleep(1.0)
+        cpu0, wall0 = proc_cpu_seconds(pid), time.monotonic()
+        delays: list[float] = []
+        sends: list[tuple[CallReceiver, float]] = []
+        end = time.monotonic() + seconds
+        turn = 0
+        while time.monotonic() < end - 4.5:
+            for r in receivers:
+                r.send({"type": "say", "text": SENTENCES[turn % len(SENTENCES)]})
+                sends.append((r, time.monotonic()))
+            turn += 1
+            await asyncio.sleep(4.5)
+        await asyncio.sleep(max(0.0, end - time.monotonic()))
+        cpu = (proc_cpu_seconds(pid) - cpu0) / (time.monotonic() - wall0)
+        rss = proc_rss_mb(pid)
+        stats = []
+        for r in receivers:
+            async with http.get(f"{url}/api/sessions/{r.session_id}/stats") as resp:
+                stats.append(await resp.json())
+    for r, sent_at in sends:
+        d = first_speech_delay(r, sent_at)
+        if d is not None:
+            delays.append(d)
+    for r in receivers:
+        await r.close()
+
+    gaps = np.concatenate([np.diff(r.received.video_arrival) for r in receivers]) * 1000
+    fps = [
+        (len(r.received.video_arrival) - 1) / (r.received.video_arrival[-1] - r.received.video_arrival[0])
+        for r in receivers
+    ]
+    offsets = [(lip_offset(r.received).offset_s - bias) * 1000 for r in receivers]
+    sent = sum(s["frames_sent"] for s in stats)
+    late = sum(s["frames_late"] for s in stats)
+    dropped = sum(s["frames_dropped"] for s in stats)
+    lateness_p99 = max(s["send_lateness_ms_p99"] or 0 for s in stats)
+    print(
+        f"{n:>5} | {statistics.median(fps):6.2f} | {np.percentile(gaps, 50):5.1f} / {np.percentile(gaps, 99):5.1f} "
+        f"| {late / sent * 100:5.2f} % / {dropped:3d} | {lateness_p99:6.1f} "
+        f"| {statistics.median(offsets):+6.1f} ({min(offsets):+.0f}..{max(offsets):+.0f}) "
+        f"| {statistics.median(delays) * 1000 if delays else float('nan'):6.0f} (n={len(delays)}) "
+        f"| {cpu * 100 / n:5.1f} % | {rss:6.0f}",
+        flush=True,
+    )
+
+
+def start_server(cache: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = dict(
+        os.environ, AVATAR_RTC_ICE_HOST_ADDRESSES='["127.0.0.1"]', AVATAR_RTC_AVATAR__CACHE_DIR=str(cache)
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-m", "avatar_rtc.cli", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return server, f"http://127.0.0.1:{port}"
+
+
+async def main(args: argparse.Namespace, server: subprocess.Popen[bytes], url: str, cache: Path) -> None:
+    restrict_ice_host_addresses(["127.0.0.1"])
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(600):
+                try:
+                    async with http.get(f"{url}/healthz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+            else:
+                raise SystemExit("server did not start")
+        from avatar_rtc.avatar.store import TemplateStore
+
+        template = TemplateStore(cache).load("default")
+        box = mouth_box(template.landmarks[0], template.size)
+        bias = await calibrate(box)
+        print(
+            f"server pid {server.pid}; receiver bias {bias * 1000:+.1f} ms (calibration sender); {args.seconds:.0f} s per run"
+        )
+        print(
+            "calls |    fps | gap p50/p99 ms | late % / dropped | send err p99 ms | lip offset ms | say->audio ms | CPU/call | RSS MB"
+        )
+        base_rss = proc_rss_mb(server.pid)
+        print(
+            f"    0 |        |                |                  |                 |               |               |          | {base_rss:6.0f}"
+        )
+        for n in args.calls:
+            await run_calls(url, server.pid, n, box, bias, args.seconds)
+            await asyncio.sleep(1.0)
+    finally:
+        server.terminate()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--calls", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parsed = parser.parse_args()
+    if os.geteuid() == 0 and not os.environ.get("AVATAR_RTC_NETNS") and shutil.which("unshare"):
+        os.environ["AVATAR_RTC_NETNS"] = "1"
+        cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", sys.executable, *sys.argv]
+        os.execvp("unshare", cmd)
+    cache_dir = Path(tempfile.mkdtemp(prefix="bench_call_"))
+    process, base_url = start_server(cache_dir)
+    try:
+        asyncio.run(main(parsed, process, base_url, cache_dir))
+    finally:
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(cache_dir, ignore_errors=True)

@@ -1,0 +1,71 @@
+"""Time the warp renderer per frame at 512x512, and the one-off preparation of the default template.
+
+Usage: ``python scripts/bench_render.py [--frames N]``. Prints median and p95 milliseconds per frame
+over a mix of mouth shapes (as in speech), after a warm-up that builds the rigs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+
+from avatar_rtc.avatar.prepare import default_photo, prepare_photo
+from avatar_rtc.avatar.store import TemplateStore
+from avatar_rtc.render.mouth_shape import mouth_shape
+from avatar_rtc.render.warp import WarpEngine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--frames", type=int, default=500)
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    photo = default_photo()
+    photo_s = time.perf_counter() - start
+    start = time.perf_counter()
+    template = prepare_photo(photo, "default")
+    prepare_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as cache_dir:
+        start = time.perf_counter()
+        TemplateStore(cache_dir).save(template)
+        save_s = time.perf_counter() - start
+        start = time.perf_counter()
+        TemplateStore(cache_dir).load("default")
+        load_s = time.perf_counter() - start
+    print(f"default photo (import + landmarks + crop): {photo_s * 1e3:.0f} ms")
+    print(f"prepare_photo ({template.frame_count} frames): {prepare_s * 1e3:.0f} ms")
+    print(f"store save: {save_s * 1e3:.0f} ms, load (with checksums): {load_s * 1e3:.0f} ms")
+
+    renderer = WarpEngine().open(template)
+    rng = np.random.default_rng(0)
+    shapes = [
+        (float(o), float(r)) for o, r in zip(rng.uniform(0.05, 1.0, 64), rng.uniform(-1, 1, 64), strict=True)
+    ]
+    start = time.perf_counter()
+    for index in range(template.frame_count):
+        renderer.render_frame(index, 0.5, 0.0)
+    warm_s = time.perf_counter() - start
+    print(f"first pass over the loop (builds rigs): {warm_s * 1e3:.0f} ms")
+
+    frame_times = []
+    for i in range(args.frames):
+        openness, roundness = shapes[i % len(shapes)]
+        start = time.perf_counter()
+        renderer.render_frame(template.loop_index(i), openness, roundness)
+        frame_times.append(time.perf_counter() - start)
+    ms = np.array(frame_times) * 1e3
+    print(f"warp render 512x512: median {np.median(ms):.2f} ms, p95 {np.percentile(ms, 95):.2f} ms per frame")
+
+    audio = (0.1 * np.sin(2 * np.pi * 150 * np.arange(1280) / 16000)).astype(np.float32)
+    start = time.perf_counter()
+    for _ in range(2000):
+        mouth_shape(audio)
+    print(f"mouth_shape: {(time.perf_counter() - start) / 2000 * 1e3:.3f} ms per window")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Helpers for the end-to-end browser tests: a real server subprocess, a speech WAV for Chromium's
+fake microphone, and the Chromium flags that make a headless WebRTC call work on loopback.
+
+Kept out of conftest.py so that file stays free for shared fixtures written by others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    base_url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "<no server log>"
+
+
+def _healthz_ok(base_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base_url}/healthz", timeout=1) as response:
+            return response.status == 200 and json.load(response).get("status") == "ok"
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop the server and anything it spawned: SIGINT first so aiohttp closes peer connections
+    cleanly, then harder. The server runs in its own process group, started by us, so signalling the
+    group reaches its children and nothing else."""
+    if process.poll() is not None:
+        return
+    for sig, grace_s in ((signal.SIGINT, 5.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextmanager
+def run_server(work_dir: Path, start_timeout_s: float = 45.0) -> Iterator[RunningServer]:
+    """Start ``avatar_rtc.cli serve`` on a free loopback port and yield once /healthz answers.
+
+    The avatar template cache goes to ``work_dir`` so the test leaves the checkout untouched, and ICE
+    is pinned to 127.0.0.1 so no media leaves the machine.
+    """
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    cache_dir = work_dir / "template_cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log_path = work_dir / "server.log"
+    env = {
+        **os.environ,
+        "AVATAR_RTC_ICE_HOST_ADDRESSES": '["127.0.0.1"]',
+        "AVATAR_RTC_AVATAR__CACHE_DIR": str(cache_dir),
+        # The log is read while the server runs, so it must not sit in a pipe buffer.
+        "PYTHONUNBUFFERED": "1",
+    }
+    cmd = [sys.executable, "-m", "avatar_rtc.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = RunningServer(base_url=base_url, process=process, log_path=log_path)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not _healthz_ok(base_url):
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with code {process.returncode} before answering /healthz:\n"
+                    f"{server.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"server did not answer /healthz within {start_timeout_s:.0f} s:\n{server.log_tail()}"
+                )
+            time.sleep(0.2)
+        yield server
+    finally:
+        _stop(process)
+
+
+def make_speech_wav(work_dir: Path, text: str) -> Path:
+    """A 48 kHz mono WAV of ``text`` for Chromium's fake microphone (which loops the file)."""
+    for tool in ("espeak-ng", "sox"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} is required to build the fake microphone input")
+    raw = work_dir / "speech_raw.wav"
+    out = work_dir / "speech_48k.wav"
+    subprocess.run(["espeak-ng", "-w", str(raw), text], check=True, capture_output=True, timeout=30)
+    subprocess.run(
+        ["sox", str(raw), "-r", "48000", "-c", "1", str(out)], check=True, capture_output=True, timeout=30
+    )
+    return out
+
+
+def chromium_args(fake_audio_wav: Path) -> list[str]:
+    """Flags for a headless Chromium that joins a loopback WebRTC call without prompts."""
+    return [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        # Grant getUserMedia without a prompt and feed it a file instead of a real microphone.
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={fake_audio_wav}",
+        # The remote <video> is unmuted; without this Chromium would refuse to autoplay it.
+        "--autoplay-policy=no-user-gesture-required",
+        # Chromium drops loopback ICE candidates by default; the test server offers only 127.0.0.1.
+        "--allow-loopback-in-peer-connection",
+    ]

@@ -1,0 +1,96 @@
+"""The synchronized playout: scheduling on the media timeline, late frames, barge-in."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from avatar_rtc.avatar.template import Template
+from avatar_rtc.rtc.playout import Playout, Utterance
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make_template(n: int = 5) -> Template:
+    frames = np.stack([np.full((8, 8, 3), i * 10, np.uint8) for i in range(n)])
+    return Template("t", 25, frames, np.zeros((n, 478, 2), np.float32))
+
+
+def make_playout(clock: FakeClock, n: int = 5) -> Playout:
+    return Playout(clock, make_template(n), fps=25, sample_rate=48000, lead_s=0.05, max_ahead_s=5.0)
+
+
+def test_ping_pong_idle_loop_never_jumps() -> None:
+    template = make_template(4)
+    assert [template.loop_index(i) for i in range(10)] == [0, 1, 2, 3, 2, 1, 0, 1, 2, 3]
+    assert make_template(1).loop_index(7) == 0
+
+
+async def test_speech_starts_on_a_frame_boundary_after_the_lead_and_continues_seamlessly() -> None:
+    clock = FakeClock()
+    clock.t = 1.013
+    playout = make_playout(clock)
+    u = Utterance("hi")
+    first = await playout.schedule_audio(np.ones(1000, np.int16), u)
+    assert first == 1.08  # 1.013 + 0.05 rounded up to the next 40 ms frame
+    second = await playout.schedule_audio(np.ones(500, np.int16), u)
+    assert second == first + 1000 / 48000
+    # audio before the start is silence, then the scheduled samples
+    out = playout.read_audio(int(1.07 * 48000), 960)
+    assert np.count_nonzero(out) == 960 - 480
+    assert u.first_audio_at is not None
+
+
+async def test_audio_and_frames_share_the_media_timeline() -> None:
+    clock = FakeClock()
+    playout = make_playout(clock)
+    u = Utterance("x")
+    start = await playout.schedule_audio(np.full(1920 * 3, 7, np.int16), u)
+    first_index = round(start * 25)
+    rendered = np.full((8, 8, 3), 200, np.uint8)
+    await playout.put_frame(first_index, rendered)
+    assert np.array_equal(playout.frame_for(first_index - 1), playout.template.idle_frame(first_index - 1))
+    assert playout.frame_for(first_index) is rendered
+    # The next speech frame is missing: the last frame repeats and is counted late.
+    assert playout.frame_for(first_index + 1) is rendered
+    assert u.frames_late == 1 and playout.stats.frames_late == 1
+    # After the speech, idle again.
+    assert np.array_equal(playout.frame_for(first_index + 3), playout.template.idle_frame(first_index + 3))
+
+
+async def test_utterance_finishes_when_its_last_sample_is_read() -> None:
+    clock = FakeClock()
+    playout = make_playout(clock)
+    done: list[Utterance] = []
+    playout.on_finished = done.append
+    u = Utterance("x")
+    start = await playout.schedule_audio(np.ones(960, np.int16), u)
+    playout.complete(u)
+    assert not done
+    playout.read_audio(int(start * 48000), 960)
+    assert done == [u] and u.played_until == start + 0.02 and not u.interrupted
+    assert not playout.speaking
+
+
+async def test_clear_drops_everything_and_reports_what_was_heard() -> None:
+    clock = FakeClock()
+    playout = make_playout(clock)
+    u = Utterance("long")
+    start = await playout.schedule_audio(np.ones(48000, np.int16), u)
+    await playout.put_frame(round(start * 25) + 1, np.zeros((8, 8, 3), np.uint8))
+    clock.t = start + 0.3
+    cut = playout.clear()
+    assert cut == [u] and u.interrupted and u.finished
+    assert abs(u.played_until - (start + 0.3)) < 1e-9
+    assert not np.any(playout.read_audio(int(clock.t * 48000), 4800))
+    index = round(start * 25) + 1
+    assert np.array_equal(playout.frame_for(index), playout.template.idle_frame(index))
+    # New speech after a clear starts from now, not after the dropped audio.
+    v = Utterance("next")
+    again = await playout.schedule_audio(np.ones(960, np.int16), v)
+    assert again < start + 1.0
