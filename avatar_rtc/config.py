@@ -23,7 +23,7 @@ class MediaSettings(BaseModel):
     audio_frame_ms: Literal[10, 20] = 20
     # Speech is scheduled this far ahead of "now" on the media clock, so the renderer has its first
     # frame ready before the audio that goes with it leaves.
-    speech_lead_ms: int = Field(120, ge=0, le=2000)
+    speech_lead_ms: int = Field(60, ge=0, le=2000)
     # Bound on how far rendered frames and scheduled audio may run ahead of the clock.
     max_ahead_s: float = Field(1.0, gt=0, le=30)
     video_codec: Literal["VP8", "H264"] = "VP8"

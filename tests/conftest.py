@@ -43,6 +43,12 @@ def piper_tts() -> TextToSpeech:
 class RunningServer:
     url: str
     services: Services
+    runner: web.AppRunner
+
+    async def stop(self) -> None:
+        """Graceful shutdown, as on SIGINT: on_shutdown hooks run and sessions close."""
+        if self.runner.server is not None:
+            await self.runner.cleanup()
 
 
 async def start_server(services: Services) -> tuple[web.AppRunner, str]:
@@ -65,8 +71,9 @@ async def server(
     settings = Settings(ice_host_addresses=["127.0.0.1"], avatar={"cache_dir": template_cache_dir})
     services = build_services(settings, tts=piper_tts, renderer=WarpEngine(), template=default_template)
     runner, url = await start_server(services)
+    running = RunningServer(url, services, runner)
     try:
-        yield RunningServer(url, services)
+        yield running
     finally:
-        await runner.cleanup()
+        await running.stop()
         await asyncio.sleep(0)

@@ -135,3 +135,17 @@ async def test_say_over_http_api_and_bad_messages(server) -> None:
         metrics = await receiver.wait_event(lambda e: e["type"] == "metrics", wait_s=10)
         assert metrics["speech_ms"] > 300
     await receiver.close()
+
+
+async def test_shutdown_closes_every_peer_connection(server) -> None:
+    receivers = [CallReceiver(), CallReceiver()]
+    async with aiohttp.ClientSession() as http:
+        for receiver in receivers:
+            await receiver.connect_http(server.url, http)
+    sessions = list(server.services.sessions.sessions.values())
+    assert len(sessions) == 2
+    await server.stop()
+    assert server.services.sessions.sessions == {}
+    assert all(s.pc.connectionState == "closed" for s in sessions)
+    for receiver in receivers:
+        await receiver.close()

@@ -1,0 +1,243 @@
+"""The caller's microphone: WebRTC audio frames to 16 kHz mono PCM, then webrtcvad into utterances.
+
+Everything here is synchronous and cheap so that it can run on the event loop for every received frame
+(one ``is_speech`` call costs a few microseconds per 20 ms frame).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+import av
+import numpy as np
+import webrtcvad
+from pydantic import BaseModel, Field, model_validator
+
+VAD_SAMPLE_RATE = 16000
+
+
+class MicResampler:
+    """Received ``av.AudioFrame``s (aiortc: 48 kHz, stereo or mono, s16, 960 samples) to 16 kHz mono int16.
+
+    One resampler lives for the whole stream: libswresample keeps its filter history between frames,
+    so consecutive chunks join without the clicks that resampling each frame on its own would cause.
+    """
+
+    def __init__(self, rate: int = VAD_SAMPLE_RATE) -> None:
+        self.rate = rate
+        self._resampler = self._new_resampler()
+        self._input_signature: tuple[str, str, int] | None = None
+
+    def _new_resampler(self) -> av.AudioResampler:
+        return av.AudioResampler(format="s16", layout="mono", rate=self.rate)
+
+    def push(self, frame: av.AudioFrame) -> np.ndarray:
+        """The 16 kHz mono samples this frame yields (the resampler's delay makes the count vary a little)."""
+        signature = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if self._input_signature is not None and signature != self._input_signature:
+            # A renegotiated track can change layout or rate mid-call; av refuses frames that do not
+            # match its first one, so start over (losing only a few samples of filter history).
+            self._resampler = self._new_resampler()
+        self._input_signature = signature
+        parts = [out.to_ndarray().reshape(-1) for out in self._resampler.resample(frame)]
+        if not parts:
+            return np.zeros(0, np.int16)
+        pcm = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        # The passthrough case (input already 16 kHz mono s16) hands back the caller's own frame.
+        return pcm.astype(np.int16, copy=False)
+
+
+class VadSettings(BaseModel):
+    # webrtcvad's mode: 0 lets the most through, 3 is the strictest about what counts as speech.
+    aggressiveness: int = Field(2, ge=0, le=3)
+    frame_ms: Literal[10, 20, 30] = 20
+    # Audio kept from before the confirmed onset, so the first consonant reaches the recogniser.
+    start_padding_ms: int = Field(300, ge=0, le=2000)
+    # Onset is confirmed when ``onset_ratio`` of the frames in the last ``onset_ms`` are voiced. Short,
+    # because SpeechStarted drives barge-in.
+    onset_ms: int = Field(120, ge=10, le=1000)
+    onset_ratio: float = Field(0.8, gt=0, le=1)
+    # This much (nearly) unvoiced audio ends an utterance.
+    end_silence_ms: int = Field(500, ge=60, le=5000)
+    # Utterances with less voiced time than this (coughs, clicks, a door) are dropped.
+    min_speech_ms: int = Field(250, ge=0, le=5000)
+    # A monologue is cut here and emitted, so the recogniser never gets more than one Whisper window.
+    max_utterance_s: float = Field(15.0, gt=1, le=30)
+
+    @model_validator(mode="after")
+    def _windows_hold_whole_frames(self) -> VadSettings:
+        if self.onset_ms < self.frame_ms or self.end_silence_ms < 2 * self.frame_ms:
+            raise ValueError("onset_ms must hold one VAD frame and end_silence_ms two")
+        return self
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    """Onset confirmed; ``at_s`` is the first voiced frame of the confirming window (stream seconds)."""
+
+    at_s: float
+
+
+@dataclass(frozen=True, eq=False)
+class UtteranceEnded:
+    """One utterance, padded on both sides; ``vad_end_at`` is ``time.monotonic()`` when the end was
+    detected, so later stages can measure their latency from it."""
+
+    pcm: np.ndarray
+    started_at_s: float
+    ended_at_s: float
+    vad_end_at: float
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.pcm) / VAD_SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class SpeechDropped:
+    """A SpeechStarted that produced no utterance (shorter than ``min_speech_ms``): a barge-in that
+    paused the avatar for it may resume."""
+
+    started_at_s: float
+    ended_at_s: float
+
+
+VadEvent = SpeechStarted | UtteranceEnded | SpeechDropped
+
+
+class VoiceActivitySegmenter:
+    """16 kHz mono int16 in (any chunk size), speech events out; times are seconds of the input stream."""
+
+    def __init__(self, settings: VadSettings | None = None) -> None:
+        self.settings = settings or VadSettings()
+        s = self.settings
+        self._vad = webrtcvad.Vad(s.aggressiveness)
+        self._frame_len = VAD_SAMPLE_RATE * s.frame_ms // 1000
+        self._frame_s = s.frame_ms / 1000
+        self._padding_frames = s.start_padding_ms // s.frame_ms
+        self._onset_frames = max(1, s.onset_ms // s.frame_ms)
+        self._onset_needed = max(1, round(s.onset_ratio * self._onset_frames))
+        self._end_frames = max(2, s.end_silence_ms // s.frame_ms)
+        # A few voiced frames inside the end window (breath, noise) do not hold an utterance open.
+        self._end_voiced_allowed = self._end_frames // 10
+        self._max_frames = round(s.max_utterance_s / self._frame_s)
+        self.reset()
+
+    def reset(self) -> None:
+        self._pending = np.zeros(0, np.int16)
+        self._frames_seen = 0
+        # Idle: the last start-padding (or onset-window, if longer) frames, as (pcm, voiced).
+        self._history: deque[tuple[np.ndarray, bool]] = deque(
+            maxlen=max(self._padding_frames, self._onset_frames)
+        )
+        self._in_speech = False
+        self._utterance: list[np.ndarray] = []
+        self._utterance_first_frame = 0  # stream index of the first frame in _utterance
+        self._speech_first_frame = 0  # stream index of the first voiced frame (the onset)
+        self._last_voiced_frame = 0
+        self._recent_voiced: deque[bool] = deque(maxlen=self._end_frames)
+
+    @property
+    def in_speech(self) -> bool:
+        return self._in_speech
+
+    @property
+    def stream_s(self) -> float:
+        """Seconds of input classified so far."""
+        return self._frames_seen * self._frame_s
+
+    def push(self, pcm16k: np.ndarray) -> list[VadEvent]:
+        if pcm16k.dtype != np.int16 or pcm16k.ndim != 1:
+            raise ValueError("expected mono int16 PCM at 16 kHz")
+        samples = np.concatenate([self._pending, pcm16k]) if len(self._pending) else pcm16k
+        whole = len(samples) // self._frame_len * self._frame_len
+        self._pending = samples[whole:].copy()
+        events: list[VadEvent] = []
+        for start in range(0, whole, self._frame_len):
+            frame = samples[start : start + self._frame_len]
+            voiced = self._vad.is_speech(frame.tobytes(), VAD_SAMPLE_RATE)
+            self._step(frame, voiced, events)
+            self._frames_seen += 1
+        return events
+
+    def flush(self) -> list[VadEvent]:
+        """End of stream: an utterance still open is ended (or dropped) now."""
+        events: list[VadEvent] = []
+        if self._in_speech:
+            self._finish(self._frames_seen, events)
+        self._pending = np.zeros(0, np.int16)
+        self._history.clear()
+        return events
+
+    def _step(self, frame: np.ndarray, voiced: bool, events: list[VadEvent]) -> None:
+        index = self._frames_seen
+        if not self._in_speech:
+            self._history.append((frame, voiced))
+            onset_window = list(self._history)[-self._onset_frames :]
+            if sum(v for _, v in onset_window) < self._onset_needed:
+                return
+            first_voiced = next(i for i, (_, v) in enumerate(onset_window) if v)
+            kept = list(self._history)[-max(self._padding_frames, len(onset_window)) :]
+            self._in_speech = True
+            self._utterance = [pcm for pcm, _ in kept]
+            self._utterance_first_frame = index + 1 - len(kept)
+            self._speech_first_frame = index + 1 - len(onset_window) + first_voiced
+            self._last_voiced_frame = index
+            self._recent_voiced.clear()
+            self._recent_voiced.extend(v for _, v in onset_window)
+            self._history.clear()
+            events.append(SpeechStarted(at_s=self._speech_first_frame * self._frame_s))
+            return
+
+        self._utterance.append(frame)
+        self._recent_voiced.append(voiced)
+        if voiced:
+            self._last_voiced_frame = index
+        if len(self._utterance) >= self._max_frames:
+            # Cut the monologue here. All of its audio goes out (no trailing trim: the speaker has not
+            # paused), and if they are still talking the rest becomes a new utterance from the cut,
+            # with no padding since that audio is already in the one just emitted.
+            recent_voiced = list(self._recent_voiced)
+            self._finish(index + 1, events, keep_until_frame=index + 1)
+            if any(recent_voiced[-self._onset_frames :]):
+                self._in_speech = True
+                self._utterance_first_frame = index + 1
+                self._speech_first_frame = index + 1
+                self._last_voiced_frame = index
+                self._recent_voiced.extend(recent_voiced)
+                events.append(SpeechStarted(at_s=self._speech_first_frame * self._frame_s))
+            return
+        silent_window = len(self._recent_voiced) == self._end_frames and (
+            sum(self._recent_voiced) <= self._end_voiced_allowed
+        )
+        if silent_window:
+            self._finish(index + 1, events)
+
+    def _finish(self, end_frame: int, events: list[VadEvent], keep_until_frame: int | None = None) -> None:
+        """Close the open utterance, whose audio runs up to (not including) stream frame ``end_frame``."""
+        speech_end_frame = max(self._speech_first_frame, min(self._last_voiced_frame + 1, end_frame))
+        if keep_until_frame is None:
+            # As much silence after the last voiced frame as was kept before the onset: webrtcvad's
+            # last voiced frame often falls before a word's final fricative dies away.
+            keep_until_frame = min(end_frame, speech_end_frame + self._padding_frames)
+        utterance = self._utterance[: max(0, keep_until_frame - self._utterance_first_frame)]
+        started_at_s = self._speech_first_frame * self._frame_s
+        ended_at_s = speech_end_frame * self._frame_s
+        self._in_speech = False
+        self._utterance = []
+        self._recent_voiced.clear()
+        speech_ms = (speech_end_frame - self._speech_first_frame) * self.settings.frame_ms
+        if speech_ms < self.settings.min_speech_ms:
+            events.append(SpeechDropped(started_at_s=started_at_s, ended_at_s=ended_at_s))
+            return
+        events.append(
+            UtteranceEnded(
+                pcm=np.concatenate(utterance),
+                started_at_s=started_at_s,
+                ended_at_s=ended_at_s,
+                vad_end_at=time.monotonic(),
+            )
+        )

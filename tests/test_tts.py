@@ -1,0 +1,38 @@
+"""TTS back-ends: piper (the shipped voice) and the espeak-ng fallback, and how settings pick one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from avatar_rtc.config import Settings
+from avatar_rtc.conversation.tts import EspeakTTS, PiperTTS, TextToSpeech
+from avatar_rtc.wiring import build_tts
+
+
+async def _speech(tts: TextToSpeech, text: str) -> np.ndarray:
+    return np.concatenate([chunk async for chunk in tts.synthesize(text)])
+
+
+async def test_piper_speaks_a_sentence(piper_tts: TextToSpeech) -> None:
+    pcm = await _speech(piper_tts, "Good morning, how are you?")
+    seconds = len(pcm) / piper_tts.sample_rate
+    assert 1.0 < seconds < 4.0
+    assert np.sqrt(np.mean(pcm.astype(np.float64) ** 2)) > 500
+
+
+async def test_espeak_fallback_speaks() -> None:
+    tts = EspeakTTS("en-us")
+    pcm = await _speech(tts, "Hello world.")
+    assert tts.sample_rate == 22050
+    assert len(pcm) > 0.5 * tts.sample_rate
+    assert np.abs(pcm).max() > 3000
+
+
+def test_settings_pick_the_engine(tmp_path: Path) -> None:
+    assert isinstance(build_tts(Settings()), PiperTTS)
+    assert isinstance(build_tts(Settings(tts={"engine": "espeak"})), EspeakTTS)
+    # A configured voice that is not there falls back to espeak-ng rather than failing the server.
+    missing = Settings(tts={"engine": "piper", "piper_voice": tmp_path / "nope.onnx"})
+    assert isinstance(build_tts(missing), EspeakTTS)
