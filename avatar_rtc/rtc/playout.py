@@ -22,6 +22,15 @@ from avatar_rtc.avatar.template import Template
 _utterance_ids = itertools.count(1)
 
 
+@dataclass
+class SpokenSentence:
+    """A sentence as scheduled on the media timeline."""
+
+    text: str
+    start_time: float
+    end_time: float
+
+
 @dataclass(eq=False)
 class Utterance:
     """One stretch of speech the avatar says, from request to last sample played."""
@@ -31,6 +40,7 @@ class Utterance:
     id: str = field(default_factory=lambda: f"u{next(_utterance_ids)}")
     start_time: float | None = None  # media time of its first sample
     end_time: float | None = None  # media time just after its last scheduled sample
+    first_tts_audio_at: float | None = None  # wall time TTS returned its first audio
     first_audio_at: float | None = None  # wall time its first sample was handed to the audio sender
     played_until: float | None = None  # media time playback reached (end, or where it was cut)
     audio_complete: bool = False  # no more audio will be scheduled
@@ -39,6 +49,26 @@ class Utterance:
     frames_total: int = 0
     frames_late: int = 0
     pending_spans: int = 0
+    sentences: list[SpokenSentence] = field(default_factory=list)
+
+    def heard_text(self) -> str:
+        """What the caller actually heard: whole sentences played out, and of the sentence playing when
+        speech was cut, the share of its words that its played share of time covers."""
+        if self.played_until is None:
+            return ""
+        heard: list[str] = []
+        for sentence in self.sentences:
+            if sentence.end_time <= self.played_until:
+                heard.append(sentence.text)
+                continue
+            if sentence.start_time < self.played_until:
+                words = sentence.text.split()
+                share = (self.played_until - sentence.start_time) / (sentence.end_time - sentence.start_time)
+                cut = " ".join(words[: int(len(words) * share)])
+                if cut:
+                    heard.append(cut)
+            break
+        return " ".join(heard)
 
     def metrics(self) -> dict[str, object]:
         first_audio_ms = None
@@ -112,6 +142,8 @@ class Playout:
         self._next_video_index = 0
         self._generation = 0
         self._active: list[Utterance] = []
+        # (wall time, RMS) of each outgoing audio frame: what the caller's microphone may hear back.
+        self.sent_levels: deque[tuple[float, float]] = deque(maxlen=150)
 
     # -- writers (speech pipeline, renderer pump) -------------------------------------------------
     @property
@@ -209,6 +241,8 @@ class Playout:
             if utterance.pending_spans == 0 and utterance.audio_complete:
                 self._finish(utterance, span.end / self.sample_rate)
         self.stats.audio_frames_sent += 1
+        level = float(np.sqrt(np.mean(np.square(out, dtype=np.float32)))) if self._active else 0.0
+        self.sent_levels.append((time.monotonic(), level))
         return out
 
     def frame_for(self, index: int) -> np.ndarray:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,19 +24,22 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from avatar_rtc.avatar.template import Template
 from avatar_rtc.config import Settings
-from avatar_rtc.conversation.sentences import split_sentences
+from avatar_rtc.conversation.asr import SpeechRecognizer
+from avatar_rtc.conversation.echo import EchoGuard
+from avatar_rtc.conversation.llm import ConversationHistory, LanguageModel
 from avatar_rtc.conversation.speaker import Speaker
 from avatar_rtc.conversation.tts import TextToSpeech
+from avatar_rtc.conversation.turn import Conversation, ConversationError, Turn
+from avatar_rtc.conversation.vad import MicResampler, VoiceActivitySegmenter
 from avatar_rtc.render.base import RendererEngine
 from avatar_rtc.rtc.clock import MediaClock
-from avatar_rtc.rtc.playout import Playout, Utterance
+from avatar_rtc.rtc.playout import Playout
 from avatar_rtc.rtc.tracks import AvatarAudioTrack, AvatarVideoTrack
 
 log = logging.getLogger(__name__)
 
 EVENTS_CHANNEL = "events"
 MAX_MESSAGE_BYTES = 64 * 1024
-MAX_PENDING_UTTERANCES = 8
 
 
 class SessionError(ValueError):
@@ -48,11 +52,16 @@ class TextTooLongError(SessionError):
 
 @dataclass(frozen=True)
 class SessionDeps:
-    """What every session shares: settings and the process-wide engines."""
+    """What every session shares: settings and the process-wide engines. An engine that could not be
+    loaded is None, with the reason the caller is told."""
 
     settings: Settings
     tts: TextToSpeech
     renderer: RendererEngine
+    asr: SpeechRecognizer | None = None
+    llm: LanguageModel | None = None
+    asr_unavailable: str = ""
+    llm_unavailable: str = ""
 
 
 def rtc_configuration(settings: Settings) -> RTCConfiguration:
@@ -77,18 +86,28 @@ class Session:
             lead_s=media.speech_lead_ms / 1000,
             max_ahead_s=media.max_ahead_s,
         )
-        self.playout.on_started = self._on_speech_started
-        self.playout.on_finished = self._on_speech_finished
         self.renderer = deps.renderer.open(template)
-        self.speaker = Speaker(deps.tts, self.playout, self.renderer)
+        talk = deps.settings.conversation
+        self.conversation = Conversation(
+            speaker=Speaker(deps.tts, self.playout, self.renderer),
+            playout=self.playout,
+            renderer=self.renderer,
+            history=ConversationHistory(talk.system_prompt, talk.history_turns, talk.history_chars),
+            emit=self.send_event,
+            llm=deps.llm,
+            asr=deps.asr,
+            vad=VoiceActivitySegmenter(talk.vad),
+            echo_guard=EchoGuard(max_spread_db=talk.echo_max_spread_db),
+            llm_unavailable=deps.llm_unavailable,
+            asr_unavailable=deps.asr_unavailable,
+            first_clause_chars=talk.first_clause_chars,
+            barge_in_confirm_s=talk.barge_in_confirm_ms / 1000,
+        )
         self.audio_track = AvatarAudioTrack(self.clock, self.playout, media.audio_frame_ms)
         self.video_track = AvatarVideoTrack(self.clock, self.playout)
         self.pc = RTCPeerConnection(rtc_configuration(deps.settings))
         self.channel: RTCDataChannel | None = None
-        self.state = "idle"
         self._on_closed = on_closed
-        self._pending: asyncio.Queue[Utterance] = asyncio.Queue(MAX_PENDING_UTTERANCES)
-        self._speaking_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self.pc.on("datachannel", self._on_datachannel)
@@ -110,32 +129,39 @@ class Session:
         await self.pc.setRemoteDescription(offer)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         self._spawn(self._pump_frames())
-        self._spawn(self._speak_pending())
+        self.conversation.start()
         return self.pc.localDescription
 
     # -- requests -------------------------------------------------------------------------------
-    def say(self, text: object) -> Utterance:
+    @property
+    def state(self) -> str:
+        return self.conversation.state
+
+    def _checked_text(self, text: object) -> str:
         if not isinstance(text, str) or not text.strip():
             raise SessionError("text must be a non-empty string")
         limit = self.deps.settings.limits.max_text_chars
         if len(text) > limit:
             raise TextTooLongError(f"text is longer than {limit} characters")
-        utterance = Utterance(text=text.strip())
+        return text.strip()
+
+    def say(self, text: object) -> Turn:
+        """Speak ``text`` exactly as given."""
         try:
-            self._pending.put_nowait(utterance)
-        except asyncio.QueueFull:
-            raise SessionError(f"more than {MAX_PENDING_UTTERANCES} utterances are waiting") from None
-        return utterance
+            return self.conversation.say(self._checked_text(text))
+        except ConversationError as error:
+            raise SessionError(str(error)) from None
+
+    def chat(self, text: object) -> Turn:
+        """Answer ``text`` with the language model, as if the caller had said it."""
+        try:
+            return self.conversation.chat(self._checked_text(text))
+        except ConversationError as error:
+            raise SessionError(str(error)) from None
 
     def interrupt(self) -> None:
-        """Stop speaking now: cancel synthesis, drop queued text, audio and frames."""
-        while not self._pending.empty():
-            self._pending.get_nowait()
-        if self._speaking_task is not None:
-            self._speaking_task.cancel()
-        self.renderer.clear()
-        self.playout.clear()
-        self._set_state("idle")
+        """Stop speaking now: cancel the turn, drop queued text, audio and frames."""
+        self.conversation.interrupt()
 
     def stats(self) -> dict[str, Any]:
         playout = self.playout.stats
@@ -172,27 +198,13 @@ class Session:
         async for frame in self.renderer.frames():
             await self.playout.put_frame(frame.index, frame.image)
 
-    async def _speak_pending(self) -> None:
-        while True:
-            utterance = await self._pending.get()
-            if not self.playout.speaking:
-                self._set_state("preparing")
-            task = asyncio.ensure_future(self.speaker.speak(split_sentences(utterance.text), utterance))
-            self._speaking_task = task
-            await asyncio.wait({task})
-            self._speaking_task = None
-            if not task.cancelled() and task.exception() is not None:
-                log.error("session %s: speech failed", self.id, exc_info=task.exception())
-                self.send_event({"type": "error", "message": f"speech failed: {task.exception()}"})
-            if not self.playout.speaking and self._pending.empty():
-                self._set_state("idle")
-
-    async def _drain(self, track: MediaStreamTrack) -> None:
-        # Until a consumer (voice input) reads the caller's track, read and drop its frames so the
-        # receiver's queue does not grow for the whole call.
+    async def _listen(self, track: MediaStreamTrack) -> None:
+        """The caller's microphone, resampled to 16 kHz, into VAD (and from there ASR and barge-in)."""
+        resampler = MicResampler()
         with contextlib.suppress(MediaStreamError):
             while True:
-                await track.recv()
+                frame = await track.recv()
+                self.conversation.hear(resampler.push(frame), time.monotonic())
 
     # -- callbacks ------------------------------------------------------------------------------
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
@@ -205,7 +217,18 @@ class Session:
             self._greet()
 
     def _greet(self) -> None:
-        self.send_event({"type": "hello", "session_id": self.id})
+        deps = self.deps
+        hello: dict[str, Any] = {
+            "type": "hello",
+            "session_id": self.id,
+            "asr": deps.asr is not None,
+            "llm": deps.llm is not None,
+        }
+        if deps.asr is None:
+            hello["asr_unavailable"] = deps.asr_unavailable
+        if deps.llm is None:
+            hello["llm_unavailable"] = deps.llm_unavailable
+        self.send_event(hello)
         self.send_event({"type": "state", "state": self.state})
 
     def _on_message(self, message: str | bytes) -> None:
@@ -221,6 +244,8 @@ class Session:
             kind = data.get("type")
             if kind == "say":
                 self.say(data.get("text"))
+            elif kind == "chat":
+                self.chat(data.get("text"))
             elif kind == "interrupt":
                 self.interrupt()
             elif kind == "ping":
@@ -232,24 +257,11 @@ class Session:
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio":
-            self._spawn(self._drain(track))
+            self._spawn(self._listen(track))
 
     async def _on_connection_state(self) -> None:
         if self.pc.connectionState in ("failed", "closed"):
             await self.close()
-
-    def _on_speech_started(self, utterance: Utterance) -> None:
-        self._set_state("speaking")
-
-    def _on_speech_finished(self, utterance: Utterance) -> None:
-        self.send_event(utterance.metrics())
-        if not self.playout.speaking and self._pending.empty() and self._speaking_task is None:
-            self._set_state("idle")
-
-    def _set_state(self, state: str) -> None:
-        if state != self.state:
-            self.state = state
-            self.send_event({"type": "state", "state": state})
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -265,8 +277,7 @@ class Session:
         if self._closed:
             return
         self._closed = True
-        if self._speaking_task is not None:
-            self._speaking_task.cancel()
+        await self.conversation.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

