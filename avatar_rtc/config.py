@@ -23,7 +23,7 @@ class MediaSettings(BaseModel):
     audio_frame_ms: Literal[10, 20] = 20
     # Speech is scheduled this far ahead of "now" on the media clock, so the renderer has its first
     # frame ready before the audio that goes with it leaves.
-    speech_lead_ms: int = Field(60, ge=0, le=2000)
+    speech_lead_ms: int = Field(40, ge=0, le=2000)
     # Bound on how far rendered frames and scheduled audio may run ahead of the clock.
     max_ahead_s: float = Field(1.0, gt=0, le=30)
     video_codec: Literal["VP8", "H264"] = "VP8"
@@ -57,7 +57,7 @@ class VadSettings(BaseModel):
     onset_ms: int = Field(120, ge=10, le=1000)
     onset_ratio: float = Field(0.8, gt=0, le=1)
     # This much (nearly) unvoiced audio ends an utterance.
-    end_silence_ms: int = Field(500, ge=60, le=5000)
+    end_silence_ms: int = Field(400, ge=60, le=5000)
     # Utterances with less voiced time than this (coughs, clicks, a door) are dropped.
     min_speech_ms: int = Field(250, ge=0, le=5000)
     # A monologue is cut here and emitted, so the recogniser never gets more than one Whisper window.
@@ -86,7 +86,10 @@ class LlmSettings(BaseModel):
     engine: Literal["llama-cpp", "openai", "none"] = "llama-cpp"
     model_path: Path | None = None
     models_dir: Path = Path("models")
-    n_threads: int = Field(2, ge=1, le=64)
+    # One thread: on a 2-core host a second one halves decoding speed once media uses a core
+    # (scripts/bench_llm.py).
+    n_threads: int = Field(1, ge=1, le=64)
+    n_ctx: int = Field(2048, ge=256)
     base_url: str = "http://127.0.0.1:11434/v1"
     model: str = "llama3.2"
     api_key: str | None = None
@@ -102,10 +105,13 @@ class ConversationSettings(BaseModel):
         "You are a friendly assistant in a live video call. Answer in one to three short spoken "
         "sentences, with no lists, markdown or emojis."
     )
-    history_turns: int = Field(8, ge=1, le=100)
-    history_chars: int = Field(6000, ge=100)
+    history_turns: int = Field(6, ge=1, le=100)
+    history_chars: int = Field(3000, ge=100)
     # The first chunk of an answer may end at a comma once it is this long, so speech starts sooner.
-    first_clause_chars: int = Field(40, ge=0)
+    first_clause_chars: int = Field(24, ge=0)
+    # Transcription starts after this much silence inside an utterance, before the VAD decides it has
+    # ended (end_silence_ms); if the caller says nothing more, its result is used. 0 turns it off.
+    early_asr_pause_ms: int = Field(150, ge=0, le=5000)
     # Caller speech over the avatar cuts it off once it has lasted this long (and is not echo).
     barge_in_confirm_ms: int = Field(240, ge=0, le=2000)
     # Microphone audio whose level follows the avatar's own recent voice within this spread (dB, at

@@ -90,7 +90,9 @@ def build_llm(settings: Settings) -> tuple[LanguageModel | None, str]:
         )
         log.warning("chat disabled: %s", reason)
         return None, reason
-    model = LlamaCppLLM(path, n_threads=llm.n_threads, max_tokens=llm.max_tokens, temperature=llm.temperature)
+    model = LlamaCppLLM(
+        path, n_ctx=llm.n_ctx, n_threads=llm.n_threads, max_tokens=llm.max_tokens, temperature=llm.temperature
+    )
     try:
         model.load_blocking()
     except LlmError as error:

@@ -130,6 +130,20 @@ async def run_calls(
     )
 
 
+async def wait_healthy(url: str, seconds: float = 120.0) -> None:
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            try:
+                async with http.get(f"{url}/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise SystemExit("server did not start")
+
+
 def start_server(cache: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = dict(
@@ -148,16 +162,7 @@ def start_server(cache: Path) -> tuple[subprocess.Popen[bytes], str]:
 async def main(args: argparse.Namespace, server: subprocess.Popen[bytes], url: str, cache: Path) -> None:
     restrict_ice_host_addresses(["127.0.0.1"])
     try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(600):
-                try:
-                    async with http.get(f"{url}/healthz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.1)
-            else:
-                raise SystemExit("server did not start")
+        await wait_healthy(url)
         from avatar_rtc.avatar.store import TemplateStore
 
         template = TemplateStore(cache).load("default")

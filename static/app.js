@@ -21,51 +21,89 @@
     hangupBtn: $("hangup-btn"),
     video: $("remote-video"),
     placeholder: $("video-placeholder"),
+    flash: $("barge-flash"),
     connState: $("conn-state"),
     badge: $("state-badge"),
     micNote: $("mic-note"),
+    asrNote: $("asr-note"),
+    llmNote: $("llm-note"),
+    enterHint: $("enter-hint"),
     error: $("error-line"),
-    sayForm: $("say-form"),
-    sayText: $("say-text"),
+    form: $("talk-form"),
+    text: $("talk-text"),
+    askBtn: $("ask-btn"),
     sayBtn: $("say-btn"),
     stopBtn: $("stop-btn"),
     transcript: $("transcript"),
+    latency: $("latency"),
+    latencyCaption: $("latency-caption"),
     metrics: $("metrics").tBodies[0],
   };
 
   // Test hook: browser tests read this instead of scraping the DOM. `events` keeps every message
-  // the server sent, in order, across calls.
+  // the server sent, in order, across calls; `transcript` keeps the conversation as shown, one entry
+  // per line: {role: "user"|"assistant", text, final, interrupted, source?} (an assistant entry is
+  // updated in place while it is partial).
   const avatarCall = {
     state: "idle",
     connectionState: "new",
     sessionId: null,
+    hello: null,
     metrics: null,
     events: [],
+    transcript: [],
     pc: null,
     channel: null,
   };
   window.avatarCall = avatarCall;
 
+  // Cumulative stage times of a turn, in the order they happen; all are ms since the turn's origin.
+  const STAGES = [
+    ["vad_end_ms", "VAD end", "Your speech end detected"],
+    ["asr_ms", "Transcribed", "Speech recognition done"],
+    ["llm_first_token_ms", "First LLM token", "The language model's first token"],
+    ["tts_first_audio_ms", "First TTS audio", "Speech synthesis produced its first audio"],
+    ["first_audio_frame_ms", "First audio out", "The avatar's first audio frame was sent"],
+  ];
+  const TURN_NAMES = { voice: "voice", chat: "ask", say: "say" };
+  const FLASH_MS = 1600;
+
   let micStream = null;
-  // Partial (final: false) transcript lines per role, updated in place until their final version.
-  let pendingTranscript = new Map();
+  let channelOpen = false;
+  // What the server said it can do (hello); nothing is assumed before it arrives.
+  let llmAvailable = false;
+  let llmReason = "";
+  let asrAvailable = false;
+  // The assistant line still growing (partial transcripts), and what it was going to say in full.
+  let pendingAnswer = null;
+  // Set when the caller cut off the answer in progress, applied when its final transcript comes.
+  let answerCut = false;
+  // "Listening…" placeholder line while the caller talks, turned into their line once transcribed.
+  let listeningLine = null;
+  let flashTimer = null;
+  // The DOM line of each transcript entry (kept out of the entries so the test hook stays plain data).
+  const lineOf = new Map();
 
   // ---------------------------------------------------------------- UI helpers
 
+  function setNote(element, message) {
+    element.textContent = message;
+    element.hidden = !message;
+  }
+
   function showError(message) {
-    ui.error.textContent = message;
-    ui.error.hidden = !message;
+    setNote(ui.error, message);
   }
 
   function showMicNote(message) {
-    ui.micNote.textContent = message;
-    ui.micNote.hidden = !message;
+    setNote(ui.micNote, message);
   }
 
   function setAvatarState(state) {
     avatarCall.state = state;
     ui.badge.textContent = state;
     ui.badge.dataset.state = state;
+    updateListeningLine(state);
   }
 
   function setConnectionState(state) {
@@ -79,16 +117,192 @@
     ui.placeholder.hidden = !html;
   }
 
-  // Controls that need an open data channel are enabled only while it is open.
+  // Enter (and the phone keyboard's send key) asks when the server has a language model, else says.
+  function defaultAction() {
+    return llmAvailable ? "chat" : "say";
+  }
+
+  // Controls that need an open data channel are enabled only while it is open; Ask also needs the
+  // server's language model.
+  function updateControls() {
+    ui.text.disabled = !channelOpen;
+    ui.sayBtn.disabled = !channelOpen;
+    ui.stopBtn.disabled = !channelOpen;
+    ui.askBtn.disabled = !channelOpen || !llmAvailable;
+    ui.askBtn.title = llmAvailable || !llmReason
+      ? "Answer with the avatar's language model"
+      : `Unavailable: ${llmReason}`;
+    ui.text.placeholder = llmAvailable || !channelOpen
+      ? "Ask something, or type text to say…"
+      : "Type something for the avatar to say…";
+    const voice = micStream && asrAvailable ? " Or just talk." : "";
+    ui.enterHint.textContent = llmAvailable
+      ? `Enter asks; Say speaks your text exactly.${voice}`
+      : `Enter says your text exactly.${voice}`;
+  }
+
   function setChannelOpen(open) {
-    ui.sayText.disabled = !open;
-    ui.sayBtn.disabled = !open;
-    ui.stopBtn.disabled = !open;
+    channelOpen = open;
+    updateControls();
   }
 
   function setInCall(inCall) {
     ui.callBtn.disabled = inCall;
     ui.hangupBtn.disabled = !inCall;
+  }
+
+  function applyHello(message) {
+    avatarCall.hello = message;
+    llmAvailable = message.llm === true;
+    asrAvailable = message.asr === true;
+    llmReason = llmAvailable
+      ? ""
+      : String(message.llm_unavailable || "the server has no language model");
+    setNote(
+      ui.asrNote,
+      message.asr === false
+        ? `Voice input unavailable: ${message.asr_unavailable || "no speech recognition"}. Typing still works.`
+        : "",
+    );
+    setNote(ui.llmNote, llmAvailable ? "" : `Ask unavailable: ${llmReason}. Say still works.`);
+    updateControls();
+  }
+
+  function flashBargeIn() {
+    clearTimeout(flashTimer);
+    ui.flash.hidden = false;
+    // Restart the animation when barge-ins come close together.
+    ui.flash.classList.remove("show");
+    void ui.flash.offsetWidth;
+    ui.flash.classList.add("show");
+    flashTimer = setTimeout(() => {
+      ui.flash.classList.remove("show");
+      ui.flash.hidden = true;
+    }, FLASH_MS);
+  }
+
+  // ---------------------------------------------------------------- transcript
+
+  function newLine(role, extraClass = "") {
+    ui.transcript.querySelector(".empty")?.remove();
+    const item = document.createElement("li");
+    item.className = `line ${role} ${extraClass}`.trim();
+    const head = document.createElement("span");
+    head.className = "who";
+    const text = document.createElement("span");
+    text.className = "text";
+    item.append(head, text);
+    ui.transcript.append(item);
+    return item;
+  }
+
+  function scrollToEnd() {
+    ui.transcript.scrollTop = ui.transcript.scrollHeight;
+  }
+
+  function drawEntry(entry, item) {
+    const who = item.querySelector(".who");
+    const text = item.querySelector(".text");
+    who.textContent = entry.role === "user" ? "You" : entry.source === "say" ? "Avatar · said" : "Avatar";
+    if (entry.interrupted) {
+      const tag = document.createElement("span");
+      tag.className = "tag";
+      tag.textContent = "interrupted";
+      who.append(" ", tag);
+    }
+    item.classList.remove("listening");
+    item.classList.toggle("partial", !entry.final);
+    item.classList.toggle("interrupted", Boolean(entry.interrupted));
+    item.classList.toggle("blank", !entry.text);
+    text.replaceChildren();
+    if (entry.text) text.append(entry.text);
+    // What the answer was going to say but the caller never heard.
+    const planned = entry.planned || "";
+    if (entry.interrupted && planned.length > entry.text.length && planned.startsWith(entry.text)) {
+      const rest = document.createElement("span");
+      rest.className = "unheard";
+      rest.title = "Not spoken: the answer was cut off";
+      rest.textContent = planned.slice(entry.text.length);
+      text.append(rest);
+    } else if (!entry.text) {
+      text.append(
+        entry.role === "user"
+          ? "(nothing recognised)"
+          : entry.interrupted
+            ? "(cut off before speaking)"
+            : "(no answer)",
+      );
+    }
+  }
+
+  function addEntry(entry, item) {
+    avatarCall.transcript.push(entry);
+    lineOf.set(entry, item);
+    drawEntry(entry, item);
+    scrollToEnd();
+    return entry;
+  }
+
+  function updateListeningLine(state) {
+    if (state === "listening") {
+      if (!listeningLine) {
+        listeningLine = newLine("user", "listening partial");
+        listeningLine.querySelector(".who").textContent = "You";
+        scrollToEnd();
+      }
+      listeningLine.querySelector(".text").textContent = "Listening…";
+    } else if (listeningLine && state === "thinking") {
+      listeningLine.querySelector(".text").textContent = "Transcribing…";
+    } else if (listeningLine) {
+      listeningLine.remove();
+      listeningLine = null;
+    }
+  }
+
+  function onTranscript(message) {
+    const text = String(message.text ?? "");
+    if (message.role === "user") {
+      const item = listeningLine || newLine("user");
+      listeningLine = null;
+      addEntry({ role: "user", text, final: message.final !== false, interrupted: false }, item);
+      return;
+    }
+    let entry = pendingAnswer;
+    if (!entry) {
+      entry = addEntry({ role: "assistant", text, final: false, interrupted: false }, newLine("assistant"));
+      pendingAnswer = entry;
+    }
+    entry.text = text;
+    if (message.final) {
+      entry.final = true;
+      entry.interrupted =
+        answerCut || entry.interrupted || (Boolean(entry.planned) && text.length < entry.planned.length);
+      pendingAnswer = null;
+      answerCut = false;
+    } else {
+      entry.planned = text;
+    }
+    drawEntry(entry, lineOf.get(entry));
+    scrollToEnd();
+  }
+
+  // A local line for text sent with Say: the server speaks it without a transcript event.
+  let lastSaid = null;
+  function addSaidLine(text) {
+    lastSaid = addEntry(
+      { role: "assistant", source: "say", text, final: true, interrupted: false },
+      newLine("assistant"),
+    );
+  }
+
+  function markCut() {
+    if (pendingAnswer) answerCut = true;
+  }
+
+  // ---------------------------------------------------------------- latency panel
+
+  function formatMs(ms) {
+    return ms >= 10000 ? `${(ms / 1000).toFixed(1)} s` : `${Math.round(ms)} ms`;
   }
 
   function formatValue(value) {
@@ -99,7 +313,7 @@
     return String(value);
   }
 
-  function renderMetrics(message) {
+  function renderMetricsTable(message) {
     const rows = Object.entries(message).filter(([key]) => key !== "type");
     ui.metrics.replaceChildren(
       ...rows.map(([key, value]) => {
@@ -115,26 +329,62 @@
     );
   }
 
-  function renderTranscript(message) {
-    const role = message.role === "user" ? "user" : "assistant";
-    ui.transcript.querySelector(".empty")?.remove();
-    let item = pendingTranscript.get(role);
-    if (!item) {
-      item = document.createElement("li");
-      item.className = `line ${role}`;
-      const who = document.createElement("span");
-      who.className = "who";
-      who.textContent = role === "user" ? "You" : "Avatar";
-      const text = document.createElement("span");
-      text.className = "text";
-      item.append(who, text);
-      ui.transcript.append(item);
+  // A waterfall of the latest turn: each stage's bar runs from the previous stage to its own time.
+  function renderLatency(message) {
+    const sinceSpeech = message.since === "speech_end";
+    const turn = TURN_NAMES[message.turn] || String(message.turn ?? "turn");
+    ui.latencyCaption.textContent = `· ${turn} turn · since ${sinceSpeech ? "end of your speech" : "request"}`;
+    // A voice turn shows every stage ("—" where one did not happen); typed turns only their own.
+    const stages = STAGES.map(([key, label, help]) => ({
+      key,
+      label,
+      help,
+      ms: typeof message[key] === "number" ? message[key] : null,
+    })).filter((stage) => message.turn === "voice" ? stage.key in message : stage.ms !== null);
+    const span = Math.max(1, ...stages.map((s) => s.ms ?? 0));
+    const list = document.createElement("ol");
+    list.className = "waterfall";
+    let previous = 0;
+    for (const stage of stages) {
+      const li = document.createElement("li");
+      li.className = "stage-row";
+      li.dataset.stage = stage.key;
+      const label = document.createElement("span");
+      label.className = "stage-label";
+      label.textContent = stage.label;
+      label.title = stage.help;
+      const track = document.createElement("span");
+      track.className = "stage-track";
+      const value = document.createElement("span");
+      value.className = "stage-ms";
+      if (stage.ms === null) {
+        li.classList.add("skipped");
+        value.textContent = "—";
+        value.title = "This stage did not happen in this turn";
+      } else {
+        const start = Math.min(previous, stage.ms);
+        const bar = document.createElement("span");
+        bar.className = "stage-bar";
+        bar.style.left = `${(start / span) * 100}%`;
+        bar.style.width = `${Math.max(0.8, ((stage.ms - start) / span) * 100)}%`;
+        bar.title = `+${formatMs(stage.ms - start)}`;
+        track.append(bar);
+        value.textContent = formatMs(stage.ms);
+        previous = Math.max(previous, stage.ms);
+      }
+      li.append(label, track, value);
+      list.append(li);
     }
-    item.querySelector(".text").textContent = String(message.text ?? "");
-    item.classList.toggle("partial", !message.final);
-    if (message.final) pendingTranscript.delete(role);
-    else pendingTranscript.set(role, item);
-    item.scrollIntoView({ block: "nearest" });
+    const facts = [];
+    if (typeof message.speech_ms === "number") facts.push(`spoke ${(message.speech_ms / 1000).toFixed(1)} s`);
+    if (typeof message.frames === "number") {
+      facts.push(`${message.frames} frames, ${message.frames_late ?? 0} late`);
+    }
+    if (message.interrupted) facts.push("interrupted");
+    const foot = document.createElement("p");
+    foot.className = "latency-foot";
+    foot.textContent = facts.join(" · ");
+    ui.latency.replaceChildren(list, ...(facts.length ? [foot] : []));
   }
 
   // ---------------------------------------------------------------- server events
@@ -151,16 +401,30 @@
     switch (message.type) {
       case "hello":
         avatarCall.sessionId = message.session_id ?? avatarCall.sessionId;
+        applyHello(message);
         break;
       case "state":
         setAvatarState(String(message.state));
         break;
+      case "transcript":
+        onTranscript(message);
+        break;
+      case "barge_in":
+        markCut();
+        flashBargeIn();
+        break;
       case "metrics":
         avatarCall.metrics = message;
-        renderMetrics(message);
-        break;
-      case "transcript":
-        renderTranscript(message);
+        if (message.interrupted) {
+          if (message.turn === "say" && lastSaid) {
+            lastSaid.interrupted = true;
+            drawEntry(lastSaid, lineOf.get(lastSaid));
+          } else {
+            markCut();
+          }
+        }
+        renderLatency(message);
+        renderMetricsTable(message);
         break;
       case "error":
         showError(String(message.message ?? "server error"));
@@ -204,7 +468,7 @@
   // where mediaDevices is undefined) the call goes on receive-only.
   async function openMicrophone() {
     if (!navigator.mediaDevices?.getUserMedia) {
-      showMicNote("Microphone unavailable on this page (needs HTTPS or localhost): listening only.");
+      showMicNote("Microphone unavailable on this page (needs HTTPS or localhost): type to talk.");
       return null;
     }
     try {
@@ -213,7 +477,7 @@
       return stream;
     } catch (err) {
       const reason = err?.name === "NotAllowedError" ? "permission denied" : err?.message || err?.name;
-      showMicNote(`Microphone not used (${reason}): listening only.`);
+      showMicNote(`Microphone not used (${reason}): type to talk to the avatar.`);
       return null;
     }
   }
@@ -294,7 +558,13 @@
     setInCall(true);
     showError("");
     setPlaceholder("<p>Connecting…</p>");
-    pendingTranscript = new Map();
+    resetConversation();
+    llmAvailable = false;
+    llmReason = "";
+    asrAvailable = false;
+    avatarCall.hello = null;
+    setNote(ui.asrNote, "");
+    setNote(ui.llmNote, "");
 
     const [iceServers, mic] = await Promise.all([loadIceServers(), openMicrophone()]);
     micStream = mic;
@@ -339,6 +609,15 @@
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
   }
 
+  // Lines still open belong to the call that ended: leave them as they are, stop updating them.
+  function resetConversation() {
+    pendingAnswer = null;
+    answerCut = false;
+    lastSaid = null;
+    listeningLine?.remove();
+    listeningLine = null;
+  }
+
   function hangUp({ keepError = false } = {}) {
     const pc = avatarCall.pc;
     avatarCall.pc = null;
@@ -352,7 +631,7 @@
     if (stream instanceof MediaStream) stream.getTracks().forEach((track) => track.stop());
     ui.video.srcObject = null;
 
-    pendingTranscript = new Map();
+    resetConversation();
     setChannelOpen(false);
     setInCall(false);
     setAvatarState("idle");
@@ -373,18 +652,35 @@
 
   ui.hangupBtn.addEventListener("click", () => hangUp());
 
-  // A <form> submit covers both the Speak button and Enter in the text box.
-  ui.sayForm.addEventListener("submit", (event) => {
-    event.preventDefault();
-    const text = ui.sayText.value.trim();
+  function submitText(action) {
+    const text = ui.text.value.trim();
     if (!text) return;
-    if (send({ type: "say", text })) {
+    if (action === "chat" && !llmAvailable) return;
+    if (send({ type: action, text })) {
       showError("");
-      ui.sayText.value = "";
+      ui.text.value = "";
+      // A chat comes back as the caller's transcript line; said text has none, so add it here.
+      if (action === "say") addSaidLine(text);
     }
+  }
+
+  // Enter picks the default action itself: implicit form submission would use the first submit
+  // button (Ask) and do nothing at all while that one is disabled.
+  ui.text.addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" || event.isComposing || event.shiftKey) return;
+    event.preventDefault();
+    submitText(defaultAction());
   });
 
-  ui.stopBtn.addEventListener("click", () => send({ type: "interrupt" }));
+  ui.form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    submitText(event.submitter?.value || defaultAction());
+  });
+
+  ui.stopBtn.addEventListener("click", () => {
+    markCut();
+    send({ type: "interrupt" });
+  });
 
   ui.video.addEventListener("playing", () => setPlaceholder(""));
   ui.placeholder.addEventListener("click", () => {

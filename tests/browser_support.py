@@ -1,5 +1,5 @@
-"""Helpers for the end-to-end browser tests: a real server subprocess, a speech WAV for Chromium's
-fake microphone, and the Chromium flags that make a headless WebRTC call work on loopback.
+"""Helpers for the end-to-end browser tests: a real server subprocess, speech or silence WAVs for
+Chromium's fake microphone, and the Chromium flags that make a headless WebRTC call work on loopback.
 
 Kept out of conftest.py so that file stays free for shared fixtures written by others.
 """
@@ -119,16 +119,40 @@ def run_server(work_dir: Path, start_timeout_s: float = 45.0) -> Iterator[Runnin
         _stop(process)
 
 
-def make_speech_wav(work_dir: Path, text: str) -> Path:
-    """A 48 kHz mono WAV of ``text`` for Chromium's fake microphone (which loops the file)."""
-    for tool in ("espeak-ng", "sox"):
+def _require_tools(*tools: str) -> None:
+    for tool in tools:
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} is required to build the fake microphone input")
+
+
+def make_speech_wav(
+    work_dir: Path, text: str, lead_silence_s: float = 0.0, tail_silence_s: float = 0.0
+) -> Path:
+    """A 48 kHz mono WAV of ``text`` for Chromium's fake microphone (which loops the file), with
+    optional silence before and after: a long tail keeps the loop to one utterance per test."""
+    _require_tools("espeak-ng", "sox")
     raw = work_dir / "speech_raw.wav"
     out = work_dir / "speech_48k.wav"
     subprocess.run(["espeak-ng", "-w", str(raw), text], check=True, capture_output=True, timeout=30)
+    pad = ["pad", f"{lead_silence_s:g}", f"{tail_silence_s:g}"] if lead_silence_s or tail_silence_s else []
     subprocess.run(
-        ["sox", str(raw), "-r", "48000", "-c", "1", str(out)], check=True, capture_output=True, timeout=30
+        ["sox", str(raw), "-r", "48000", "-c", "1", str(out), *pad],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return out
+
+
+def make_silence_wav(work_dir: Path, seconds: float = 5.0) -> Path:
+    """A 48 kHz mono WAV of digital silence: a microphone that is there but never speaks."""
+    _require_tools("sox")
+    out = work_dir / "silence_48k.wav"
+    subprocess.run(
+        ["sox", "-n", "-r", "48000", "-c", "1", "-b", "16", str(out), "trim", "0", f"{seconds:g}"],
+        check=True,
+        capture_output=True,
+        timeout=30,
     )
     return out
 

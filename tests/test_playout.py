@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 from avatar_rtc.avatar.template import Template
@@ -94,3 +96,45 @@ async def test_clear_drops_everything_and_reports_what_was_heard() -> None:
     v = Utterance("next")
     again = await playout.schedule_audio(np.ones(960, np.int16), v)
     assert again < start + 1.0
+
+
+def test_heard_text_is_the_played_share_of_the_sentences() -> None:
+    from avatar_rtc.rtc.playout import SpokenSentence
+
+    u = Utterance("")
+    u.sentences = [
+        SpokenSentence("One two three four.", 1.0, 2.0),
+        SpokenSentence("Five six seven eight.", 2.0, 3.0),
+    ]
+    u.played_until = 2.5
+    assert u.heard_text() == "One two three four. Five six"
+    u.played_until = 1.2
+    assert u.heard_text() == ""  # not one whole word's share yet
+    u.played_until = 3.0
+    assert u.heard_text() == "One two three four. Five six seven eight."
+
+
+async def test_a_cut_during_a_long_first_sentence_still_knows_what_was_heard(default_template) -> None:
+    """The speaker records a sentence as soon as its first piece is queued, not after all of it."""
+    from avatar_rtc.conversation.speaker import Speaker
+    from avatar_rtc.render.warp import WarpEngine
+
+    class LongSpeech:
+        name, sample_rate = "fake-clock-free", 16000
+
+        async def synthesize(self, text: str):
+            yield (np.sin(np.arange(16000 * 2) / 10) * 8000).astype(np.int16)
+
+    clock = FakeClock()
+    playout = Playout(clock, default_template, lead_s=0.05, max_ahead_s=0.5)
+    speaker = Speaker(LongSpeech(), playout, WarpEngine().open(default_template))
+    u = Utterance("")
+    words = " ".join(f"w{i}" for i in range(1, 11))
+    task = asyncio.ensure_future(speaker.speak([words], u))
+    await asyncio.sleep(0.05)  # blocked on backpressure: 0.8 s of the 2 s sentence is queued
+    assert not task.done()
+    clock.t = 0.68  # 0.6 s of it (from 0.08) has played: three words' share of ten
+    playout.clear()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert u.heard_text() == "w1 w2 w3"

@@ -11,6 +11,7 @@ import asyncio
 import importlib.util
 import json
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,10 @@ class LanguageModel(Protocol):
     name: str
 
     def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]: ...
+
+    async def prefill(self, messages: list[ChatMessage]) -> None:
+        """Read the conversation so far ahead of the next question, while nobody waits for it, so the
+        next answer only has to read the new message. A no-op where the model is remote."""
 
 
 def find_gguf_model(models_dir: Path = Path("models")) -> Path | None:
@@ -101,12 +106,17 @@ class ConversationHistory:
         self._drop_oldest_turns()
 
     def _drop_oldest_turns(self) -> None:
-        def over_budget() -> bool:
+        def over(turns: int, chars: int) -> bool:
             user_turns = sum(1 for message in self._turn_messages if message["role"] == "user")
-            chars = len(self.system_prompt) + sum(len(m["content"]) for m in self._turn_messages)
-            return user_turns > self.max_turns or chars > self.max_chars
+            used = len(self.system_prompt) + sum(len(m["content"]) for m in self._turn_messages)
+            return user_turns > turns or used > chars
 
-        while len(self._turn_messages) > 1 and over_budget():
+        if not over(self.max_turns, self.max_chars):
+            return
+        # Trim well below the limit, not just under it: every trim changes the prompt's beginning, so
+        # an in-process model re-reads the whole prompt instead of reusing its cached prefix. Halving
+        # makes that happen once every few turns instead of on every turn past the limit.
+        while len(self._turn_messages) > 1 and over(self.max_turns // 2, self.max_chars // 2):
             del self._turn_messages[0]
             # Never start on an orphaned reply: drop the assistant half of the turn that just went.
             while len(self._turn_messages) > 1 and self._turn_messages[0]["role"] == "assistant":
@@ -195,7 +205,9 @@ class LlamaCppLLM:
                         model_path=str(self.model_path),
                         n_ctx=self.n_ctx,
                         n_threads=self.n_threads,
-                        n_threads_batch=self.n_threads,
+                        # Reading the prompt happens while the avatar is silent, so it may use every
+                        # core; decoding overlaps speech and keeps to n_threads.
+                        n_threads_batch=max(self.n_threads, os.cpu_count() or 1),
                         verbose=False,
                     )
                 except (ValueError, RuntimeError, OSError) as error:
@@ -241,6 +253,19 @@ class LlamaCppLLM:
             # aclose() returns the model is free and no core is still spent on an unwanted answer.
             while not generation_over:
                 generation_over = await deltas.get() is _GENERATION_OVER
+
+    async def prefill(self, messages: list[ChatMessage]) -> None:
+        await asyncio.to_thread(self._prefill_blocking, [dict(m) for m in messages])
+
+    def _prefill_blocking(self, messages: list[ChatMessage]) -> None:
+        try:
+            loaded = self._loaded_llama()
+            with loaded.generation_lock:
+                # One generated token is the cheapest way through the public API to evaluate the
+                # prompt; llama-cpp-python then reuses that evaluated prefix for the next prompt.
+                loaded.llama.create_chat_completion(messages=messages, max_tokens=1)  # type: ignore[arg-type]
+        except Exception as error:  # a failed warm-up only costs the next answer its head start
+            log.warning("llama.cpp prefill failed: %s", error)
 
     def _generate_blocking(
         self, messages: list[ChatMessage], stop: threading.Event, emit: Callable[[object], None]
@@ -306,6 +331,9 @@ class OpenAICompatibleLLM:
     @property
     def url(self) -> str:
         return f"{self.base_url}/chat/completions"
+
+    async def prefill(self, messages: list[ChatMessage]) -> None:
+        return None  # the server keeps (or not) its own prompt cache
 
     async def close(self) -> None:
         if self._session is not None:

@@ -40,21 +40,16 @@ class Speaker:
                 self.playout.complete(utterance)
 
     async def speak_sentence(self, sentence: str, utterance: Utterance) -> None:
-        span: SpokenSentence | None = None
         async for pcm in self.tts.synthesize(sentence):
             if utterance.first_tts_audio_at is None:
                 utterance.first_tts_audio_at = time.monotonic()
-            start, end = await self._schedule(pcm, self.tts.sample_rate, utterance)
-            if span is None:
-                span = SpokenSentence(sentence, start, end)
-                utterance.sentences.append(span)
-            span.end_time = end
+            await self._schedule(pcm, self.tts.sample_rate, utterance, sentence)
         # A sentence boundary ends a renderer segment: its last frames need not wait for the next
         # sentence's audio as lookahead.
         self.renderer.flush()
 
-    async def _schedule(self, pcm: np.ndarray, rate: int, utterance: Utterance) -> tuple[float, float]:
-        """Queue one chunk of speech; returns its media start and end times."""
+    async def _schedule(self, pcm: np.ndarray, rate: int, utterance: Utterance, sentence: str) -> None:
+        """Queue one chunk of a sentence's speech, piece by piece as the playout makes room."""
         out_rate, render_rate = self.playout.sample_rate, self.renderer.sample_rate
         playout_pcm = resample_pcm(pcm, rate, out_rate)
         # Whole renderer samples per chunk, so the playout and the renderer agree on where speech ends.
@@ -64,12 +59,17 @@ class Speaker:
         render_pcm = resample_pcm(pcm, rate, render_rate)
         want = len(playout_pcm) // self._ratio
         render_pcm = np.pad(render_pcm, (0, max(0, want - len(render_pcm))))[:want]
-        first = end = 0.0
         for lo in range(0, len(playout_pcm), self._piece):
             piece = playout_pcm[lo : lo + self._piece]
             start = await self.playout.schedule_audio(piece, utterance)
             r_lo = lo // self._ratio
             self.renderer.push_audio(render_pcm[r_lo : r_lo + len(piece) // self._ratio], start)
-            first = start if lo == 0 else first
-            end = start + len(piece) / out_rate
-        return first, end
+            if lo == 0:
+                # Known as soon as the chunk's first piece is placed, so a cut while later pieces wait
+                # for room still tells how much of this sentence was heard.
+                end = start + len(playout_pcm) / out_rate
+                spoken = utterance.sentences[-1] if utterance.sentences else None
+                if spoken is not None and spoken.text == sentence and abs(spoken.end_time - start) < 1e-6:
+                    spoken.end_time = end  # a later chunk of the same sentence
+                else:
+                    utterance.sentences.append(SpokenSentence(sentence, start, end))

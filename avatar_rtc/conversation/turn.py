@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from avatar_rtc.conversation.asr import SpeechRecognizer
+from avatar_rtc.conversation.asr import SpeechRecognizer, Transcript
 from avatar_rtc.conversation.echo import EchoGuard
 from avatar_rtc.conversation.llm import ConversationHistory, LanguageModel
 from avatar_rtc.conversation.sentences import SentenceChunker, split_sentences
@@ -81,6 +81,7 @@ class _Job:
     turn: Turn
     text: str = ""
     audio: np.ndarray | None = None  # the caller's utterance, for a voice turn
+    transcript: asyncio.Task[Transcript] | None = None  # already started on a pause in that utterance
 
 
 class Conversation:
@@ -100,6 +101,7 @@ class Conversation:
         asr_unavailable: str = "",
         first_clause_chars: int = 40,
         barge_in_confirm_s: float = 0.24,
+        speculative_asr_pause_s: float = 0.15,
     ) -> None:
         self.speaker = speaker
         self.playout = playout
@@ -122,6 +124,12 @@ class Conversation:
         # Wall time the caller started talking over the avatar, until that is confirmed or dismissed.
         self._overlap_since: float | None = None
         self._ignoring_echo = False
+        # Transcription started on a short pause, before the VAD has decided the utterance ended: if
+        # the caller says nothing more it is the answer's transcript, and the recogniser's time is
+        # hidden behind the end-of-speech wait. Keyed by the utterance's last voiced VAD frame.
+        self._speculative_asr_pause_s = speculative_asr_pause_s
+        self._speculation: tuple[int, asyncio.Task[Transcript]] | None = None
+        self._prefill_task: asyncio.Task[None] | None = None
         self.barge_ins = 0
         self.echoes_ignored = 0
         playout.on_started = self._on_speech_started
@@ -186,14 +194,33 @@ class Conversation:
                     self._set_state("idle")
         if self._overlap_since is not None and at - self._overlap_since >= self._barge_in_confirm_s:
             self._decide_barge_in()
+        self._maybe_transcribe_early()
+
+    def _maybe_transcribe_early(self) -> None:
+        if self.asr is None or self._ignoring_echo or self._speculative_asr_pause_s <= 0:
+            return
+        if self.vad.silence_s < self._speculative_asr_pause_s:
+            return
+        key = self.vad.last_voiced_frame
+        if self._speculation is not None and self._speculation[0] == key:
+            return
+        audio = self.vad.speech_so_far()
+        if audio is None:
+            return
+        self._drop_speculation()
+        self._speculation = (key, asyncio.ensure_future(self.asr.transcribe(audio)))
+
+    def _drop_speculation(self) -> None:
+        if self._speculation is not None:
+            self._speculation[1].cancel()
+            self._speculation = None
 
     async def close(self) -> None:
-        for task in (self._current, self._worker):
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(
-            *(t for t in (self._current, self._worker) if t is not None), return_exceptions=True
-        )
+        self._drop_speculation()
+        tasks = [t for t in (self._current, self._worker, self._prefill_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- voice ------------------------------------------------------------------------------------
     def _decide_barge_in(self) -> None:
@@ -225,8 +252,14 @@ class Conversation:
             )
             self._set_state("idle")
             return
+        transcript = None
+        if self._speculation is not None and self._speculation[0] == self.vad.last_voiced_frame:
+            transcript = self._speculation[1]  # nothing was said after the pause it was started on
+            self._speculation = None
+            turn.extra["early_asr"] = True
+        self._drop_speculation()
         self.interrupt(cut=False)
-        self._enqueue(_Job(turn, audio=event.pcm))
+        self._enqueue(_Job(turn, audio=event.pcm, transcript=transcript))
 
     # -- jobs -------------------------------------------------------------------------------------
     def _enqueue(self, job: _Job) -> None:
@@ -258,7 +291,10 @@ class Conversation:
         text = job.text
         if turn.source == "voice":
             assert self.asr is not None and job.audio is not None
-            transcript = await self.asr.transcribe(job.audio)
+            if job.transcript is not None:
+                transcript = await job.transcript
+            else:
+                transcript = await self.asr.transcribe(job.audio)
             turn.asr_done_at = time.monotonic()
             text = transcript.text.strip()
             self._emit({"type": "transcript", "role": "user", "text": text, "final": True})
@@ -308,6 +344,15 @@ class Conversation:
                 if heard:
                     self.history.add_assistant(heard)
                 self._emit({"type": "transcript", "role": "assistant", "text": heard, "final": True})
+                self._prefill()
+
+    def _prefill(self) -> None:
+        """While the caller thinks of a reply, let the model read the conversation so far."""
+        if self.llm is None:
+            return
+        if self._prefill_task is not None:
+            self._prefill_task.cancel()
+        self._prefill_task = asyncio.ensure_future(self.llm.prefill(self.history.messages()))
 
     # -- playout callbacks ------------------------------------------------------------------------
     def _on_speech_started(self, utterance: Utterance) -> None:

@@ -129,6 +129,23 @@ class VoiceActivitySegmenter:
         return self._in_speech
 
     @property
+    def silence_s(self) -> float:
+        """Inside an utterance: how long since its last voiced frame ended (0 outside speech)."""
+        if not self._in_speech:
+            return 0.0
+        return (self._frames_seen - self._last_voiced_frame - 1) * self._frame_s
+
+    @property
+    def last_voiced_frame(self) -> int:
+        return self._last_voiced_frame
+
+    def speech_so_far(self) -> np.ndarray | None:
+        """The open utterance's audio up to now (start padding included), or None outside speech."""
+        if not self._in_speech or not self._utterance:
+            return None
+        return np.concatenate(self._utterance)
+
+    @property
     def stream_s(self) -> float:
         """Seconds of input classified so far."""
         return self._frames_seen * self._frame_s

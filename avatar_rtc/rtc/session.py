@@ -102,6 +102,7 @@ class Session:
             asr_unavailable=deps.asr_unavailable,
             first_clause_chars=talk.first_clause_chars,
             barge_in_confirm_s=talk.barge_in_confirm_ms / 1000,
+            speculative_asr_pause_s=talk.early_asr_pause_ms / 1000,
         )
         self.audio_track = AvatarAudioTrack(self.clock, self.playout, media.audio_frame_ms)
         self.video_track = AvatarVideoTrack(self.clock, self.playout)
