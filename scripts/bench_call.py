@@ -107,6 +107,12 @@ async def run_calls(
         d = first_speech_delay(r, sent_at)
         if d is not None:
             delays.append(d)
+    server_side = [
+        e["request_to_first_audio_ms"]
+        for r in receivers
+        for e in r.events
+        if e["type"] == "metrics" and e.get("request_to_first_audio_ms") is not None
+    ]
     for r in receivers:
         await r.close()
 
@@ -124,7 +130,7 @@ async def run_calls(
         f"{n:>5} | {statistics.median(fps):6.2f} | {np.percentile(gaps, 50):5.1f} / {np.percentile(gaps, 99):5.1f} "
         f"| {late / sent * 100:5.2f} % / {dropped:3d} | {lateness_p99:6.1f} "
         f"| {statistics.median(offsets):+6.1f} ({min(offsets):+.0f}..{max(offsets):+.0f}) "
-        f"| {statistics.median(delays) * 1000 if delays else float('nan'):6.0f} (n={len(delays)}) "
+        f"| {statistics.median(delays) * 1000 if delays else float('nan'):4.0f} ({statistics.median(server_side):3.0f}) "
         f"| {cpu * 100 / n:5.1f} % | {rss:6.0f}",
         flush=True,
     )
@@ -172,7 +178,7 @@ async def main(args: argparse.Namespace, server: subprocess.Popen[bytes], url: s
             f"server pid {server.pid}; receiver bias {bias * 1000:+.1f} ms (calibration sender); {args.seconds:.0f} s per run"
         )
         print(
-            "calls |    fps | gap p50/p99 ms | late % / dropped | send err p99 ms | lip offset ms | say->audio ms | CPU/call | RSS MB"
+            "calls |    fps | gap p50/p99 ms | late % / dropped | send err p99 ms | lip offset ms | say->audio ms (server) | CPU/call | RSS MB"
         )
         base_rss = proc_rss_mb(server.pid)
         print(

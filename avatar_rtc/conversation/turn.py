@@ -22,7 +22,7 @@ import numpy as np
 from avatar_rtc.conversation.asr import SpeechRecognizer, Transcript
 from avatar_rtc.conversation.echo import EchoGuard
 from avatar_rtc.conversation.llm import ConversationHistory, LanguageModel
-from avatar_rtc.conversation.sentences import SentenceChunker, split_sentences
+from avatar_rtc.conversation.sentences import SentenceChunker
 from avatar_rtc.conversation.speaker import Speaker
 from avatar_rtc.conversation.vad import SpeechDropped, SpeechStarted, UtteranceEnded, VoiceActivitySegmenter
 from avatar_rtc.render.base import Renderer
@@ -285,7 +285,9 @@ class Conversation:
     async def _run(self, job: _Job) -> None:
         turn = job.turn
         if turn.source == "say":
-            await self._speak(turn, _iterate(split_sentences(job.text)), keep_history=False)
+            chunker = SentenceChunker(first_clause_chars=self._first_clause_chars)
+            chunks = chunker.push(job.text) + chunker.flush()
+            await self._speak(turn, _iterate(chunks), keep_history=False)
             return
         self._set_state("thinking")
         text = job.text
