@@ -71,6 +71,9 @@ class PiperTTS:
         # One synthesis at a time: onnxruntime already uses every core for one sentence, and two at
         # once would only slow both (and the media threads with them).
         self._lock = threading.Lock()
+        # The first inference allocates onnxruntime's buffers: pay for it at start-up, not on the
+        # first caller's first sentence.
+        self._synthesize_blocking("Hello.")
 
     def _synthesize_blocking(self, text: str) -> np.ndarray:
         with self._lock:
