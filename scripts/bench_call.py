@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from avatar_rtc.testing.lipsync import MouthDarkness, lip_offset, mouth_box  # noqa: E402
+from avatar_rtc.testing.netns import reexec_in_loopback_namespace  # noqa: E402
 from avatar_rtc.testing.receiver import CallReceiver  # noqa: E402
 from avatar_rtc.testing.synthetic import SyntheticSender, syllable_signal  # noqa: E402
 from avatar_rtc.wiring import restrict_ice_host_addresses  # noqa: E402
@@ -198,10 +199,7 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--seconds", type=float, default=15.0)
     parsed = parser.parse_args()
-    if os.geteuid() == 0 and not os.environ.get("AVATAR_RTC_NETNS") and shutil.which("unshare"):
-        os.environ["AVATAR_RTC_NETNS"] = "1"
-        cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", sys.executable, *sys.argv]
-        os.execvp("unshare", cmd)
+    reexec_in_loopback_namespace()
     cache_dir = Path(tempfile.mkdtemp(prefix="bench_call_"))
     process, base_url = start_server(cache_dir)
     try:

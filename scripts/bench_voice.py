@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import statistics
 import sys
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from avatar_rtc.conversation.asr import word_error_rate  # noqa: E402
 from avatar_rtc.testing.mic import ScriptedMic  # noqa: E402
+from avatar_rtc.testing.netns import reexec_in_loopback_namespace  # noqa: E402
 from avatar_rtc.testing.receiver import CallReceiver  # noqa: E402
 from avatar_rtc.testing.speech import spoken_clip  # noqa: E402
 from avatar_rtc.wiring import restrict_ice_host_addresses  # noqa: E402
@@ -158,12 +158,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--turns", type=int, default=10)
     parsed = parser.parse_args()
-    if os.geteuid() == 0 and not os.environ.get("AVATAR_RTC_NETNS") and shutil.which("unshare"):
-        os.environ["AVATAR_RTC_NETNS"] = "1"
-        os.execvp(
-            "unshare",
-            ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", sys.executable, *sys.argv],
-        )
+    reexec_in_loopback_namespace()
     cache_dir = Path(tempfile.mkdtemp(prefix="bench_voice_"))
     process, base_url = start_server(cache_dir)
     try:

@@ -5,7 +5,6 @@ as small PNGs under docs/. The frames are what a caller receives: decoded from t
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import sys
 import tempfile
@@ -22,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 from avatar_rtc.config import Settings  # noqa: E402
 from avatar_rtc.server.app import create_app  # noqa: E402
 from avatar_rtc.testing.lipsync import MouthDarkness, mouth_box  # noqa: E402
+from avatar_rtc.testing.netns import reexec_in_loopback_namespace  # noqa: E402
 from avatar_rtc.testing.receiver import CallReceiver  # noqa: E402
 from avatar_rtc.wiring import build_services  # noqa: E402
 
@@ -62,12 +62,7 @@ def save(out_dir: Path, openness: np.ndarray, images: list[np.ndarray]) -> None:
 
 
 if __name__ == "__main__":
-    if os.geteuid() == 0 and not os.environ.get("AVATAR_RTC_NETNS") and shutil.which("unshare"):
-        os.environ["AVATAR_RTC_NETNS"] = "1"
-        os.execvp(
-            "unshare",
-            ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", sys.executable, *sys.argv],
-        )
+    reexec_in_loopback_namespace()
     cache_dir = Path(tempfile.mkdtemp(prefix="docs_frames_"))
     try:
         save(ROOT / "docs", *asyncio.run(record(cache_dir)))
