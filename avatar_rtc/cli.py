@@ -1,10 +1,12 @@
-"""Command line: ``avatar-rtc serve`` (and later prepare, render, config)."""
+"""Command line: ``avatar-rtc serve``, ``prepare`` (a video or photo into a template) and ``render``
+(speech to an MP4 file)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from typing import Any
 
 from aiohttp import web
 
@@ -30,6 +32,95 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_bars() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+    )
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from avatar_rtc.avatar.face import FaceNotFoundError
+    from avatar_rtc.avatar.library import TemplateInUseError, library_from_settings
+    from avatar_rtc.avatar.video import SourceMediaError
+    from avatar_rtc.wiring import build_renderer
+
+    settings = Settings()
+    library = library_from_settings(settings, build_renderer(settings))
+    info = {
+        k: v for k, v in {"name": args.name, "welcome": args.welcome, "language": args.language}.items() if v
+    }
+    with _progress_bars() as bars:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int | None) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        try:
+            result = library.prepare(
+                args.path, args.id, info=info or None, progress=progress, force=args.force
+            )
+        except (SourceMediaError, FaceNotFoundError, TemplateInUseError, ValueError, OSError) as error:
+            bars.stop()
+            print(f"avatar-rtc prepare: {error}", file=sys.stderr)
+            return 2
+    template = result.info
+    seconds = template.frame_count / template.fps if template.fps else 0.0
+    if result.cache_hit:
+        print(f"template {template.id!r} is already prepared from this file ({template.frame_count} frames)")
+    else:
+        speed = seconds / result.seconds if result.seconds > 0 else 0.0
+        print(
+            f"template {template.id!r} ready: {template.frame_count} frames ({seconds:.1f} s) prepared in "
+            f"{result.seconds:.1f} s ({speed:.1f}x real time) under {library.store.path(template.id)}"
+        )
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from avatar_rtc.avatar.library import TemplateNotFoundError, library_from_settings
+    from avatar_rtc.avatar.store import TemplateCacheError
+    from avatar_rtc.avatar.video import SourceMediaError
+    from avatar_rtc.render.offline import AudioClipSpeech, decode_audio, render_to_file
+    from avatar_rtc.wiring import build_renderer, build_tts
+
+    settings = Settings()
+    engine = build_renderer(settings)
+    library = library_from_settings(settings, engine)
+    try:
+        if args.template == library.default_id:
+            template = library.ensure_default()
+        else:
+            template = library.get(args.template)
+        if args.audio is not None:
+            speech: Any = AudioClipSpeech(decode_audio(args.audio), 48000)
+        else:
+            speech = build_tts(settings)
+    except (TemplateNotFoundError, TemplateCacheError, SourceMediaError, ValueError) as error:
+        print(f"avatar-rtc render: {error}", file=sys.stderr)
+        return 2
+    with _progress_bars() as bars:
+        task = bars.add_task("render", total=None)
+        result = asyncio.run(
+            render_to_file(
+                args.output,
+                template,
+                engine,
+                speech,
+                args.text or "",
+                fps=settings.media.fps,
+                progress=lambda done, total: bars.update(task, completed=done, total=total),
+            )
+        )
+    print(f"wrote {result.path}: {result.duration_s:.2f} s, {result.frames} frames at {result.fps} fps")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avatar-rtc", description="Self-hosted real-time talking avatar")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -38,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.set_defaults(func=_serve)
+    prepare = commands.add_parser("prepare", help="prepare a video or photo of a face as an avatar template")
+    prepare.add_argument("path", help="the video (or photo) file")
+    prepare.add_argument("--id", required=True, help="template id: letters, digits, '_' and '-'")
+    prepare.add_argument("--name", help="name shown in the picker (default: the id)")
+    prepare.add_argument("--welcome", help="line the avatar says when a caller switches to it")
+    prepare.add_argument("--language", help="language of the welcome line and replies, e.g. en")
+    prepare.add_argument("--force", action="store_true", help="prepare again even if the cache is current")
+    prepare.set_defaults(func=_prepare)
+    render = commands.add_parser("render", help="render speech as a template to an MP4 file")
+    render.add_argument("--template", default="default", help="template id (default: default)")
+    what = render.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="text to speak (through the configured TTS)")
+    what.add_argument("--audio", help="an audio file to lip-sync to")
+    render.add_argument("-o", "--output", required=True, help="the MP4 file to write")
+    render.set_defaults(func=_render)
     return parser
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from avatar_rtc.avatar.template import Template
+from avatar_rtc.avatar.library import TemplateLibrary
 from avatar_rtc.config import Settings
 from avatar_rtc.conversation.asr import SpeechRecognizer
 from avatar_rtc.conversation.llm import LanguageModel
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 class Services:
     settings: Settings
     sessions: SessionManager
+    library: TemplateLibrary
 
 
 def restrict_ice_host_addresses(addresses: list[str]) -> None:
@@ -114,22 +115,29 @@ def build_renderer(settings: Settings) -> RendererEngine:
     return WarpEngine()
 
 
+def build_library(settings: Settings, renderer: RendererEngine) -> TemplateLibrary:
+    """The process's templates; the default one is prepared on first run and kept warm."""
+    from avatar_rtc.avatar.library import library_from_settings
+
+    library = library_from_settings(settings, renderer)
+    library.ensure_default()
+    return library
+
+
 def build_services(
     settings: Settings,
     *,
     tts: TextToSpeech | None = None,
     renderer: RendererEngine | None = None,
-    template: Template | None = None,
+    library: TemplateLibrary | None = None,
     asr: SpeechRecognizer | None = None,
     llm: LanguageModel | None = None,
 ) -> Services:
     """Build everything from ``settings``; engines already loaded in this process may be passed in."""
     asr_unavailable = llm_unavailable = ""
     restrict_ice_host_addresses(settings.ice_host_addresses)
-    if template is None:
-        from avatar_rtc.avatar.store import TemplateStore
-
-        template = TemplateStore(settings.avatar.cache_dir).ensure_default(settings.avatar.default_template)
+    renderer = renderer or build_renderer(settings)
+    library = library or build_library(settings, renderer)
     if asr is None:
         asr, asr_unavailable = build_asr(settings)
     if llm is None:
@@ -137,10 +145,10 @@ def build_services(
     deps = SessionDeps(
         settings=settings,
         tts=tts or build_tts(settings),
-        renderer=renderer or build_renderer(settings),
+        renderer=renderer,
         asr=asr,
         llm=llm,
         asr_unavailable=asr_unavailable,
         llm_unavailable=llm_unavailable,
     )
-    return Services(settings=settings, sessions=SessionManager(deps, template))
+    return Services(settings=settings, sessions=SessionManager(deps, library), library=library)

@@ -30,7 +30,7 @@ TEXT = "Hello! I am the default avatar. Watch my lips move as I speak to you."
 
 async def record(cache: Path) -> tuple[np.ndarray, list[np.ndarray]]:
     services = build_services(Settings(ice_host_addresses=["127.0.0.1"], avatar={"cache_dir": cache}))
-    template = services.sessions.template
+    template = services.library.ensure_default()
     box = mouth_box(template.landmarks[0], template.size)
     runner = web.AppRunner(create_app(services))
     await runner.setup()

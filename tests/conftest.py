@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from avatar_rtc.avatar.library import TemplateLibrary
 from avatar_rtc.avatar.template import Template
 from avatar_rtc.config import Settings
 from avatar_rtc.conversation.asr import SpeechRecognizer
@@ -33,6 +34,15 @@ def default_template(template_cache_dir: Path) -> Template:
     from avatar_rtc.avatar.store import TemplateStore
 
     return TemplateStore(template_cache_dir).ensure_default()
+
+
+@pytest.fixture(scope="session")
+def template_library(template_cache_dir: Path, default_template: Template) -> TemplateLibrary:
+    from avatar_rtc.render.warp import WarpEngine
+
+    library = TemplateLibrary(template_cache_dir, ram_budget_bytes=1 << 30, engine=WarpEngine())
+    library.ensure_default()
+    return library
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +98,7 @@ ServerFactory = Callable[..., Awaitable[RunningServer]]
 
 @pytest.fixture
 async def make_server(
-    default_template: Template,
+    template_library: TemplateLibrary,
     piper_tts: TextToSpeech,
     speech_recognizer: SpeechRecognizer,
     language_model: LanguageModel,
@@ -116,8 +126,9 @@ async def make_server(
             "llm": language_model,
         }
         engines.update(overrides)
+        library = engines.pop("library", template_library)
         deps = SessionDeps(settings=settings, **engines)
-        services = Services(settings=settings, sessions=SessionManager(deps, default_template))
+        services = Services(settings=settings, sessions=SessionManager(deps, library), library=library)
         runner, url = await start_server(services)
         server = RunningServer(url, services, runner)
         running.append(server)

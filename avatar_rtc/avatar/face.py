@@ -140,3 +140,46 @@ def detect_landmarks(image_bgr: np.ndarray, what: str = "image") -> np.ndarray:
     """Landmarks of the one face in a single image; raises :class:`FaceNotFoundError` if none."""
     with FaceLandmarker(static_image_mode=True) as landmarker:
         return landmarker.detect_or_raise(image_bgr, what)
+
+
+def _clip_polygon_to_half_plane(polygon: np.ndarray, point: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """The part of ``polygon`` (K, 2) where ``(p - point) . normal >= 0`` (Sutherland-Hodgman, one edge)."""
+    kept: list[np.ndarray] = []
+    side = (polygon - point) @ normal
+    for i in range(len(polygon)):
+        a, b = polygon[i], polygon[(i + 1) % len(polygon)]
+        sa, sb = side[i], side[(i + 1) % len(polygon)]
+        if sa >= 0:
+            kept.append(a)
+        if (sa >= 0) != (sb >= 0):
+            kept.append(a + (b - a) * (sa / (sa - sb)))
+    return np.array(kept, dtype=np.float64).reshape(-1, 2)
+
+
+def lower_face_mask(landmarks: np.ndarray, image_size: tuple[int, int], mask_size: int) -> np.ndarray:
+    """Where a mouth renderer may repaint: the face below the nose tip, inside the jaw line, feathered.
+
+    ``landmarks`` are (478, 2) pixel xy in an image of ``image_size`` (width, height); the mask is
+    (mask_size, mask_size) uint8 (255 inside) over that whole image. The cut below the nose runs across
+    the face (perpendicular to the eyes-to-chin axis), so a tilted head gets a tilted mask. The edge is
+    a Gaussian fade of about a tenth of the face width, centred on the contour, so a blend with it has
+    no visible seam.
+    """
+    width, height = image_size
+    scale = np.array([mask_size / width, mask_size / height], dtype=np.float64)
+    points = landmarks.astype(np.float64) * scale
+    jaw = points[list(JAW_CONTOUR)]
+    eyes = 0.5 * (points[LEFT_EYE_OUTER_CORNER] + points[RIGHT_EYE_OUTER_CORNER])
+    axis = points[CHIN] - eyes
+    length = float(np.hypot(*axis))
+    mask = np.zeros((mask_size, mask_size), dtype=np.uint8)
+    if length < 1e-3:
+        return mask
+    down = axis / length
+    polygon = _clip_polygon_to_half_plane(jaw, points[NOSE_TIP], down)
+    if len(polygon) >= 3:
+        # Sub-pixel vertices: fillPoly takes fixed-point coordinates with ``shift`` fractional bits.
+        cv2.fillPoly(mask, [np.round(polygon * 16).astype(np.int32)], 255, lineType=cv2.LINE_AA, shift=4)
+    face_width = float(np.hypot(*(jaw[-1] - jaw[0])))
+    sigma = max(0.5, 0.05 * face_width)
+    return cv2.GaussianBlur(mask, (0, 0), sigmaX=sigma, sigmaY=sigma)

@@ -168,6 +168,11 @@ class Conversation:
         if cut:
             self._set_state("idle")
 
+    def set_renderer(self, renderer: Renderer) -> None:
+        """A new face: speech from now on goes to ``renderer`` (call after :meth:`interrupt`)."""
+        self.renderer = renderer
+        self.speaker.renderer = renderer
+
     @property
     def busy(self) -> bool:
         return self.playout.speaking or self._current is not None or not self._jobs.empty()

@@ -6,7 +6,7 @@ import asyncio
 
 from aiortc import RTCSessionDescription
 
-from avatar_rtc.avatar.template import Template
+from avatar_rtc.avatar.library import TemplateLibrary
 from avatar_rtc.rtc.session import Session, SessionDeps
 
 
@@ -15,16 +15,17 @@ class TooManySessionsError(RuntimeError):
 
 
 class SessionManager:
-    def __init__(self, deps: SessionDeps, template: Template) -> None:
+    def __init__(self, deps: SessionDeps, library: TemplateLibrary) -> None:
         self.deps = deps
-        self.template = template
+        self.library = library
         self.sessions: dict[str, Session] = {}
 
     async def create(self, offer: RTCSessionDescription) -> tuple[Session, RTCSessionDescription]:
         limit = self.deps.settings.limits.max_sessions
         if len(self.sessions) >= limit:
             raise TooManySessionsError(f"the server is at its limit of {limit} sessions")
-        session = Session(self.deps, self.template, on_closed=self._forget)
+        template = await self.library.acquire_async(self.library.default_id)
+        session = Session(self.deps, template, self.library, on_closed=self._forget)
         self.sessions[session.id] = session
         try:
             answer = await session.accept(offer)

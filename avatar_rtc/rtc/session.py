@@ -22,6 +22,7 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from avatar_rtc.avatar.library import TemplateLibrary
 from avatar_rtc.avatar.template import Template
 from avatar_rtc.config import Settings
 from avatar_rtc.conversation.asr import SpeechRecognizer
@@ -31,7 +32,7 @@ from avatar_rtc.conversation.speaker import Speaker
 from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.conversation.turn import Conversation, ConversationError, Turn
 from avatar_rtc.conversation.vad import MicResampler, VoiceActivitySegmenter
-from avatar_rtc.render.base import RendererEngine
+from avatar_rtc.render.base import Renderer, RendererEngine
 from avatar_rtc.rtc.clock import MediaClock
 from avatar_rtc.rtc.playout import Playout
 from avatar_rtc.rtc.tracks import AvatarAudioTrack, AvatarVideoTrack
@@ -73,7 +74,13 @@ def rtc_configuration(settings: Settings) -> RTCConfiguration:
 
 
 class Session:
-    def __init__(self, deps: SessionDeps, template: Template, on_closed: Callable[[Session], None]) -> None:
+    def __init__(
+        self,
+        deps: SessionDeps,
+        template: Template,
+        library: TemplateLibrary,
+        on_closed: Callable[[Session], None],
+    ) -> None:
         self.id = secrets.token_urlsafe(9)
         self.deps = deps
         media = deps.settings.media
@@ -86,7 +93,11 @@ class Session:
             lead_s=media.speech_lead_ms / 1000,
             max_ahead_s=media.max_ahead_s,
         )
+        self.library = library
+        self.template_id = template.id  # acquired (pinned) in the library by whoever made the session
         self.renderer = deps.renderer.open(template)
+        self._pump_task: asyncio.Task[None] | None = None
+        self._switch_lock = asyncio.Lock()
         talk = deps.settings.conversation
         self.conversation = Conversation(
             speaker=Speaker(deps.tts, self.playout, self.renderer),
@@ -129,7 +140,7 @@ class Session:
                 transceiver.setCodecPreferences(codecs)
         await self.pc.setRemoteDescription(offer)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
-        self._spawn(self._pump_frames())
+        self._pump_task = self._spawn(self._pump_frames(self.renderer))
         self.conversation.start()
         return self.pc.localDescription
 
@@ -195,9 +206,51 @@ class Session:
             channel.send(json.dumps(event))
 
     # -- loops ----------------------------------------------------------------------------------
-    async def _pump_frames(self) -> None:
-        async for frame in self.renderer.frames():
+    async def _pump_frames(self, renderer: Renderer) -> None:
+        async for frame in renderer.frames():
             await self.playout.put_frame(frame.index, frame.image)
+
+    async def select_template(self, template_id: object) -> float:
+        """Switch this call to another avatar; returns how long the switch took (ms).
+
+        The new template is pinned in the library (from RAM when warm, else loaded off the event
+        loop) before anything changes, so a failed load leaves the call as it was. Speech in progress
+        stops: it belongs to the old face.
+        """
+        if not isinstance(template_id, str) or not template_id:
+            raise SessionError("select_template needs an 'id'")
+        async with self._switch_lock:
+            started = time.monotonic()
+            if template_id == self.template_id:
+                return 0.0
+            try:
+                template = await self.library.acquire_async(template_id)
+            except LookupError:
+                raise SessionError(f"no template {template_id!r}") from None
+            except Exception as error:  # corrupt cache, over the RAM budget, ...
+                raise SessionError(f"template {template_id!r} cannot be used: {error}") from None
+            try:
+                renderer = self.deps.renderer.open(template)
+            except Exception:
+                self.library.release(template_id)
+                raise
+            self.conversation.interrupt()
+            old_renderer, old_pump, old_id = self.renderer, self._pump_task, self.template_id
+            self.renderer, self.template_id = renderer, template_id
+            self.conversation.set_renderer(renderer)
+            # From the next video frame on, idle frames come from the new template.
+            self.playout.set_template(template)
+            self._pump_task = self._spawn(self._pump_frames(renderer))
+            if old_pump is not None:
+                old_pump.cancel()
+            await old_renderer.aclose()
+            self.library.release(old_id)
+            switch_ms = round((time.monotonic() - started) * 1000, 1)
+            self.send_event({"type": "template", "id": template_id, "switch_ms": switch_ms})
+            welcome = self.library.info(template_id).welcome
+            if welcome:
+                self.conversation.say(welcome)
+            return switch_ms
 
     async def _listen(self, track: MediaStreamTrack) -> None:
         """The caller's microphone, resampled to 16 kHz, into VAD (and from there ASR and barge-in)."""
@@ -249,10 +302,18 @@ class Session:
                 self.chat(data.get("text"))
             elif kind == "interrupt":
                 self.interrupt()
+            elif kind == "select_template":
+                self._spawn(self._select_and_report(data.get("id")))
             elif kind == "ping":
                 self.send_event({"type": "pong", "t": data.get("t")})
             else:
                 raise SessionError(f"unknown message type {kind!r}")
+        except SessionError as error:
+            self.send_event({"type": "error", "message": str(error)})
+
+    async def _select_and_report(self, template_id: object) -> None:
+        try:
+            await self.select_template(template_id)
         except SessionError as error:
             self.send_event({"type": "error", "message": str(error)})
 
@@ -264,10 +325,11 @@ class Session:
         if self.pc.connectionState in ("failed", "closed"):
             await self.close()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -283,5 +345,6 @@ class Session:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.renderer.aclose()
+        self.library.release(self.template_id)
         await self.pc.close()
         self._on_closed(self)

@@ -14,6 +14,7 @@ from aiortc import sdp as aiortc_sdp
 from avatar_rtc import __version__
 from avatar_rtc.rtc.manager import SessionManager, TooManySessionsError
 from avatar_rtc.rtc.session import Session, SessionError, TextTooLongError
+from avatar_rtc.server.templates_api import TemplatesApi, setup_templates_api
 from avatar_rtc.wiring import Services
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,16 @@ def create_app(services: Services) -> web.Application:
     app.router.add_post("/api/sessions/{session_id}/chat", chat)
     app.router.add_post("/api/sessions/{session_id}/interrupt", interrupt)
     app.router.add_get("/api/sessions/{session_id}/stats", session_stats)
+    deps = services.sessions.deps
+    setup_templates_api(
+        app,
+        TemplatesApi(
+            library=services.library,
+            tts=deps.tts,
+            engine=deps.renderer,
+            max_text_chars=services.settings.limits.max_text_chars,
+        ),
+    )
     app.router.add_static("/static", services.settings.static_dir)
     app.on_shutdown.append(_close_sessions)
     return app

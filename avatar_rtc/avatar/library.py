@@ -1,0 +1,505 @@
+"""Templates by id, in memory tiers: disk → RAM (LRU under a byte budget) → the renderer's own (GPU).
+
+Sessions pin what they show: :meth:`TemplateLibrary.acquire` loads (if needed) and pins a template, and
+:meth:`TemplateLibrary.release` unpins it. A pinned template is never evicted, and the RAM tier never
+holds more than its budget: a template that cannot fit next to the pinned ones is refused with
+:class:`TemplateBudgetError` rather than squeezed in. :meth:`TemplateLibrary.get_warm` answers without
+any I/O, which is what a mid-call switch needs to show the new face within a frame or two.
+
+Renderer engines may take part through two optional methods: ``warm(template)`` (move its per-frame
+data to the GPU, build rigs, ...) and ``evict(template_id)`` (drop that again when RAM lets it go).
+Preparation (:meth:`TemplateLibrary.prepare`) runs one at a time and is a cache hit when the same file
+was prepared under the same id with the same settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from avatar_rtc.avatar.store import (
+    INFO_KEYS,
+    OutdatedTemplateError,
+    TemplateCacheError,
+    TemplateStore,
+    settings_record,
+    validate_template_id,
+)
+from avatar_rtc.avatar.template import Template
+
+if TYPE_CHECKING:  # prepare is imported when first needed: a process that only serves the cache never does
+    from avatar_rtc.avatar.prepare import PrepareSettings, ProgressCallback
+    from avatar_rtc.config import Settings
+
+log = logging.getLogger(__name__)
+
+TemplateState = Literal["ready", "warm", "in_use", "preparing", "outdated", "corrupt"]
+
+
+class TemplateNotFoundError(LookupError):
+    pass
+
+
+class TemplateInUseError(RuntimeError):
+    """The template is shown in a live call (or being prepared), so it cannot be replaced or deleted."""
+
+
+class TemplateBudgetError(RuntimeError):
+    """The template does not fit in the RAM budget next to the templates pinned by live calls."""
+
+
+class PreparationBusyError(RuntimeError):
+    """Another template is being prepared; preparation runs one at a time."""
+
+
+def template_bytes(template: Template) -> int:
+    """What a template costs in RAM: its frames, landmarks and extras."""
+    return int(
+        template.frames.nbytes + template.landmarks.nbytes + sum(v.nbytes for v in template.extras.values())
+    )
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """What a picker shows about a template, and its per-template settings."""
+
+    id: str
+    name: str
+    state: TemplateState
+    fps: int = 0
+    frame_count: int = 0
+    width: int = 0
+    height: int = 0
+    source: str = ""
+    welcome: str | None = None
+    language: str | None = None
+    bytes: int = 0
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state,
+            "fps": self.fps,
+            "frame_count": self.frame_count,
+            "seconds": round(self.frame_count / self.fps, 2) if self.fps else 0.0,
+            "width": self.width,
+            "height": self.height,
+            "source": self.source,
+            "welcome": self.welcome,
+            "language": self.language,
+            "bytes": self.bytes,
+            "error": self.error,
+            "thumbnail": f"/api/templates/{self.id}/thumbnail.jpg",
+        }
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    info: TemplateInfo
+    cache_hit: bool
+    seconds: float
+
+
+def _no_progress(stage: str, done: int, total: int | None) -> None:
+    pass
+
+
+@dataclass
+class _Locks:
+    """One load at a time per id, so two sessions selecting the same template read it once."""
+
+    by_id: dict[str, threading.Lock] = field(default_factory=dict)
+    guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, template_id: str) -> threading.Lock:
+        with self.guard:
+            return self.by_id.setdefault(template_id, threading.Lock())
+
+
+class TemplateLibrary:
+    """Every template of one cache directory, shared by all sessions of the process (thread-safe)."""
+
+    def __init__(
+        self,
+        store: TemplateStore | str | os.PathLike[str],
+        ram_budget_bytes: int,
+        engine: object | None = None,
+        prepare_settings: PrepareSettings | None = None,
+        default_id: str = "default",
+    ) -> None:
+        if ram_budget_bytes <= 0:
+            raise ValueError("the RAM budget must be positive")
+        self.store = store if isinstance(store, TemplateStore) else TemplateStore(store)
+        self.ram_budget = int(ram_budget_bytes)
+        self.engine = engine
+        self._prepare_settings = prepare_settings
+        self.default_id = validate_template_id(default_id)
+        self._lock = threading.RLock()
+        self._ram: OrderedDict[str, Template] = OrderedDict()  # least recently used first
+        self._ram_sizes: dict[str, int] = {}
+        self._pins: dict[str, int] = {}
+        self._preparing: set[str] = set()
+        self._broken: dict[str, str] = {}  # id -> why its last load failed
+        self._load_locks = _Locks()
+        self._prepare_lock = threading.Lock()
+        self.store.remove_stale()
+
+    @property
+    def prepare_settings(self) -> PrepareSettings:
+        if self._prepare_settings is None:
+            from avatar_rtc.avatar.prepare import PrepareSettings
+
+            self._prepare_settings = PrepareSettings()
+        return self._prepare_settings
+
+    # -- the RAM tier ------------------------------------------------------------------------------------
+    @property
+    def ram_bytes(self) -> int:
+        with self._lock:
+            return sum(self._ram_sizes.values())
+
+    def in_ram(self) -> list[str]:
+        """Ids held in RAM, least recently used first."""
+        with self._lock:
+            return list(self._ram)
+
+    def pins(self, template_id: str) -> int:
+        with self._lock:
+            return self._pins.get(template_id, 0)
+
+    def get_warm(self, template_id: str) -> Template | None:
+        """The template if it is in RAM (no I/O, safe on the event loop), else None."""
+        with self._lock:
+            template = self._ram.get(template_id)
+            if template is not None:
+                self._ram.move_to_end(template_id)
+            return template
+
+    def get(self, template_id: str) -> Template:
+        """The template from RAM, or loaded from disk (and kept in RAM if it fits). Blocking."""
+        return self._obtain(template_id, pin=False, must_fit=False)
+
+    def acquire(self, template_id: str) -> Template:
+        """Load (if needed) and pin: it stays in RAM until the matching :meth:`release`. Blocking."""
+        return self._obtain(template_id, pin=True, must_fit=True)
+
+    async def acquire_async(self, template_id: str) -> Template:
+        """:meth:`acquire` without blocking the event loop: immediate when warm, a thread when not."""
+        with self._lock:
+            if template_id in self._ram and template_id not in self._preparing:
+                self._pins[template_id] = self._pins.get(template_id, 0) + 1
+                self._ram.move_to_end(template_id)
+                return self._ram[template_id]
+        return await asyncio.to_thread(self.acquire, template_id)
+
+    def release(self, template_id: str) -> None:
+        with self._lock:
+            count = self._pins.get(template_id, 0)
+            if count <= 0:
+                raise ValueError(f"template {template_id!r} is not acquired")
+            if count == 1:
+                del self._pins[template_id]
+            else:
+                self._pins[template_id] = count - 1
+
+    def warm(self, template_id: str) -> Template:
+        """Bring a template into RAM and into the renderer's own tier (if it has one), ready to switch
+        to. Raises :class:`TemplateBudgetError` if it cannot be kept in RAM. Blocking."""
+        template = self._obtain(template_id, pin=False, must_fit=True)
+        warm_engine = getattr(self.engine, "warm", None)
+        if warm_engine is not None:
+            warm_engine(template)
+        return template
+
+    async def warm_async(self, template_id: str) -> Template:
+        return await asyncio.to_thread(self.warm, template_id)
+
+    def _obtain(self, template_id: str, pin: bool, must_fit: bool) -> Template:
+        validate_template_id(template_id)
+        with self._load_locks(template_id):
+            with self._lock:
+                if template_id in self._preparing and self.store.exists(template_id):
+                    raise TemplateInUseError(f"template {template_id!r} is being prepared again")
+                template = self._ram.get(template_id)
+                if template is not None:
+                    self._ram.move_to_end(template_id)
+                    if pin:
+                        self._pins[template_id] = self._pins.get(template_id, 0) + 1
+                    return template
+            template = self._load(template_id)
+            with self._lock:
+                fits = self._admit(template_id, template)
+                if not fits and must_fit:
+                    raise TemplateBudgetError(self._budget_message(template_id, template))
+                if pin:
+                    self._pins[template_id] = self._pins.get(template_id, 0) + 1
+            return template
+
+    def _load(self, template_id: str) -> Template:
+        if not self.store.exists(template_id):
+            raise TemplateNotFoundError(f"no template {template_id!r}")
+        try:
+            template = self.store.load(template_id)
+        except TemplateCacheError as exc:
+            with self._lock:
+                self._broken[template_id] = str(exc)
+            raise
+        with self._lock:
+            self._broken.pop(template_id, None)
+        return template
+
+    def _admit(self, template_id: str, template: Template) -> bool:
+        """Keep ``template`` in RAM, evicting unpinned ones least recently used first; False (and
+        nothing evicted) if it cannot fit next to the pinned ones."""
+        size = template_bytes(template)
+        pinned = sum(s for i, s in self._ram_sizes.items() if self._pins.get(i) and i != template_id)
+        if pinned + size > self.ram_budget:
+            return False
+        self._drop(template_id)
+        while sum(self._ram_sizes.values()) + size > self.ram_budget:
+            victim = next(i for i in self._ram if not self._pins.get(i))
+            self._drop(victim)
+        self._ram[template_id] = template
+        self._ram_sizes[template_id] = size
+        return True
+
+    def unload(self, template_id: str) -> None:
+        """Drop a template from RAM (and the renderer's tier); refused while a call uses it."""
+        with self._lock:
+            if self._pins.get(template_id):
+                raise TemplateInUseError(f"template {template_id!r} is in use by a live call")
+            self._drop(template_id)
+
+    def _drop(self, template_id: str) -> None:
+        if self._ram.pop(template_id, None) is None:
+            return
+        del self._ram_sizes[template_id]
+        evict = getattr(self.engine, "evict", None)
+        if evict is not None:
+            try:
+                evict(template_id)
+            except Exception:
+                log.exception("renderer engine failed to evict template %r", template_id)
+
+    def _budget_message(self, template_id: str, template: Template) -> str:
+        pinned = sum(s for i, s in self._ram_sizes.items() if self._pins.get(i))
+        return (
+            f"template {template_id!r} needs {template_bytes(template) / 2**20:.0f} MiB of RAM; the budget "
+            f"is {self.ram_budget / 2**20:.0f} MiB and live calls pin {pinned / 2**20:.0f} MiB"
+        )
+
+    # -- listing -----------------------------------------------------------------------------------------
+    def list(self) -> list[TemplateInfo]:
+        with self._lock:
+            ids = sorted(set(self.store.template_ids()) | self._preparing)
+        return [self.info(template_id) for template_id in ids]
+
+    def info(self, template_id: str) -> TemplateInfo:
+        validate_template_id(template_id)
+        with self._lock:
+            preparing = template_id in self._preparing
+            pinned = bool(self._pins.get(template_id))
+            warm = template_id in self._ram
+            broken = self._broken.get(template_id)
+        try:
+            manifest = self.store.check(template_id)
+        except OutdatedTemplateError as exc:
+            return TemplateInfo(
+                template_id, template_id, "preparing" if preparing else "outdated", error=str(exc)
+            )
+        except TemplateCacheError as exc:
+            if preparing:
+                return TemplateInfo(template_id, template_id, "preparing")
+            if not self.store.exists(template_id):
+                raise TemplateNotFoundError(f"no template {template_id!r}") from None
+            return TemplateInfo(template_id, template_id, "corrupt", error=str(exc))
+        state: TemplateState = "ready"
+        if broken is not None:
+            state = "corrupt"
+        elif preparing:
+            state = "preparing"
+        elif pinned:
+            state = "in_use"
+        elif warm:
+            state = "warm"
+        info = manifest.get("info") or {}
+        return TemplateInfo(
+            id=template_id,
+            name=str(info.get("name") or template_id),
+            state=state,
+            fps=int(manifest.get("fps", 0)),
+            frame_count=int(manifest.get("frame_count", 0)),
+            width=int(manifest.get("width", 0)),
+            height=int(manifest.get("height", 0)),
+            source=str(manifest.get("source", "")),
+            welcome=info.get("welcome"),
+            language=info.get("language"),
+            bytes=sum(int(meta.get("bytes", 0)) for meta in manifest["files"].values()),
+            error=broken,
+        )
+
+    def thumbnail(self, template_id: str) -> bytes:
+        validate_template_id(template_id)
+        if not self.store.exists(template_id):
+            raise TemplateNotFoundError(f"no template {template_id!r}")
+        return self.store.thumbnail(template_id)
+
+    def update_info(self, template_id: str, **info: Any) -> TemplateInfo:
+        """Change per-template settings (``name``, ``welcome``, ``language``) without preparing again."""
+        if not self.store.exists(validate_template_id(template_id)):
+            raise TemplateNotFoundError(f"no template {template_id!r}")
+        self.store.update_info(template_id, info)
+        return self.info(template_id)
+
+    # -- changing the set ----------------------------------------------------------------------------------
+    def delete(self, template_id: str) -> None:
+        validate_template_id(template_id)
+        with self._lock:
+            if self._pins.get(template_id):
+                raise TemplateInUseError(f"template {template_id!r} is in use by a live call")
+            if template_id in self._preparing:
+                raise TemplateInUseError(f"template {template_id!r} is being prepared")
+            self._drop(template_id)
+            self._broken.pop(template_id, None)
+            if not self.store.delete(template_id):
+                raise TemplateNotFoundError(f"no template {template_id!r}")
+
+    def ensure_default(self) -> Template:
+        """The built-in template, prepared on first use, kept in RAM."""
+        warm = self.get_warm(self.default_id)
+        if warm is not None:
+            return warm
+        with self._load_locks(self.default_id):
+            template = self.store.ensure_default(self.default_id, self.prepare_settings, self.engine)
+            with self._lock:
+                self._admit(self.default_id, template)
+        return template
+
+    def begin_prepare(self, template_id: str, wait: bool = True) -> None:
+        """Claim the (single) preparation slot for ``template_id``; raises if busy or the id is in use.
+
+        :meth:`prepare` does this itself; a server calls it first to refuse a request before it streams.
+        Pair with :meth:`end_prepare`.
+        """
+        validate_template_id(template_id)
+        if not self._prepare_lock.acquire(blocking=wait):
+            raise PreparationBusyError("another template is being prepared; try again when it is done")
+        with self._lock:
+            if self._pins.get(template_id):
+                self._prepare_lock.release()
+                raise TemplateInUseError(
+                    f"template {template_id!r} is in use by a live call; switch away from it before "
+                    "replacing it"
+                )
+            self._preparing.add(template_id)
+
+    def end_prepare(self, template_id: str) -> None:
+        with self._lock:
+            self._preparing.discard(template_id)
+        self._prepare_lock.release()
+
+    def prepare(
+        self,
+        source: str | os.PathLike[str],
+        template_id: str,
+        *,
+        info: Mapping[str, Any] | None = None,
+        progress: ProgressCallback | None = None,
+        force: bool = False,
+        claimed: bool = False,
+    ) -> PrepareResult:
+        """Prepare ``source`` (a photo or video file) as ``template_id``, or find it already prepared.
+
+        Blocking and CPU-heavy: call it from a worker thread. ``claimed`` says the caller already holds
+        the slot from :meth:`begin_prepare` (and will call :meth:`end_prepare`).
+        """
+        from avatar_rtc.avatar.prepare import file_sha256, prepare_source
+
+        progress = progress or _no_progress
+        unknown = set(info or {}) - set(INFO_KEYS)
+        if unknown:
+            raise ValueError(f"unknown template settings {sorted(unknown)}; known: {list(INFO_KEYS)}")
+        started = time.perf_counter()
+        if not claimed:
+            self.begin_prepare(template_id)
+        try:
+            progress("hash", 0, 1)
+            source_sha256 = file_sha256(source)
+            progress("hash", 1, 1)
+            record = settings_record(self.prepare_settings, self.engine)
+            if not force and self._is_cached(template_id, source_sha256, record):
+                if info:
+                    self.store.update_info(template_id, dict(info))
+                return PrepareResult(self.info(template_id), True, time.perf_counter() - started)
+            template = prepare_source(source, template_id, self.prepare_settings, progress, self.engine)
+            progress("write", 0, 1)
+            kept_info = self._existing_info(template_id)
+            merged = {**kept_info, **(info or {})}
+            merged.setdefault("name", template_id)
+            self.store.save(template, source_sha256=source_sha256, settings=record, info=merged)
+            progress("write", 1, 1)
+            with self._lock:
+                self._drop(template_id)
+                self._broken.pop(template_id, None)
+                self._admit(template_id, template)
+        finally:
+            if not claimed:
+                self.end_prepare(template_id)
+        return PrepareResult(self.info(template_id), False, time.perf_counter() - started)
+
+    def _existing_info(self, template_id: str) -> dict[str, Any]:
+        try:
+            info = self.store.read_manifest(template_id).get("info") or {}
+        except TemplateCacheError:
+            return {}
+        return {key: value for key, value in info.items() if value is not None}
+
+    def _is_cached(self, template_id: str, source_sha256: str, record: Mapping[str, Any]) -> bool:
+        """Whether ``template_id`` holds exactly this source prepared this way, all files intact."""
+        if not self.store.exists(template_id):
+            return False
+        try:
+            manifest = self.store.read_manifest(template_id)
+            if manifest.get("source_sha256") != source_sha256 or manifest.get("settings") != dict(record):
+                log.info("template %r: source or settings changed, preparing again", template_id)
+                return False
+            template = self.store.load(template_id)
+        except TemplateCacheError as exc:
+            log.warning("template %r: cache unusable (%s), preparing again", template_id, exc)
+            return False
+        with self._lock:
+            self._broken.pop(template_id, None)
+            self._admit(template_id, template)
+        return True
+
+
+def library_from_settings(settings: Settings, engine: object | None = None) -> TemplateLibrary:
+    """A library configured from the settings tree (``settings.avatar`` and ``settings.media.fps``)."""
+    from avatar_rtc.avatar.prepare import PrepareSettings
+    from avatar_rtc.avatar.video import MediaLimits
+
+    avatar = settings.avatar
+    limits = MediaLimits(
+        max_bytes=int(avatar.max_upload_mb * 2**20),
+        max_seconds=float(avatar.max_video_s),
+        max_pixels=int(avatar.max_video_pixels),
+    )
+    prepare_settings = PrepareSettings(
+        fps=int(settings.media.fps), frame_size=avatar.frame_size, limits=limits
+    )
+    return TemplateLibrary(
+        avatar.cache_dir,
+        ram_budget_bytes=int(avatar.ram_budget_mb * 2**20),
+        engine=engine,
+        prepare_settings=prepare_settings,
+        default_id=avatar.default_template,
+    )
