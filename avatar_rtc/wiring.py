@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 from avatar_rtc.avatar.library import TemplateLibrary
@@ -115,6 +116,25 @@ def build_renderer(settings: Settings) -> RendererEngine:
     return WarpEngine()
 
 
+class SpeechEnginesByLanguage:
+    """TTS and ASR for each conversation language a template asks for, built once per process."""
+
+    def __init__(
+        self, settings: Settings, default: tuple[TextToSpeech, SpeechRecognizer | None, str]
+    ) -> None:
+        self._settings = settings
+        self._engines = {settings.conversation.language: default}
+        self._lock = threading.Lock()
+
+    def __call__(self, language: str) -> tuple[TextToSpeech, SpeechRecognizer | None, str]:
+        with self._lock:
+            if language not in self._engines:
+                conversation = self._settings.conversation.model_copy(update={"language": language})
+                settings = self._settings.model_copy(update={"conversation": conversation})
+                self._engines[language] = (build_tts(settings), *build_asr(settings))
+            return self._engines[language]
+
+
 def build_library(settings: Settings, renderer: RendererEngine) -> TemplateLibrary:
     """The process's templates; the default one is prepared on first run and kept warm."""
     from avatar_rtc.avatar.library import library_from_settings
@@ -142,13 +162,15 @@ def build_services(
         asr, asr_unavailable = build_asr(settings)
     if llm is None:
         llm, llm_unavailable = build_llm(settings)
+    tts = tts or build_tts(settings)
     deps = SessionDeps(
         settings=settings,
-        tts=tts or build_tts(settings),
+        tts=tts,
         renderer=renderer,
         asr=asr,
         llm=llm,
         asr_unavailable=asr_unavailable,
         llm_unavailable=llm_unavailable,
+        speech_for_language=SpeechEnginesByLanguage(settings, (tts, asr, asr_unavailable)),
     )
     return Services(settings=settings, sessions=SessionManager(deps, library), library=library)

@@ -78,16 +78,10 @@ async def run(url: str, pid: int, turns: int) -> None:
 
         try:
             user = await receiver.wait_event(
-                lambda e, seen=seen: (
-                    receiver.events.index(e) >= seen and e["type"] == "transcript" and e["role"] == "user"
-                ),
-                wait_s=20,
+                lambda e: e["type"] == "transcript" and e["role"] == "user", wait_s=20, after=seen
             )
             metrics = await receiver.wait_event(
-                lambda e, seen=seen: (
-                    receiver.events.index(e) >= seen and e["type"] == "metrics" and e["turn"] == "voice"
-                ),
-                wait_s=60,
+                lambda e: e["type"] == "metrics" and e["turn"] == "voice", wait_s=60, after=seen
             )
         except TimeoutError:
             print(f"turn {i + 1}: no answer", flush=True)

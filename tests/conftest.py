@@ -17,7 +17,7 @@ from avatar_rtc.config import Settings
 from avatar_rtc.conversation.asr import SpeechRecognizer
 from avatar_rtc.conversation.llm import LanguageModel
 from avatar_rtc.conversation.tts import PiperTTS, TextToSpeech, find_piper_voice
-from avatar_rtc.wiring import Services, restrict_ice_host_addresses
+from avatar_rtc.wiring import Services, SpeechEnginesByLanguage, restrict_ice_host_addresses
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -125,6 +125,7 @@ async def make_server(
             "asr": speech_recognizer,
             "llm": language_model,
         }
+        engines["speech_for_language"] = SpeechEnginesByLanguage(settings, (piper_tts, speech_recognizer, ""))
         engines.update(overrides)
         library = engines.pop("library", template_library)
         deps = SessionDeps(settings=settings, **engines)

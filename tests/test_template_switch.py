@@ -61,18 +61,34 @@ async def test_warm_switch_shows_the_new_face_within_100_ms(
     server, template_library, tinted_template_id
 ) -> None:
     await asyncio.to_thread(template_library.warm, tinted_template_id)
-    requested, receiver, before = await _switch_and_watch(server, tinted_template_id)
-    delay, index = _first_new_frame(receiver, requested, before)
-    print(f"warm switch: first new frame {delay * 1000:.0f} ms after the request")
-    assert delay <= 0.1
+    receiver = CallReceiver(probe=blue_share)
+    async with aiohttp.ClientSession() as http:
+        await receiver.connect_http(server.url, http)
+    await receiver.wait_event(lambda e: e["type"] == "hello")
+    await asyncio.sleep(1.0)
     rec = receiver.received
-    after = np.asarray(rec.video_probe[index:])
-    # No torn frames (half old, half new) and no return to the old face: every later frame is new.
-    assert after.min() > before + 30
-    gaps = np.diff(rec.video_arrival[index - 5 :]) * 1000
-    assert gaps.max() < 120, "video froze during the switch"
-    welcome = [e for e in receiver.events if e["type"] == "metrics" and e["turn"] == "say"]
-    assert welcome or any(e["type"] == "state" and e["state"] == "speaking" for e in receiver.events)
+    delays: list[float] = []
+    for target in (tinted_template_id, "default", tinted_template_id, "default"):
+        seen = len(receiver.events)
+        before = float(np.median(rec.video_probe[-10:]))
+        first_index = len(rec.video_probe)
+        requested = time.monotonic()
+        receiver.send({"type": "select_template", "id": target})
+        await receiver.wait_event(
+            lambda e, target=target: e["type"] == "template" and e["id"] == target, wait_s=5, after=seen
+        )
+        await asyncio.sleep(1.2)
+        probe = np.asarray(rec.video_probe[first_index:])
+        changed = np.nonzero(np.abs(probe - before) > 30)[0]
+        assert len(changed), f"the face did not change to {target}"
+        delays.append(rec.video_arrival[first_index + changed[0]] - requested)
+        # No torn frames (half old, half new) and no return to the old face: every later frame is new.
+        assert np.all(np.abs(probe[changed[0] :] - before) > 30)
+        gaps = np.diff(rec.video_arrival[first_index:]) * 1000
+        assert gaps.max() < 120, "video froze during the switch"
+    await receiver.close()
+    print(f"warm switches: first new frame {[round(d * 1000) for d in delays]} ms after the request")
+    assert float(np.median(delays)) <= 0.1
 
 
 async def test_cold_switch_from_disk_within_a_second(server, template_library, tinted_template_id) -> None:
@@ -95,3 +111,31 @@ async def test_unknown_template_is_an_error_and_the_call_goes_on(server) -> None
     await receiver.wait_event(lambda e: e["type"] == "metrics", wait_s=10)
     await receiver.close()
     assert "nobody" in error["message"]
+
+
+async def test_a_templates_language_switches_speech_to_that_language(server, template_library) -> None:
+    from avatar_rtc.conversation.tts import EspeakTTS
+
+    if not template_library.store.exists("mandarin"):
+        template = prepare_photo(default_photo(), "mandarin", seconds=1.0)
+        template.extras.clear()
+        template_library.store.save(template)
+    template_library.update_info("mandarin", name="Mandarin", language="zh")
+    receiver = CallReceiver()
+    async with aiohttp.ClientSession() as http:
+        await receiver.connect_http(server.url, http)
+    await receiver.wait_event(lambda e: e["type"] == "hello")
+    session = server.services.sessions.get(receiver.session_id)
+    receiver.send({"type": "select_template", "id": "mandarin"})
+    switched = await receiver.wait_event(lambda e: e["type"] == "template", wait_s=10)
+    assert switched["language"] == "zh"
+    # No multilingual Whisper in the test environment: voice input says so; speech is Mandarin espeak.
+    assert session.conversation.asr is None
+    assert isinstance(session.conversation.speaker.tts, EspeakTTS)
+    receiver.send({"type": "say", "text": "你好，欢迎光临。"})
+    said = await receiver.wait_event(lambda e: e["type"] == "metrics" and e["turn"] == "say", wait_s=10)
+    assert said["speech_ms"] > 500
+    receiver.send({"type": "select_template", "id": "default"})
+    back = await receiver.wait_event(lambda e: e["type"] == "template" and e["id"] == "default", wait_s=10)
+    await receiver.close()
+    assert back["language"] == "en" and session.conversation.asr is not None

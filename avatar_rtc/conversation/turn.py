@@ -24,6 +24,7 @@ from avatar_rtc.conversation.echo import EchoGuard
 from avatar_rtc.conversation.llm import ConversationHistory, LanguageModel
 from avatar_rtc.conversation.sentences import SentenceChunker
 from avatar_rtc.conversation.speaker import Speaker
+from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.conversation.vad import SpeechDropped, SpeechStarted, UtteranceEnded, VoiceActivitySegmenter
 from avatar_rtc.render.base import Renderer
 from avatar_rtc.rtc.playout import Playout, Utterance
@@ -167,6 +168,15 @@ class Conversation:
         self.playout.clear()
         if cut:
             self._set_state("idle")
+
+    def set_speech_engines(
+        self, tts: TextToSpeech, asr: SpeechRecognizer | None, asr_unavailable: str
+    ) -> None:
+        """Another language: recognise and speak it with these (call after :meth:`interrupt`)."""
+        self._drop_speculation()
+        self.speaker.tts = tts
+        self.asr = asr
+        self._asr_unavailable = asr_unavailable
 
     def set_renderer(self, renderer: Renderer) -> None:
         """A new face: speech from now on goes to ``renderer`` (call after :meth:`interrupt`)."""

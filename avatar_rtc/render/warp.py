@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 import cv2
@@ -306,21 +307,26 @@ def _paint_interior(
 class _TemplateRigs:
     """The rigs of one template, shared by every session rendering it."""
 
+    # A rig is about 1.5 MB and takes about 2.5 ms to build. A photo template needs a handful; a video
+    # template could need one per frame, so keep the most recently used ones and rebuild the rest.
+    max_rigs = 64
+
     def __init__(self, template: Template) -> None:
         self.template = template
         self.lock = threading.Lock()
-        self.by_frame: dict[int, MouthRig] = {}
-        self.unique: list[tuple[np.ndarray, MouthRig]] = []
+        self.by_frame: OrderedDict[int, MouthRig] = OrderedDict()
+        self.unique: deque[tuple[np.ndarray, MouthRig]] = deque(maxlen=self.max_rigs)
 
     def rig(self, template_index: int) -> MouthRig:
-        rig = self.by_frame.get(template_index)
-        if rig is not None:
-            return rig
         with self.lock:
             rig = self.by_frame.get(template_index)
             if rig is None:
                 rig = self._find_or_build(template_index)
                 self.by_frame[template_index] = rig
+                if len(self.by_frame) > self.max_rigs:
+                    self.by_frame.popitem(last=False)
+            else:
+                self.by_frame.move_to_end(template_index)
         return rig
 
     def _find_or_build(self, template_index: int) -> MouthRig:

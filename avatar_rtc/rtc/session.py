@@ -63,6 +63,9 @@ class SessionDeps:
     llm: LanguageModel | None = None
     asr_unavailable: str = ""
     llm_unavailable: str = ""
+    # Speech engines for a language other than the server's (a template may ask for one):
+    # language -> (TTS, ASR or None, why there is no ASR). Built on first use, shared.
+    speech_for_language: Callable[[str], tuple[TextToSpeech, SpeechRecognizer | None, str]] | None = None
 
 
 def rtc_configuration(settings: Settings) -> RTCConfiguration:
@@ -94,6 +97,7 @@ class Session:
             max_ahead_s=media.max_ahead_s,
         )
         self.library = library
+        self.language = deps.settings.conversation.language
         self.template_id = template.id  # acquired (pinned) in the library by whoever made the session
         self.renderer = deps.renderer.open(template)
         self._pump_task: asyncio.Task[None] | None = None
@@ -229,12 +233,20 @@ class Session:
                 raise SessionError(f"no template {template_id!r}") from None
             except Exception as error:  # corrupt cache, over the RAM budget, ...
                 raise SessionError(f"template {template_id!r} cannot be used: {error}") from None
+            info = self.library.info(template_id)
+            language = info.language or self.deps.settings.conversation.language
             try:
                 renderer = self.deps.renderer.open(template)
+                speech = None
+                if language != self.language and self.deps.speech_for_language is not None:
+                    speech = await asyncio.to_thread(self.deps.speech_for_language, language)
             except Exception:
                 self.library.release(template_id)
                 raise
             self.conversation.interrupt()
+            if speech is not None:
+                self.conversation.set_speech_engines(*speech)
+                self.language = language
             old_renderer, old_pump, old_id = self.renderer, self._pump_task, self.template_id
             self.renderer, self.template_id = renderer, template_id
             self.conversation.set_renderer(renderer)
@@ -246,10 +258,11 @@ class Session:
             await old_renderer.aclose()
             self.library.release(old_id)
             switch_ms = round((time.monotonic() - started) * 1000, 1)
-            self.send_event({"type": "template", "id": template_id, "switch_ms": switch_ms})
-            welcome = self.library.info(template_id).welcome
-            if welcome:
-                self.conversation.say(welcome)
+            self.send_event(
+                {"type": "template", "id": template_id, "switch_ms": switch_ms, "language": self.language}
+            )
+            if info.welcome:
+                self.conversation.say(info.welcome)
             return switch_ms
 
     async def _listen(self, track: MediaStreamTrack) -> None:

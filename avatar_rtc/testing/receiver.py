@@ -120,11 +120,12 @@ class CallReceiver:
         self.channel.send(json.dumps(message))
 
     async def wait_event(
-        self, predicate: Callable[[dict[str, Any]], bool], wait_s: float = 10
+        self, predicate: Callable[[dict[str, Any]], bool], wait_s: float = 10, after: int = 0
     ) -> dict[str, Any]:
-        """The first event (already received or arriving within ``wait_s``) that matches."""
+        """The first event from index ``after`` on (already received or arriving within ``wait_s``)
+        that matches."""
         deadline = time.monotonic() + wait_s
-        seen = 0
+        seen = after
         while True:
             for event in self.events[seen:]:
                 if predicate(event):
