@@ -39,8 +39,24 @@ class TtsSettings(BaseModel):
     espeak_voice: str | None = None
 
 
+class MuseTalkSettings(BaseModel):
+    models_dir: Path = Path("models")
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_batch: int = Field(16, ge=1, le=64)
+    max_wait_ms: int = Field(8, ge=0, le=200)
+    session_batch: int = Field(8, ge=1, le=32)
+    # The deadline of a frame when its renderer has no media clock (offline rendering).
+    latency_budget_ms: int = Field(300, ge=10, le=5000)
+    feature_left_context_steps: int = Field(20, ge=0, le=200)
+    feature_right_context_steps: int = Field(4, ge=0, le=50)
+
+
 class RendererSettings(BaseModel):
-    engine: Literal["warp"] = "warp"
+    # warp: the CPU renderer that needs no downloaded weights. musetalk: MuseTalk v1.5 (weights under
+    # models/, see scripts/download_models.py musetalk; a GPU for real time); falls back to warp when
+    # its weights or packages are missing. With musetalk raise media.speech_lead_ms to about 120.
+    engine: Literal["warp", "musetalk"] = "warp"
+    musetalk: MuseTalkSettings = Field(default_factory=MuseTalkSettings)
 
 
 class AvatarSettings(BaseModel):

@@ -111,9 +111,30 @@ def build_llm(settings: Settings) -> tuple[LanguageModel | None, str]:
 
 
 def build_renderer(settings: Settings) -> RendererEngine:
+    """The configured renderer; MuseTalk without its weights or packages falls back to warp, which
+    is also its light renderer for new sessions when the GPU worker cannot keep up."""
     from avatar_rtc.render.warp import WarpEngine
 
-    return WarpEngine()
+    warp = WarpEngine()
+    if settings.renderer.engine == "musetalk":
+        from avatar_rtc.render.musetalk import MuseTalkEngine, MuseTalkUnavailableError
+
+        mt = settings.renderer.musetalk
+        try:
+            return MuseTalkEngine(
+                mt.models_dir,
+                mt.device,
+                max_batch=mt.max_batch,
+                max_wait_s=mt.max_wait_ms / 1000,
+                session_batch=mt.session_batch,
+                latency_budget_s=mt.latency_budget_ms / 1000,
+                feature_left_context_steps=mt.feature_left_context_steps,
+                feature_right_context_steps=mt.feature_right_context_steps,
+                fallback=warp,
+            )
+        except MuseTalkUnavailableError as error:
+            log.warning("musetalk renderer unavailable, using warp: %s", error)
+    return warp
 
 
 class SpeechEnginesByLanguage:
@@ -140,7 +161,11 @@ def build_library(settings: Settings, renderer: RendererEngine) -> TemplateLibra
     from avatar_rtc.avatar.library import library_from_settings
 
     library = library_from_settings(settings, renderer)
-    library.ensure_default()
+    default = library.ensure_default()
+    # A renderer with per-template data (MuseTalk's latents) computes it now, not on the first call.
+    template_faces = getattr(renderer, "template_faces", None)
+    if template_faces is not None:
+        template_faces(default)
     return library
 
 

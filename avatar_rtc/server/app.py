@@ -137,7 +137,11 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 
 async def _close_sessions(app: web.Application) -> None:
-    await app[SERVICES].sessions.close_all()
+    services = app[SERVICES]
+    await services.sessions.close_all()
+    close_engine = getattr(services.sessions.deps.renderer, "close", None)
+    if close_engine is not None:
+        close_engine()  # a renderer's worker threads (MuseTalk) stop with the server
 
 
 def create_app(services: Services) -> web.Application:

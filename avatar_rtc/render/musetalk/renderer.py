@@ -1,0 +1,304 @@
+"""The MuseTalk renderer behind the common seam: one engine per process (models, one batching worker per
+device, template data cached per template), one light renderer per session.
+
+A session's frames follow the same streaming rules as the warp renderer (:class:`StreamingRenderer`):
+a frame is generated once ``lookahead_s`` of audio after it is known (feature right-context, see
+:mod:`.features`) or its utterance is flushed. Its audio window goes to the shared worker with the
+frame's deadline; the worker batches frames of all sessions into one UNet + VAE forward; the generated
+face comes back to this session alone and is composited on the CPU (:mod:`avatar_rtc.avatar.blend`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from avatar_rtc.avatar.blend import BlendPlans, build_blend_plan, composite
+from avatar_rtc.avatar.template import Template
+from avatar_rtc.render.base import RenderedFrame, Renderer, RendererEngine
+from avatar_rtc.render.batching import QUALITY_LEVELS, BatchingWorker, QualityPolicy
+from avatar_rtc.render.musetalk import layout
+from avatar_rtc.render.stream import FrameJob, StreamingRenderer, _Segment
+
+if TYPE_CHECKING:
+    import torch
+
+    from avatar_rtc.render.musetalk.models import MuseTalkModels
+    from avatar_rtc.render.musetalk.pipeline import FaceJob, MuseTalkPipeline
+
+log = logging.getLogger(__name__)
+
+HALF_RATE = QUALITY_LEVELS.index("half_rate")
+CPU_FALLBACK = QUALITY_LEVELS.index("cpu_fallback")
+EventSink = Callable[[dict[str, Any]], None]
+
+
+def quality_event(level: str, renderer: str) -> dict[str, Any]:
+    """The data-channel event saying which quality level a session is on."""
+    return {"type": "quality", "level": level, "renderer": renderer}
+
+
+@dataclass(frozen=True)
+class MuseTalkFrameJob(FrameJob):
+    """A frame job whose ``audio`` is the feature window (see FeatureWindowing.window)."""
+
+    valid: tuple[int, int] = (0, 0)
+
+
+class TemplateFaces:
+    """One template's MuseTalk data on the engine's device, shared by every session on that template."""
+
+    def __init__(self, template: Template, data: dict[str, np.ndarray], latents: torch.Tensor) -> None:
+        self.template = template
+        self.latents = latents  # (N, 8, 32, 32) on the models' device and dtype
+        self.boxes = data["musetalk_bbox"]
+        masks = data["musetalk_mask"]
+        boxes = self.boxes
+        self.plans = BlendPlans(
+            template.size, lambda i: build_blend_plan(template.size, tuple(boxes[i]), masks[i])
+        )
+
+
+class MuseTalkRenderer(StreamingRenderer):
+    """One session's MuseTalk renderer."""
+
+    def __init__(self, engine: MuseTalkEngine, template: Template, faces: TemplateFaces) -> None:
+        super().__init__(template)
+        windowing = engine.windowing
+        self.engine = engine
+        self.faces = faces
+        self.windowing = windowing
+        self.lookahead_s = windowing.lookahead_s
+        self.window_before_s = windowing.before_s
+        self.max_batch = engine.session_batch
+        # Set by the session: media time now (MediaClock.now; called from worker threads), so frames carry
+        # their real deadlines, and where to send events. Without a clock a frame is due
+        # ``engine.latency_budget_s`` after its submission.
+        self.media_clock: Callable[[], float] | None = None
+        self.emit_event: EventSink | None = None
+        self._reported_level: str | None = None
+        self._last_image: tuple[int, np.ndarray] | None = None
+        self._in_flight: set[concurrent.futures.Future[np.ndarray]] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def quality_level(self) -> str:
+        """This session's level: the engine's, except that running sessions stay generated at half rate
+        when new ones go to the CPU renderer."""
+        return QUALITY_LEVELS[min(self.engine.policy.level_index, HALF_RATE)]
+
+    @property
+    def render_delay_s(self) -> float:
+        """Time from a frame's audio being known to its image: batching wait plus the forward."""
+        worker = self.engine.worker
+        return worker.wait_s + worker.expected_forward_s(worker.max_batch)
+
+    def _job(self, seg: _Segment, index: int) -> MuseTalkFrameJob:
+        window, valid_lo, valid_hi = self.windowing.window(seg.pcm(), index / self.fps - seg.start)
+        return MuseTalkFrameJob(index, self.template.loop_index(index), window, (valid_lo, valid_hi))
+
+    def clear(self) -> None:
+        super().clear()
+        with self._lock:
+            in_flight, self._in_flight = self._in_flight, set()
+        for future in in_flight:
+            future.cancel()  # not rendered if the worker has not taken it yet
+        self._last_image = None
+
+    def _deadline(self, index: int) -> float:
+        if self.media_clock is None:
+            return time.monotonic() + self.engine.latency_budget_s
+        return time.monotonic() + (index / self.fps - self.media_clock())
+
+    def render_batch(self, jobs: Sequence[FrameJob]) -> list[np.ndarray]:
+        half_rate = self.engine.policy.level_index >= HALF_RATE
+        futures: list[concurrent.futures.Future[np.ndarray] | None] = []
+        for job in jobs:
+            if half_rate and job.index % 2 == 1:
+                futures.append(None)  # repeats the frame before it
+                continue
+            futures.append(self._submit(job))
+        images: list[np.ndarray] = []
+        for job, future in zip(jobs, futures, strict=True):
+            image = self._image(job, future)
+            self._last_image = (job.index, image)
+            images.append(image)
+        return images
+
+    def _submit(self, job: FrameJob) -> concurrent.futures.Future[np.ndarray]:
+        from avatar_rtc.render.musetalk.pipeline import FaceJob
+
+        assert isinstance(job, MuseTalkFrameJob)
+        face_job = FaceJob(self.faces.latents[job.template_index], job.audio, job.valid)
+        future = self.engine.worker.submit(face_job, self._deadline(job.index))
+        with self._lock:
+            self._in_flight.add(future)
+        return future
+
+    def _image(self, job: FrameJob, future: concurrent.futures.Future[np.ndarray] | None) -> np.ndarray:
+        if future is None:
+            last = self._last_image
+            if last is not None and last[0] == job.index - 1:
+                return last[1]
+            future = self._submit(job)  # nothing to repeat: the utterance started on an odd frame
+        try:
+            face = future.result()
+        except concurrent.futures.CancelledError:
+            # Cleared while waiting: StreamingRenderer.frames drops this batch, any image will do.
+            return self.template.frames[job.template_index]
+        except Exception:
+            # A failed forward (out of device memory, say) costs this frame its mouth movement, not the
+            # session its video: the idle frame goes out on time instead.
+            log.exception("musetalk forward failed; showing the template frame for frame %d", job.index)
+            return self.template.frames[job.template_index]
+        finally:
+            with self._lock:
+                self._in_flight.discard(future)
+        return composite(self.template.frames[job.template_index], face, self.faces.plans[job.template_index])
+
+    def _report_level(self) -> None:
+        level = self.quality_level
+        if level != self._reported_level:
+            self._reported_level = level
+            if self.emit_event is not None:
+                self.emit_event(quality_event(level, "musetalk"))
+
+    async def frames(self) -> AsyncIterator[RenderedFrame]:
+        async for frame in super().frames():
+            self._report_level()  # on the event loop, so the sink needs no locking
+            yield frame
+
+
+class CpuFallbackRenderer:
+    """The light CPU renderer, given to new sessions while the MuseTalk worker is overloaded."""
+
+    quality_level = "cpu_fallback"
+
+    def __init__(self, inner: Renderer) -> None:
+        self.inner = inner
+        self.template = inner.template
+        self.sample_rate = inner.sample_rate
+        self.lookahead_s = inner.lookahead_s
+        self.emit_event: EventSink | None = None
+        self._reported = False
+
+    def push_audio(self, pcm: np.ndarray, media_time: float) -> None:
+        self.inner.push_audio(pcm, media_time)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def clear(self) -> None:
+        self.inner.clear()
+
+    async def frames(self) -> AsyncIterator[RenderedFrame]:
+        async for frame in self.inner.frames():
+            if not self._reported and self.emit_event is not None:
+                self._reported = True
+                self.emit_event(quality_event(self.quality_level, "fallback"))
+            yield frame
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class MuseTalkEngine:
+    """Process-wide MuseTalk: the models, one batching worker for the device, template data per template.
+
+    Raises :class:`MuseTalkUnavailableError` (missing files listed with the fetch command, or a bad weights
+    file, or missing packages) so the server can fall back to the warp renderer.
+    """
+
+    name = "musetalk"
+
+    def __init__(
+        self,
+        models_dir: str | Path = "models",
+        device: str = "auto",
+        *,
+        max_batch: int = 16,
+        max_wait_s: float = 0.008,
+        session_batch: int = 8,
+        latency_budget_s: float = 0.3,
+        feature_left_context_steps: int = 20,
+        feature_right_context_steps: int = 4,
+        policy: QualityPolicy | None = None,
+        fallback: RendererEngine | None = None,
+        models: MuseTalkModels | None = None,
+    ) -> None:
+        # Cheap checks first: a server falling back to warp should not pay for importing torch.
+        if models is None:
+            layout.require_files(Path(models_dir))
+        layout.require_packages()
+        from avatar_rtc.render.musetalk.features import FeatureWindowing
+        from avatar_rtc.render.musetalk.models import load_models
+        from avatar_rtc.render.musetalk.pipeline import MuseTalkPipeline
+
+        self.models = models if models is not None else load_models(Path(models_dir), device)
+        windowing = FeatureWindowing(feature_left_context_steps, feature_right_context_steps)
+        self.pipeline: MuseTalkPipeline = MuseTalkPipeline(self.models, windowing)
+        self.windowing = self.pipeline.windowing
+        self.session_batch = session_batch
+        self.latency_budget_s = latency_budget_s
+        self.policy = policy or QualityPolicy()
+        self.policy.add_listener(lambda level: log.warning("musetalk quality level now %s", level))
+        self.worker: BatchingWorker[FaceJob, np.ndarray] = BatchingWorker(
+            self.pipeline.render,
+            max_batch=max_batch,
+            max_wait_s=max_wait_s,
+            policy=self.policy,
+            name=f"musetalk-{self.models.device}",
+        )
+        self._fallback = fallback
+        self._faces: dict[str, TemplateFaces] = {}
+        self._lock = threading.Lock()
+
+    def template_faces(self, template: Template) -> TemplateFaces:
+        """The template's MuseTalk data: from its extras when present and made with this VAE, else
+        computed now (VAE-encoding every frame) and cached for the engine's lifetime."""
+        import torch
+
+        from avatar_rtc.render.musetalk.prepare import has_current_data, musetalk_template_data
+
+        with self._lock:
+            cached = self._faces.get(template.id)
+            if cached is not None and cached.template.frames is template.frames:
+                return cached
+            if has_current_data(template, self.models.vae_id):
+                data = dict(template.extras)
+            else:
+                started = time.perf_counter()
+                data = musetalk_template_data(template, self.pipeline)
+                log.info(
+                    "musetalk data for template %r: %d frames in %.1f s",
+                    template.id,
+                    template.frame_count,
+                    time.perf_counter() - started,
+                )
+            latents = torch.from_numpy(data["musetalk_latents"]).to(self.models.device, self.models.dtype)
+            faces = TemplateFaces(template, data, latents)
+            self._faces[template.id] = faces
+            return faces
+
+    def open(self, template: Template) -> Renderer:
+        if self.policy.level_index >= CPU_FALLBACK:
+            return CpuFallbackRenderer(self.fallback().open(template))
+        return MuseTalkRenderer(self, template, self.template_faces(template))
+
+    def fallback(self) -> RendererEngine:
+        if self._fallback is None:
+            from avatar_rtc.render.warp import WarpEngine
+
+            self._fallback = WarpEngine()
+        return self._fallback
+
+    def close(self) -> None:
+        self.worker.close()

@@ -1,0 +1,134 @@
+"""Throughput of the full-size MuseTalk v1.5 architecture (random weights) per batch size.
+
+Usage: ``python scripts/bench_musetalk.py [--device auto|cpu|cuda] [--batches 1,4,8,16,32]
+[--iterations N] [--budget-s S]``. Builds whisper-tiny's encoder, the v1.5 UNet and sd-vae-ft-mse's VAE
+at their published sizes (fp16 on CUDA, fp32 on CPU), then per batch size times the stages of one
+batched step: features (log-mel + encoder over each frame's window), UNet at t=0, VAE decode, and
+compositing the faces into 1080p frames on one CPU thread. A batch size whose first iteration took longer
+than ``--budget-s`` ends the sweep (CPU: the larger sizes would take minutes each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import cv2
+import numpy as np
+import torch
+
+from avatar_rtc.avatar.blend import build_blend_plan, composite
+from avatar_rtc.render.musetalk.features import FeatureWindowing
+from avatar_rtc.render.musetalk.models import (
+    MUSETALK_V15_UNET_CONFIG,
+    SD_VAE_CONFIG,
+    assemble,
+    build_unet,
+    build_vae,
+    build_whisper_encoder,
+    pick_device,
+)
+from avatar_rtc.render.musetalk.pipeline import FaceJob, MuseTalkPipeline
+
+
+def build_pipeline(device: str) -> MuseTalkPipeline:
+    from transformers import WhisperConfig, WhisperFeatureExtractor
+
+    target, dtype = pick_device(device)
+    whisper_tiny = WhisperConfig(
+        d_model=384, encoder_layers=4, encoder_attention_heads=6, encoder_ffn_dim=1536, num_mel_bins=80
+    )
+    extractor = WhisperFeatureExtractor()
+    models = assemble(
+        build_unet(MUSETALK_V15_UNET_CONFIG, on_meta=False),
+        build_vae(SD_VAE_CONFIG, on_meta=False),
+        build_whisper_encoder(whisper_tiny, on_meta=False),
+        np.asarray(extractor.mel_filters, np.float32).T,
+        extractor.n_fft,
+        extractor.hop_length,
+        target,
+        dtype,
+        vae_id="random",
+    )
+    return MuseTalkPipeline(models, FeatureWindowing())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batches", default="1,4,8,16,32")
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--budget-s", type=float, default=60.0)
+    args = parser.parse_args()
+    cv2.setNumThreads(1)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    pipeline = build_pipeline(args.device)
+    models = pipeline.models
+    print(
+        f"device {models.device} ({models.dtype}), torch threads {torch.get_num_threads()}, built in {time.perf_counter() - started:.1f} s"
+    )
+    print(
+        f"params: UNet {sum(p.numel() for p in models.unet.parameters()) / 1e6:.0f} M, "
+        f"VAE {sum(p.numel() for p in models.vae.parameters()) / 1e6:.0f} M, "
+        f"whisper encoder {sum(p.numel() for p in models.whisper.parameters()) / 1e6:.1f} M"
+    )
+    windowing = pipeline.windowing
+    print(
+        f"feature window {windowing.window_steps} steps ({windowing.window_samples / 16000 * 1e3:.0f} ms of audio), "
+        f"lookahead {windowing.lookahead_s * 1e3:.0f} ms"
+    )
+
+    rng = np.random.default_rng(0)
+    latents = torch.randn(8, 8, 32, 32).to(models.device, models.dtype)
+    audio = (rng.standard_normal(16000 * 4) * 3000).astype(np.int16)
+    frame = rng.integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
+    mask = np.zeros((256, 256), np.uint8)
+    mask[128:, 30:226] = 255
+    plan = build_blend_plan((1920, 1080), (730, 300, 1185, 878), cv2.GaussianBlur(mask, (41, 41), 0))
+
+    def jobs(batch: int) -> list[FaceJob]:
+        out = []
+        for i in range(batch):
+            window, lo, hi = windowing.window(audio, 0.5 + 0.04 * i)
+            out.append(FaceJob(latents[i % len(latents)], window, (lo, hi)))
+        return out
+
+    pipeline.render(jobs(1))  # warm-up
+    header = f"{'batch':>5} {'frames/s':>9} {'ms/frame':>9} | {'features':>9} {'UNet':>9} {'VAE dec':>9} {'composite':>9}  (ms per frame)"
+    print(header)
+    for batch in [int(b) for b in args.batches.split(",")]:
+        batch_jobs = jobs(batch)
+        pipeline.times.reset()
+        wall = 0.0
+        iterations = 0
+        for _ in range(args.iterations):
+            start = time.perf_counter()
+            faces = pipeline.render(batch_jobs)
+            wall += time.perf_counter() - start
+            iterations += 1
+            if wall > args.budget_s:
+                break
+        start = time.perf_counter()
+        for face in faces:
+            composite(frame, face, plan)
+        composite_ms = (time.perf_counter() - start) / len(faces) * 1e3
+        times = pipeline.times
+        frames = times.frames
+        per = 1e3 / frames
+        total_ms = wall * per + composite_ms
+        print(
+            f"{batch:>5} {1e3 / total_ms:>9.2f} {total_ms:>9.1f} | {times.features * per:>9.1f} {times.unet * per:>9.1f} "
+            f"{times.vae * per:>9.1f} {composite_ms:>9.2f}  ({iterations} it, {wall / iterations:.2f} s per batch)"
+        )
+        if wall / iterations > args.budget_s:
+            remaining = [b for b in args.batches.split(",") if int(b) > batch]
+            if remaining:
+                print(
+                    f"skipped batch {', '.join(remaining)}: one batch of {batch} took {wall / iterations:.0f} s (> --budget-s)"
+                )
+            break
+
+
+if __name__ == "__main__":
+    main()
