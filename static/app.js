@@ -6,6 +6,21 @@
 (() => {
   const OFFER_URL = "/offer";
   const CONFIG_URL = "/api/config";
+  const TEMPLATES_URL = "/api/templates";
+  // Every call starts on the server's default template; it cannot be deleted from here.
+  const DEFAULT_TEMPLATE = "default";
+  const TEMPLATE_ID_RE = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
+  // States in which a template can be shown in a call.
+  const USABLE_STATES = new Set(["ready", "warm", "in_use"]);
+  // Preparation stages as the server names them in its progress lines; others are shown as sent.
+  const STAGE_NAMES = {
+    hash: "Checking file",
+    landmarks: "Tracking the face",
+    crop: "Cropping",
+    masks: "Masking",
+    renderer: "Preparing renderer",
+    write: "Saving",
+  };
   // The offer is sent only once ICE gathering is complete (the server does not take trickled
   // candidates). Host-only gathering finishes in milliseconds; an unreachable STUN/TURN server
   // can stall it, so past this point we send whatever candidates we have.
@@ -38,12 +53,25 @@
     latency: $("latency"),
     latencyCaption: $("latency-caption"),
     metrics: $("metrics").tBodies[0],
+    templateList: $("template-list"),
+    templateStatus: $("template-status"),
+    templateError: $("template-error"),
+    uploadForm: $("upload-form"),
+    uploadId: $("upload-id"),
+    uploadName: $("upload-name"),
+    uploadFile: $("upload-file"),
+    uploadBtn: $("upload-btn"),
+    uploadProgress: $("upload-progress"),
+    uploadStage: $("upload-stage"),
+    uploadError: $("upload-error"),
   };
 
   // Test hook: browser tests read this instead of scraping the DOM. `events` keeps every message
   // the server sent, in order, across calls; `transcript` keeps the conversation as shown, one entry
   // per line: {role: "user"|"assistant", text, final, interrupted, source?} (an assistant entry is
-  // updated in place while it is partial).
+  // updated in place while it is partial). `templates` is the last list from GET /api/templates;
+  // `currentTemplate` the avatar shown in the call, or the one chosen for the next call; `uploads`
+  // one entry per upload from the form: {id, status, progress: [NDJSON progress lines], result, error}.
   const avatarCall = {
     state: "idle",
     connectionState: "new",
@@ -54,6 +82,9 @@
     transcript: [],
     pc: null,
     channel: null,
+    templates: [],
+    currentTemplate: DEFAULT_TEMPLATE,
+    uploads: [],
   };
   window.avatarCall = avatarCall;
 
@@ -426,8 +457,15 @@
         renderLatency(message);
         renderMetricsTable(message);
         break;
+      case "template":
+        onTemplateSwitched(message);
+        break;
       case "error":
-        showError(String(message.message ?? "server error"));
+        if (switchingTo !== null && /template/i.test(String(message.message))) {
+          onTemplateSwitchFailed(String(message.message));
+        } else {
+          showError(String(message.message ?? "server error"));
+        }
         break;
       default:
         // Newer servers may send more; they are kept in avatarCall.events.
@@ -444,6 +482,331 @@
     channel.send(JSON.stringify(message));
     return true;
   }
+
+  // ---------------------------------------------------------------- avatar templates
+
+  // The template the server shows in this call (null outside a call), and one asked for but not yet
+  // confirmed by a "template" event.
+  let serverTemplate = null;
+  let switchingTo = null;
+  let switchRequestedAt = 0;
+  let uploading = false;
+  // Bumped when a template is (re)uploaded so its thumbnail is fetched again.
+  let thumbVersion = 0;
+  // Delete asks for a second tap instead of a modal confirm().
+  let armedDelete = null;
+  let armedTimer = null;
+
+  function templateName(id) {
+    const info = avatarCall.templates.find((t) => t.id === id);
+    return info?.name || id;
+  }
+
+  function setTemplateStatus(text) {
+    ui.templateStatus.textContent = text;
+  }
+
+  // `kind` tells a failed list load (cleared by the next good load) from a failed action.
+  function showTemplateError(message, kind = "action") {
+    setNote(ui.templateError, message);
+    ui.templateError.dataset.kind = kind;
+  }
+
+  function describeState(info) {
+    switch (info.state) {
+      case "preparing":
+        return "preparing…";
+      case "outdated":
+        return "outdated: upload again";
+      case "corrupt":
+        return "damaged: upload again";
+      default:
+        return "";
+    }
+  }
+
+  function renderTemplates() {
+    const list = avatarCall.templates;
+    const current = switchingTo ?? avatarCall.currentTemplate;
+    if (!list.length) {
+      const li = document.createElement("li");
+      li.className = "empty";
+      li.textContent = "No avatars yet.";
+      ui.templateList.replaceChildren(li);
+      return;
+    }
+    ui.templateList.replaceChildren(
+      ...list.map((info) => {
+        const li = document.createElement("li");
+        li.className = "template";
+        li.dataset.id = info.id;
+        const usable = USABLE_STATES.has(info.state);
+        const pick = document.createElement("button");
+        pick.type = "button";
+        pick.className = "template-pick";
+        pick.dataset.id = info.id;
+        pick.disabled = !usable;
+        pick.setAttribute("aria-pressed", String(info.id === current));
+        pick.classList.toggle("current", info.id === current);
+        pick.classList.toggle("switching", info.id === switchingTo);
+        const note = describeState(info);
+        pick.title = note ? `${info.name} (${note})${info.error ? `: ${info.error}` : ""}` : info.name;
+        const img = document.createElement("img");
+        img.alt = "";
+        img.loading = "lazy";
+        img.width = 64;
+        img.height = 64;
+        if (usable) img.src = `${info.thumbnail}?v=${thumbVersion}`;
+        const name = document.createElement("span");
+        name.className = "template-name";
+        name.textContent = info.name || info.id;
+        pick.append(img, name);
+        if (note) {
+          const badge = document.createElement("span");
+          badge.className = "template-note";
+          badge.textContent = note;
+          pick.append(badge);
+        }
+        pick.addEventListener("click", () => chooseTemplate(info.id));
+        li.append(pick);
+        if (info.id !== DEFAULT_TEMPLATE) {
+          const del = document.createElement("button");
+          del.type = "button";
+          del.className = "template-delete";
+          del.dataset.id = info.id;
+          const armed = armedDelete === info.id;
+          del.classList.toggle("armed", armed);
+          del.textContent = armed ? "Delete?" : "×";
+          del.title = armed ? `Tap again to delete ${info.name}` : `Delete ${info.name}`;
+          del.setAttribute("aria-label", del.title);
+          del.addEventListener("click", () => onDeleteClick(info.id));
+          li.append(del);
+        }
+        return li;
+      }),
+    );
+  }
+
+  async function loadTemplates() {
+    try {
+      const response = await fetch(TEMPLATES_URL, { cache: "no-store" });
+      const body = await response.json().catch(() => null);
+      if (!response.ok || !Array.isArray(body?.templates)) {
+        throw new Error(body?.error || `HTTP ${response.status}`);
+      }
+      avatarCall.templates = body.templates;
+      // A chosen avatar that went away (deleted elsewhere) falls back to the default outside a call.
+      if (!avatarCall.pc && !body.templates.some((t) => t.id === avatarCall.currentTemplate)) {
+        avatarCall.currentTemplate = DEFAULT_TEMPLATE;
+      }
+      if (ui.templateError.dataset.kind === "load") showTemplateError("");
+    } catch (err) {
+      showTemplateError(`Could not load avatars: ${err?.message || err}`, "load");
+    }
+    renderTemplates();
+  }
+
+  function requestTemplate(id) {
+    if (!send({ type: "select_template", id })) return;
+    switchingTo = id;
+    switchRequestedAt = performance.now();
+    setTemplateStatus(`switching to ${templateName(id)}…`);
+    renderTemplates();
+  }
+
+  function chooseTemplate(id) {
+    showTemplateError("");
+    if (channelOpen) {
+      if (id === (switchingTo ?? serverTemplate)) return;
+      // The server answers a switch to what it already shows with nothing; skip the message.
+      if (id === serverTemplate) {
+        switchingTo = null;
+        avatarCall.currentTemplate = id;
+        setTemplateStatus("");
+        renderTemplates();
+        return;
+      }
+      requestTemplate(id);
+      return;
+    }
+    avatarCall.currentTemplate = id;
+    setTemplateStatus(avatarCall.pc ? "" : id === DEFAULT_TEMPLATE ? "" : "used when the call starts");
+    renderTemplates();
+  }
+
+  function onTemplateSwitched(message) {
+    const id = String(message.id);
+    serverTemplate = id;
+    avatarCall.currentTemplate = id;
+    switchingTo = null;
+    const ms = typeof message.switch_ms === "number" ? message.switch_ms : performance.now() - switchRequestedAt;
+    setTemplateStatus(`switched in ${ms < 10 ? ms.toFixed(1) : Math.round(ms)} ms`);
+    renderTemplates();
+  }
+
+  function onTemplateSwitchFailed(reason) {
+    const id = switchingTo;
+    switchingTo = null;
+    avatarCall.currentTemplate = serverTemplate ?? avatarCall.currentTemplate;
+    setTemplateStatus("");
+    showTemplateError(`Could not switch to ${templateName(id)}: ${reason}`);
+    renderTemplates();
+  }
+
+  function onDeleteClick(id) {
+    clearTimeout(armedTimer);
+    if (armedDelete !== id) {
+      armedDelete = id;
+      armedTimer = setTimeout(() => {
+        armedDelete = null;
+        renderTemplates();
+      }, 3000);
+      renderTemplates();
+      return;
+    }
+    armedDelete = null;
+    deleteTemplate(id);
+  }
+
+  async function deleteTemplate(id) {
+    showTemplateError("");
+    try {
+      const response = await fetch(`${TEMPLATES_URL}/${encodeURIComponent(id)}`, { method: "DELETE" });
+      const body = await response.json().catch(() => null);
+      if (response.status === 409) {
+        showTemplateError(`${templateName(id)} is in use in a call; hang up (or switch away) first.`);
+      } else if (!response.ok && response.status !== 404) {
+        showTemplateError(`Could not delete ${templateName(id)}: ${body?.error || `HTTP ${response.status}`}`);
+      } else if (avatarCall.currentTemplate === id && !avatarCall.pc) {
+        avatarCall.currentTemplate = DEFAULT_TEMPLATE;
+        setTemplateStatus("");
+      }
+    } catch (err) {
+      showTemplateError(`Could not delete ${templateName(id)}: ${err?.message || err}`);
+    }
+    await loadTemplates();
+  }
+
+  // ---- upload
+
+  function setUploading(active) {
+    uploading = active;
+    for (const el of [ui.uploadId, ui.uploadName, ui.uploadFile, ui.uploadBtn]) el.disabled = active;
+    ui.uploadBtn.textContent = active ? "Uploading…" : "Upload";
+  }
+
+  function setProgress(stage, done, total) {
+    ui.uploadProgress.hidden = false;
+    if (typeof total === "number" && total > 0) {
+      ui.uploadProgress.max = total;
+      ui.uploadProgress.value = Math.min(done, total);
+    } else {
+      ui.uploadProgress.removeAttribute("value"); // indeterminate
+    }
+    const label = STAGE_NAMES[stage] || stage;
+    ui.uploadStage.textContent = typeof total === "number" && total > 1 ? `${label} ${done}/${total}` : label;
+  }
+
+  // Reads an NDJSON body line by line as it streams in; `onLine` gets each parsed object.
+  async function readNdjson(response, onLine) {
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffered = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      buffered += decoder.decode(value ?? new Uint8Array(), { stream: !done });
+      let newline;
+      while ((newline = buffered.indexOf("\n")) >= 0) {
+        const line = buffered.slice(0, newline).trim();
+        buffered = buffered.slice(newline + 1);
+        if (line) onLine(JSON.parse(line));
+      }
+      if (done) break;
+    }
+    if (buffered.trim()) onLine(JSON.parse(buffered));
+  }
+
+  async function uploadTemplate() {
+    const id = ui.uploadId.value.trim();
+    const name = ui.uploadName.value.trim();
+    const file = ui.uploadFile.files?.[0];
+    setNote(ui.uploadError, "");
+    if (!TEMPLATE_ID_RE.test(id)) {
+      setNote(ui.uploadError, "Id: 1-64 letters, digits, _ or -, starting with a letter or digit.");
+      ui.uploadId.focus();
+      return;
+    }
+    if (!file) {
+      setNote(ui.uploadError, "Choose a video or photo.");
+      return;
+    }
+    const form = new FormData();
+    form.append("id", id);
+    if (name) form.append("name", name);
+    form.append("file", file);
+
+    setUploading(true);
+    ui.uploadProgress.hidden = false;
+    ui.uploadProgress.removeAttribute("value");
+    ui.uploadStage.textContent = "Uploading…";
+    let last = null;
+    const record = { id, status: null, progress: [], result: null, error: null };
+    avatarCall.uploads.push(record);
+    try {
+      const response = await fetch(TEMPLATES_URL, { method: "POST", body: form });
+      record.status = response.status;
+      if (!response.ok) {
+        const body = await response.json().catch(() => null);
+        const reason = body?.error || response.statusText || "upload refused";
+        throw new Error(response.status === 429 ? `Busy: ${reason}` : `${reason} (HTTP ${response.status})`);
+      }
+      ui.uploadStage.textContent = "Preparing…";
+      await readNdjson(response, (line) => {
+        if ("state" in line) {
+          last = line;
+          record.result = line;
+        } else if ("stage" in line) {
+          record.progress.push(line);
+          setProgress(String(line.stage), Number(line.done) || 0, line.total);
+        }
+      });
+      if (!last) throw new Error("the server ended the upload without a result");
+      if (last.state !== "ready") throw new Error(last.error || `preparation ${last.state}`);
+      ui.uploadProgress.max = 1;
+      ui.uploadProgress.value = 1;
+      const label = last.template?.name || id;
+      ui.uploadStage.textContent = `Added ${label}${last.cache_hit ? " (unchanged)" : ""} in ${
+        typeof last.seconds === "number" ? `${last.seconds.toFixed(1)} s` : "a moment"
+      }.`;
+      ui.uploadForm.reset();
+      thumbVersion += 1;
+    } catch (err) {
+      record.error = String(err?.message || err);
+      ui.uploadProgress.hidden = true;
+      ui.uploadStage.textContent = "";
+      setNote(ui.uploadError, `Upload failed: ${record.error}`);
+    } finally {
+      setUploading(false);
+      await loadTemplates();
+    }
+  }
+
+  // The id defaults to the file's name, made into a valid id.
+  ui.uploadFile.addEventListener("change", () => {
+    const file = ui.uploadFile.files?.[0];
+    if (!file || ui.uploadId.value.trim()) return;
+    const slug = file.name
+      .replace(/\.[^.]*$/, "")
+      .replace(/[^A-Za-z0-9_-]+/g, "-")
+      .replace(/^[^A-Za-z0-9]+/, "")
+      .slice(0, 64);
+    if (slug) ui.uploadId.value = slug;
+  });
+
+  ui.uploadForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (!uploading) uploadTemplate();
+  });
 
   // ---------------------------------------------------------------- call setup
 
@@ -543,7 +906,12 @@
   function openChannel(pc) {
     const channel = pc.createDataChannel("events");
     avatarCall.channel = channel;
-    channel.addEventListener("open", () => setChannelOpen(true));
+    channel.addEventListener("open", () => {
+      setChannelOpen(true);
+      // The server starts every call on its default avatar: ask for the one chosen before the call.
+      serverTemplate = DEFAULT_TEMPLATE;
+      if (avatarCall.currentTemplate !== serverTemplate) requestTemplate(avatarCall.currentTemplate);
+    });
     channel.addEventListener("close", () => {
       setChannelOpen(false);
       if (avatarCall.pc === pc) setAvatarState("idle");
@@ -557,6 +925,7 @@
   async function startCall() {
     setInCall(true);
     showError("");
+    setTemplateStatus("");
     setPlaceholder("<p>Connecting…</p>");
     resetConversation();
     llmAvailable = false;
@@ -636,6 +1005,13 @@
     setInCall(false);
     setAvatarState("idle");
     setConnectionState(pc ? "closed" : "new");
+    // A switch still on its way is dropped with the call; the choice stays for the next one.
+    if (switchingTo !== null) avatarCall.currentTemplate = switchingTo;
+    switchingTo = null;
+    serverTemplate = null;
+    setTemplateStatus("");
+    renderTemplates();
+    if (pc) loadTemplates();
     setPlaceholder("<p>Press <strong>Call</strong> to start</p>");
     if (!keepError) showError("");
   }
@@ -651,6 +1027,7 @@
   });
 
   ui.hangupBtn.addEventListener("click", () => hangUp());
+  loadTemplates();
 
   function submitText(action) {
     const text = ui.text.value.trim();

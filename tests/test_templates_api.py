@@ -23,7 +23,7 @@ from avatar_rtc.avatar.video import MediaLimits
 from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.render.warp import WarpEngine
 from avatar_rtc.server.app import MAX_BODY_BYTES, json_errors
-from avatar_rtc.server.templates_api import TemplatesApi, setup_templates_api
+from avatar_rtc.server.templates_api import TEMPLATES_API, TemplatesApi, setup_templates_api
 
 ClientFactory = Callable[..., Any]
 
@@ -166,3 +166,13 @@ async def test_render_answers_an_mp4(make_client: ClientFactory, face_video: byt
     unsafe = await client.post("/api/render", json={"template": "../anna", "text": "Hi."})
     assert unsafe.status == 400
     assert _cache_entries(client) == ["anna"]
+
+
+async def test_the_default_template_cannot_be_deleted_and_is_marked(make_client: ClientFactory) -> None:
+    client = await make_client()
+    await asyncio.to_thread(client.server.app[TEMPLATES_API].library.ensure_default)
+    listed = await (await client.get("/api/templates")).json()
+    assert listed["default"] == "default"
+    assert [t["default"] for t in listed["templates"] if t["id"] == "default"] == [True]
+    resp = await client.delete("/api/templates/default")
+    assert resp.status == 409 and "default" in (await resp.json())["error"]

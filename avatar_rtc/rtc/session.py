@@ -236,6 +236,9 @@ class Session:
         async with self._switch_lock:
             started = time.monotonic()
             if template_id == self.template_id:
+                self.send_event(
+                    {"type": "template", "id": template_id, "switch_ms": 0.0, "language": self.language}
+                )
                 return 0.0
             try:
                 template = await self.library.acquire_async(template_id)

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -121,7 +122,8 @@ def _template_id(value: str) -> str:
 async def list_templates(request: web.Request) -> web.Response:
     library = _api(request).library
     infos = await asyncio.to_thread(library.list)
-    return web.json_response({"templates": [info.as_json() for info in infos]})
+    listed = [info.as_json() | {"default": info.id == library.default_id} for info in infos]
+    return web.json_response({"templates": listed, "default": library.default_id})
 
 
 async def thumbnail(request: web.Request) -> web.Response:
@@ -166,6 +168,8 @@ async def update_template(request: web.Request) -> web.Response:
 async def delete_template(request: web.Request) -> web.Response:
     try:
         template_id = _template_id(request.match_info["template_id"])
+        if template_id == _api(request).library.default_id:
+            raise ApiError(409, "the default template is what every call starts with: it cannot be deleted")
         await asyncio.to_thread(_api(request).library.delete, template_id)
     except ApiError as exc:
         return _error(exc.status, exc.message)
@@ -212,12 +216,14 @@ async def _multipart(request: web.Request) -> Any:
 
 
 def _media_error(exc: Exception) -> ApiError:
+    # The server's own file paths (the upload's temporary name) are no business of the client's.
+    message = re.sub(r":?\s*'?/[^'\s]*'?", "", str(exc))
     if isinstance(exc, SourceTooLargeError):
-        return ApiError(413, str(exc))
+        return ApiError(413, message)
     if isinstance(exc, NotMediaError | SourceMediaError):
-        return ApiError(415, str(exc))
+        return ApiError(415, message)
     if isinstance(exc, FaceNotFoundError):
-        return ApiError(422, str(exc))
+        return ApiError(422, message)
     raise exc
 
 
@@ -319,11 +325,13 @@ async def _stream_preparation(
             break
         try:
             result = work.result()
+            # The info was taken while this upload still held the template's preparation claim.
+            template = result.info.as_json() | {"state": "ready"}
             last: dict[str, Any] = {
                 "state": "ready",
                 "cache_hit": result.cache_hit,
                 "seconds": round(result.seconds, 3),
-                "template": result.info.as_json(),
+                "template": template,
             }
         except (FaceNotFoundError, SourceMediaError, TemplateCacheError, ValueError, OSError) as exc:
             last = {"state": "failed", "error": str(exc)}
