@@ -182,8 +182,18 @@
     ui.hangupBtn.disabled = !inCall;
   }
 
+  // Which renderer draws the face and at what quality level (MuseTalk degrades under load).
+  function showQuality(renderer, level) {
+    const pill = document.getElementById("quality");
+    if (!pill || !renderer) return;
+    pill.hidden = false;
+    pill.textContent = level && level !== "full" ? `${renderer} · ${level}` : renderer;
+    avatarCall.quality = level || "full";
+  }
+
   function applyHello(message) {
     avatarCall.hello = message;
+    showQuality(message.renderer, message.quality);
     llmAvailable = message.llm === true;
     asrAvailable = message.asr === true;
     llmReason = llmAvailable
@@ -459,6 +469,9 @@
         break;
       case "template":
         onTemplateSwitched(message);
+        break;
+      case "quality":
+        showQuality(message.renderer === "fallback" ? "warp" : avatarCall.hello?.renderer, message.level);
         break;
       case "error":
         if (switchingTo !== null && /template/i.test(String(message.message))) {
