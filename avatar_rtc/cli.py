@@ -6,19 +6,32 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from avatar_rtc.config import Settings
+from avatar_rtc.config_file import ConfigError, add_config_arguments, config_command, load_settings
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    """The effective settings (command line over environment over TOML file); exits on bad ones."""
+    try:
+        return load_settings(args.config, **{k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as error:
+        print(f"avatar-rtc: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _serve(args: argparse.Namespace) -> int:
     from avatar_rtc.server.app import create_app
+    from avatar_rtc.server.observability import configure_logging
     from avatar_rtc.wiring import build_services
 
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
-    settings = Settings(**overrides)
+    settings = _settings(args, host=args.host, port=args.port)
+    logs = settings.observability
+    configure_logging(logs.json_logs, "DEBUG" if args.verbose else logs.log_level)
     services = build_services(settings)
     app = create_app(services)
     url = f"http://{settings.host}:{settings.port}"
@@ -46,7 +59,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from avatar_rtc.avatar.video import SourceMediaError
     from avatar_rtc.wiring import build_renderer
 
-    settings = Settings()
+    settings = _settings(args)
     library = library_from_settings(settings, build_renderer(settings))
     info = {
         k: v for k, v in {"name": args.name, "welcome": args.welcome, "language": args.language}.items() if v
@@ -89,7 +102,7 @@ def _render(args: argparse.Namespace) -> int:
     from avatar_rtc.render.offline import AudioClipSpeech, decode_audio, render_to_file
     from avatar_rtc.wiring import build_renderer, build_tts
 
-    settings = Settings()
+    settings = _settings(args)
     engine = build_renderer(settings)
     library = library_from_settings(settings, engine)
     try:
@@ -124,6 +137,9 @@ def _render(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avatar-rtc", description="Self-hosted real-time talking avatar")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--config", type=Path, help="TOML settings file (default: $AVATAR_RTC_CONFIG, else ./avatar-rtc.toml)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the WebRTC server")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
@@ -144,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--audio", help="an audio file to lip-sync to")
     render.add_argument("-o", "--output", required=True, help="the MP4 file to write")
     render.set_defaults(func=_render)
+    config = commands.add_parser("config", help="print the effective settings (file, then environment)")
+    add_config_arguments(config)
+    config.set_defaults(func=config_command)
     return parser
 
 

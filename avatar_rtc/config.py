@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -143,7 +143,50 @@ class ConversationSettings(BaseModel):
     # Microphone audio whose level follows the avatar's own recent voice within this spread (dB, at
     # some round-trip delay) is echo, not a barge-in.
     echo_max_spread_db: float = Field(3.0, ge=0, le=30)
+    # A back-end (ASR, LLM, TTS) that yields nothing for this long fails the turn with an error event.
+    stage_timeout_s: float = Field(20.0, gt=0)
     vad: VadSettings = Field(default_factory=VadSettings)
+
+
+class RecordingSettings(BaseModel):
+    # off: never; on_request: when the offer asks for it (`"record": true` in the /offer body);
+    # always: every session.
+    mode: Literal["off", "on_request", "always"] = "off"
+    directory: Path = Path("recordings")
+    # Frames (audio and video together) waiting for the encoder; about 3 s of a 25 fps call.
+    max_queue_frames: int = Field(256, ge=8)
+    video_preset: str = "veryfast"
+    video_crf: int = Field(23, ge=0, le=51)
+    # The encoder shares the machine with live calls: one thread keeps its cost predictable.
+    encoder_threads: int = Field(1, ge=0, le=16)
+    audio_bitrate: int = Field(96_000, ge=16_000)
+
+
+class ObservabilitySettings(BaseModel):
+    metrics_enabled: bool = True
+    # One JSON object per log line (for Loki, Elasticsearch, journald's JSON mode), else plain text.
+    json_logs: bool = False
+    log_level: str = "INFO"
+
+
+class SecuritySettings(BaseModel):
+    # Empty: no token needed (a LAN or loopback deployment). Set: `Authorization: Bearer <token>` or
+    # `?token=<token>` on /offer, /api/* and /metrics.
+    api_token: SecretStr | None = None
+    # Origins (scheme://host[:port]) whose pages may call the API from another origin, e.g. a site
+    # that embeds the avatar. "*" allows any origin. Same-origin requests are always allowed.
+    cors_allow_origins: list[str] = Field(default_factory=list)
+    # Offers (new calls) one client address may make in any 60 seconds; 0 turns the limit off.
+    offers_per_minute: int = Field(20, ge=0)
+    # Request bodies larger than this are refused from their Content-Length, before being read.
+    max_body_bytes: int = Field(256 * 1024, ge=1024)
+    # Behind a reverse proxy every request comes from the proxy: take the client address from the
+    # first X-Forwarded-For entry instead. Only turn on when the proxy sets that header itself.
+    trust_forwarded_for: bool = False
+    # coturn's `use-auth-secret`: hand each page short-lived TURN credentials derived from this shared
+    # secret instead of a fixed username and password (docs/deploy.md).
+    turn_secret: SecretStr | None = None
+    turn_credential_ttl_s: int = Field(3600, ge=60)
 
 
 class LimitSettings(BaseModel):
@@ -171,3 +214,6 @@ class Settings(BaseSettings):
     asr: AsrSettings = Field(default_factory=AsrSettings)
     llm: LlmSettings = Field(default_factory=LlmSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+    recording: RecordingSettings = Field(default_factory=RecordingSettings)
+    observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)

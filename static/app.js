@@ -6,6 +6,29 @@
 (() => {
   const OFFER_URL = "/offer";
   const CONFIG_URL = "/api/config";
+  // The API token, when the server is set up with one: from the page's URL (?token=...), else asked
+  // for once when the server answers 401, and kept for this browser tab.
+  let apiToken = new URLSearchParams(location.search).get("token") || sessionStorage.getItem("avatarToken") || "";
+
+  async function apiFetch(url, options = {}, retried = false) {
+    const headers = new Headers(options.headers || {});
+    if (apiToken) headers.set("Authorization", `Bearer ${apiToken}`);
+    const response = await fetch(url, { ...options, headers });
+    if (response.status === 401 && !retried) {
+      const entered = window.prompt("This avatar server needs an access token:");
+      if (entered && entered.trim()) {
+        apiToken = entered.trim();
+        sessionStorage.setItem("avatarToken", apiToken);
+        return apiFetch(url, options, true);
+      }
+    }
+    return response;
+  }
+
+  function withToken(url) {
+    // <img> cannot send headers; the server also accepts the token as a query parameter.
+    return apiToken ? `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(apiToken)}` : url;
+  }
   const TEMPLATES_URL = "/api/templates";
   // Every call starts on the server's default template; it cannot be deleted from here.
   const DEFAULT_TEMPLATE = "default";
@@ -569,7 +592,7 @@
         img.loading = "lazy";
         img.width = 64;
         img.height = 64;
-        if (usable) img.src = `${info.thumbnail}?v=${thumbVersion}`;
+        if (usable) img.src = withToken(`${info.thumbnail}?v=${thumbVersion}`);
         const name = document.createElement("span");
         name.className = "template-name";
         name.textContent = info.name || info.id;
@@ -602,7 +625,7 @@
 
   async function loadTemplates() {
     try {
-      const response = await fetch(TEMPLATES_URL, { cache: "no-store" });
+      const response = await apiFetch(TEMPLATES_URL, { cache: "no-store" });
       const body = await response.json().catch(() => null);
       if (!response.ok || !Array.isArray(body?.templates)) {
         throw new Error(body?.error || `HTTP ${response.status}`);
@@ -684,7 +707,7 @@
   async function deleteTemplate(id) {
     showTemplateError("");
     try {
-      const response = await fetch(`${TEMPLATES_URL}/${encodeURIComponent(id)}`, { method: "DELETE" });
+      const response = await apiFetch(`${TEMPLATES_URL}/${encodeURIComponent(id)}`, { method: "DELETE" });
       const body = await response.json().catch(() => null);
       if (response.status === 409) {
         showTemplateError(`${templateName(id)} is in use in a call; hang up (or switch away) first.`);
@@ -766,7 +789,7 @@
     const record = { id, status: null, progress: [], result: null, error: null };
     avatarCall.uploads.push(record);
     try {
-      const response = await fetch(TEMPLATES_URL, { method: "POST", body: form });
+      const response = await apiFetch(TEMPLATES_URL, { method: "POST", body: form });
       record.status = response.status;
       if (!response.ok) {
         const body = await response.json().catch(() => null);
@@ -829,7 +852,7 @@
     const controller = new AbortController();
     const timer = setTimeout(() => controller.abort(), CONFIG_TIMEOUT_MS);
     try {
-      const response = await fetch(CONFIG_URL, { signal: controller.signal });
+      const response = await apiFetch(CONFIG_URL, { signal: controller.signal });
       if (!response.ok) return [];
       const config = await response.json();
       return Array.isArray(config?.ice_servers) ? config.ice_servers : [];
@@ -875,7 +898,7 @@
   }
 
   async function postOffer(description) {
-    const response = await fetch(OFFER_URL, {
+    const response = await apiFetch(OFFER_URL, {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ sdp: description.sdp, type: description.type }),

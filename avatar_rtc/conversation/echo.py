@@ -4,7 +4,8 @@ The page asks the browser for echo cancellation; what leaks through it is a dela
 of what the avatar said, so its loudness contour in dB is the avatar's outgoing contour shifted in time
 and offset by a constant (the room and the canceller's attenuation). A caller talking over the avatar
 has a contour of its own. So once the caller has spoken for a moment, the guard looks for a round-trip
-delay at which the microphone's level minus the avatar's level stays nearly constant: that is echo.
+delay at which the microphone's level minus the avatar's level stays nearly constant, explains most of
+the microphone's own variation, and is below zero (an echo returns weaker than it was sent): that is echo.
 """
 
 from __future__ import annotations
@@ -45,19 +46,26 @@ class EchoGuard:
         self,
         max_spread_db: float = 3.0,
         max_delay_s: float = 0.6,
-        min_points: int = 8,
-        step_s: float = 0.01,
+        min_points: int = 30,
+        step_s: float = 0.005,
+        min_attenuation_db: float = 3.0,
     ) -> None:
         self.max_spread_db = max_spread_db
+        self.min_attenuation_db = min_attenuation_db
         self.max_delay_s = max_delay_s
         self.min_points = min_points
         self.step_s = step_s
-        self._mic: deque[tuple[float, float]] = deque(maxlen=200)
+        self._mic: deque[tuple[float, float]] = deque(maxlen=800)
 
-    def mic_level(self, at: float, pcm: np.ndarray) -> None:
-        """Record the level of a chunk of microphone audio that arrived at wall time ``at``."""
-        if len(pcm):
-            self._mic.append((at, float(np.sqrt(np.mean(np.square(pcm, dtype=np.float32))))))
+    def mic_level(self, at: float, pcm: np.ndarray, sample_rate: int = 16000) -> None:
+        """Record the levels (per 5 ms) of a chunk of microphone audio whose end arrived at ``at``."""
+        block = sample_rate // 200
+        whole = len(pcm) // block * block
+        if not whole:
+            return
+        levels = np.sqrt(np.mean(np.square(pcm[:whole].reshape(-1, block), dtype=np.float32), axis=1))
+        start = at - len(pcm) / sample_rate
+        self._mic.extend((start + i * 0.005, float(v)) for i, v in enumerate(levels))
 
     def assess(self, sent_levels: Sequence[tuple[float, float]], since: float) -> EchoVerdict:
         """Is the microphone audio since wall time ``since`` the avatar's own voice?
@@ -77,11 +85,15 @@ class EchoGuard:
             lone = (mic_db > _ACTIVE_DB) & (echo_db <= _ACTIVE_DB)
             if np.count_nonzero(both) < self.min_points or np.count_nonzero(lone) > len(mic) // 4:
                 continue
-            spread = float(np.std(mic_db[both] - echo_db[both]))
+            difference = mic_db[both] - echo_db[both]
+            spread = float(np.std(difference))
             # A flat contour matches anything flat: the avatar's contour must explain most of the
             # microphone's own variation before the audio counts as echo.
             explains = spread <= 0.5 * float(np.std(mic_db[both]))
+            # And an echo comes back weaker than it was sent (the room, the speaker, the canceller);
+            # a caller talking into the microphone is not held to that.
+            attenuated = float(np.mean(difference)) <= -self.min_attenuation_db
             if spread < best.spread_db:
-                is_echo = spread <= self.max_spread_db and explains
+                is_echo = spread <= self.max_spread_db and explains and attenuated
                 best = EchoVerdict(is_echo, spread, float(delay), int(np.count_nonzero(both)))
         return best

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from typing import TypeVar
 
 import numpy as np
 
@@ -12,17 +14,50 @@ from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.render.base import Renderer
 from avatar_rtc.rtc.playout import Playout, SpokenSentence, Utterance
 
+T = TypeVar("T")
+
+
+class StageTimeoutError(RuntimeError):
+    """A back-end went quiet mid-stream; the message names it and is safe to show the caller."""
+
+
+async def stall_timeout(stream: AsyncIterator[T], timeout_s: float, what: str) -> AsyncIterator[T]:
+    """``stream``, failing with StageTimeoutError when it yields nothing for ``timeout_s``: a hung
+    back-end (a wedged model thread, a stalled HTTP stream) fails its turn instead of the session."""
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    item = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise StageTimeoutError(f"{what} produced nothing for {timeout_s:g} s") from None
+            yield item
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
 
 class Speaker:
     """Sentence-level streaming: each sentence is queued as soon as it is synthesised, so the first
     one plays while later ones are still being made."""
 
-    def __init__(self, tts: TextToSpeech, playout: Playout, renderer: Renderer, piece_s: float = 0.4) -> None:
+    def __init__(
+        self,
+        tts: TextToSpeech,
+        playout: Playout,
+        renderer: Renderer,
+        piece_s: float = 0.4,
+        stall_timeout_s: float = 20.0,
+    ) -> None:
         if playout.sample_rate % renderer.sample_rate:
             raise ValueError("renderer sample rate must divide the playout sample rate")
         self.tts = tts
         self.playout = playout
         self.renderer = renderer
+        self.stall_timeout_s = stall_timeout_s
         self._ratio = playout.sample_rate // renderer.sample_rate
         self._piece = int(piece_s * playout.sample_rate) // self._ratio * self._ratio
 
@@ -40,7 +75,8 @@ class Speaker:
                 self.playout.complete(utterance)
 
     async def speak_sentence(self, sentence: str, utterance: Utterance) -> None:
-        async for pcm in self.tts.synthesize(sentence):
+        synthesis = stall_timeout(self.tts.synthesize(sentence), self.stall_timeout_s, "speech synthesis")
+        async for pcm in synthesis:
             if utterance.first_tts_audio_at is None:
                 utterance.first_tts_audio_at = time.monotonic()
             await self._schedule(pcm, self.tts.sample_rate, utterance, sentence)

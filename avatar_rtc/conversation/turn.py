@@ -23,7 +23,7 @@ from avatar_rtc.conversation.asr import SpeechRecognizer, Transcript
 from avatar_rtc.conversation.echo import EchoGuard
 from avatar_rtc.conversation.llm import ConversationHistory, LanguageModel
 from avatar_rtc.conversation.sentences import SentenceChunker
-from avatar_rtc.conversation.speaker import Speaker
+from avatar_rtc.conversation.speaker import Speaker, StageTimeoutError, stall_timeout
 from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.conversation.vad import SpeechDropped, SpeechStarted, UtteranceEnded, VoiceActivitySegmenter
 from avatar_rtc.render.base import Renderer
@@ -103,6 +103,7 @@ class Conversation:
         first_clause_chars: int = 40,
         barge_in_confirm_s: float = 0.24,
         speculative_asr_pause_s: float = 0.15,
+        stage_timeout_s: float = 20.0,
     ) -> None:
         self.speaker = speaker
         self.playout = playout
@@ -117,6 +118,7 @@ class Conversation:
         self._llm_unavailable = llm_unavailable
         self._asr_unavailable = asr_unavailable
         self._first_clause_chars = first_clause_chars
+        self._stage_timeout_s = stage_timeout_s
         self._jobs: asyncio.Queue[_Job] = asyncio.Queue(MAX_PENDING_JOBS)
         self._current: asyncio.Task[None] | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -308,10 +310,13 @@ class Conversation:
         text = job.text
         if turn.source == "voice":
             assert self.asr is not None and job.audio is not None
-            if job.transcript is not None:
-                transcript = await job.transcript
-            else:
-                transcript = await self.asr.transcribe(job.audio)
+            recognising = job.transcript or self.asr.transcribe(job.audio)
+            try:
+                transcript = await asyncio.wait_for(recognising, self._stage_timeout_s)
+            except TimeoutError:
+                raise StageTimeoutError(
+                    f"speech recognition produced nothing for {self._stage_timeout_s:g} s"
+                ) from None
             turn.asr_done_at = time.monotonic()
             text = transcript.text.strip()
             self._emit({"type": "transcript", "role": "user", "text": text, "final": True})
@@ -326,7 +331,9 @@ class Conversation:
             raise ConversationError(f"no language model: {self._llm_unavailable}")
         self.history.add_user(text)
         chunker = SentenceChunker(first_clause_chars=self._first_clause_chars)
-        stream = self.llm.stream(self.history.messages())
+        stream = stall_timeout(
+            self.llm.stream(self.history.messages()), self._stage_timeout_s, "the language model"
+        )
         said = ""
         try:
             async for delta in stream:

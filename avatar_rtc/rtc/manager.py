@@ -8,6 +8,7 @@ from aiortc import RTCSessionDescription
 
 from avatar_rtc.avatar.library import TemplateLibrary
 from avatar_rtc.rtc.session import Session, SessionDeps
+from avatar_rtc.server import observability
 
 
 class TooManySessionsError(RuntimeError):
@@ -20,12 +21,16 @@ class SessionManager:
         self.library = library
         self.sessions: dict[str, Session] = {}
 
-    async def create(self, offer: RTCSessionDescription) -> tuple[Session, RTCSessionDescription]:
+    async def create(
+        self, offer: RTCSessionDescription, record: bool = False
+    ) -> tuple[Session, RTCSessionDescription]:
         limit = self.deps.settings.limits.max_sessions
         if len(self.sessions) >= limit:
             raise TooManySessionsError(f"the server is at its limit of {limit} sessions")
         template = await self.library.acquire_async(self.library.default_id)
-        session = Session(self.deps, template, self.library, on_closed=self._forget)
+        session = Session(self.deps, template, self.library, on_closed=self._forget, record=record)
+        # Before accept(): the session's tasks and its peer connection's inherit the id for their logs.
+        observability.bind_session(session.id)
         self.sessions[session.id] = session
         try:
             answer = await session.accept(offer)
@@ -38,7 +43,8 @@ class SessionManager:
         return self.sessions.get(session_id)
 
     def _forget(self, session: Session) -> None:
-        self.sessions.pop(session.id, None)
+        if self.sessions.pop(session.id, None) is not None:
+            observability.session_closed(session.playout.stats)
 
     async def close_all(self) -> None:
         await asyncio.gather(*(s.close() for s in list(self.sessions.values())), return_exceptions=True)

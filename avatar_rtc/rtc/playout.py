@@ -142,8 +142,9 @@ class Playout:
         self._next_video_index = 0
         self._generation = 0
         self._active: list[Utterance] = []
-        # (wall time, RMS) of each outgoing audio frame: what the caller's microphone may hear back.
-        self.sent_levels: deque[tuple[float, float]] = deque(maxlen=150)
+        # (wall time, RMS) of each 5 ms of outgoing audio: what the caller's microphone may hear back.
+        self.sent_levels: deque[tuple[float, float]] = deque(maxlen=600)
+        self._level_block = sample_rate // 200
 
     # -- writers (speech pipeline, renderer pump) -------------------------------------------------
     @property
@@ -241,8 +242,13 @@ class Playout:
             if utterance.pending_spans == 0 and utterance.audio_complete:
                 self._finish(utterance, span.end / self.sample_rate)
         self.stats.audio_frames_sent += 1
-        level = float(np.sqrt(np.mean(np.square(out, dtype=np.float32)))) if self._active else 0.0
-        self.sent_levels.append((time.monotonic(), level))
+        now = time.monotonic()
+        block = self._level_block
+        if self._active and count % block == 0:
+            levels = np.sqrt(np.mean(np.square(out.reshape(-1, block), dtype=np.float32), axis=1))
+            self.sent_levels.extend((now + i * 0.005, float(v)) for i, v in enumerate(levels))
+        else:
+            self.sent_levels.extend((now + i * 0.005, 0.0) for i in range(max(1, count // block)))
         return out
 
     def frame_for(self, index: int) -> np.ndarray:

@@ -8,6 +8,7 @@ import json
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,9 @@ from avatar_rtc.conversation.vad import MicResampler, VoiceActivitySegmenter
 from avatar_rtc.render.base import Renderer, RendererEngine
 from avatar_rtc.rtc.clock import MediaClock
 from avatar_rtc.rtc.playout import Playout
+from avatar_rtc.rtc.recorder import SessionRecorder
 from avatar_rtc.rtc.tracks import AvatarAudioTrack, AvatarVideoTrack
+from avatar_rtc.server import observability
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,7 @@ class Session:
         template: Template,
         library: TemplateLibrary,
         on_closed: Callable[[Session], None],
+        record: bool = False,
     ) -> None:
         self.id = secrets.token_urlsafe(9)
         self.deps = deps
@@ -104,7 +108,7 @@ class Session:
         self._switch_lock = asyncio.Lock()
         talk = deps.settings.conversation
         self.conversation = Conversation(
-            speaker=Speaker(deps.tts, self.playout, self.renderer),
+            speaker=Speaker(deps.tts, self.playout, self.renderer, stall_timeout_s=talk.stage_timeout_s),
             playout=self.playout,
             renderer=self.renderer,
             history=ConversationHistory(talk.system_prompt, talk.history_turns, talk.history_chars),
@@ -118,11 +122,22 @@ class Session:
             first_clause_chars=talk.first_clause_chars,
             barge_in_confirm_s=talk.barge_in_confirm_ms / 1000,
             speculative_asr_pause_s=talk.early_asr_pause_ms / 1000,
+            stage_timeout_s=talk.stage_timeout_s,
         )
-        self.audio_track = AvatarAudioTrack(self.clock, self.playout, media.audio_frame_ms)
-        self.video_track = AvatarVideoTrack(self.clock, self.playout)
+        self.audio_track: MediaStreamTrack = AvatarAudioTrack(self.clock, self.playout, media.audio_frame_ms)
+        self.video_track: MediaStreamTrack = AvatarVideoTrack(self.clock, self.playout)
+        self.recorder: SessionRecorder | None = None
+        if record:
+            # What the caller saw and heard: the recorder taps the very frames the tracks send.
+            self.recorder = SessionRecorder.for_session(
+                self.id, deps.settings.recording, media.fps, media.audio_sample_rate
+            )
+            self.audio_track = self.recorder.tap(self.audio_track)
+            self.video_track = self.recorder.tap(self.video_track)
         self.pc = RTCPeerConnection(rtc_configuration(deps.settings))
         self.channel: RTCDataChannel | None = None
+        self._bad_message_times: deque[float] = deque(maxlen=10)
+        self.bad_messages_unanswered = 0
         self._on_closed = on_closed
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -205,6 +220,7 @@ class Session:
         }
 
     def send_event(self, event: dict[str, Any]) -> None:
+        observability.observe_event(event)
         channel = self.channel
         if channel is not None and channel.readyState == "open":
             channel.send(json.dumps(event))
@@ -337,7 +353,18 @@ class Session:
             else:
                 raise SessionError(f"unknown message type {kind!r}")
         except SessionError as error:
-            self.send_event({"type": "error", "message": str(error)})
+            self._report_bad_message(str(error))
+
+    def _report_bad_message(self, message: str) -> None:
+        # A client flooding the channel with garbage gets a few error events a second, not one per
+        # message: answering each would cost this call (and every other) its frame pacing.
+        now = time.monotonic()
+        recent = self._bad_message_times
+        if len(recent) == recent.maxlen and now - recent[0] < 1.0:
+            self.bad_messages_unanswered += 1
+            return
+        recent.append(now)
+        self.send_event({"type": "error", "message": message})
 
     async def _select_and_report(self, template_id: object) -> None:
         try:
@@ -375,4 +402,6 @@ class Session:
         await self.renderer.aclose()
         self.library.release(self.template_id)
         await self.pc.close()
+        if self.recorder is not None:
+            await self.recorder.aclose()
         self._on_closed(self)

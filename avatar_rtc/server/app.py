@@ -13,7 +13,9 @@ from aiortc import sdp as aiortc_sdp
 
 from avatar_rtc import __version__
 from avatar_rtc.rtc.manager import SessionManager, TooManySessionsError
+from avatar_rtc.rtc.recorder import recording_wanted
 from avatar_rtc.rtc.session import Session, SessionError, TextTooLongError
+from avatar_rtc.server import observability, security
 from avatar_rtc.server.templates_api import TemplatesApi, setup_templates_api
 from avatar_rtc.wiring import Services
 
@@ -62,7 +64,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def client_config(request: web.Request) -> web.Response:
     settings = request.app[SERVICES].settings
-    return web.json_response({"ice_servers": [s.model_dump(exclude_none=True) for s in settings.ice_servers]})
+    policy = request.app[security.ACCESS_POLICY_KEY]
+    servers = policy.ice_servers_for_client(s.model_dump(exclude_none=True) for s in settings.ice_servers)
+    return web.json_response({"ice_servers": servers})
 
 
 async def offer(request: web.Request) -> web.Response:
@@ -79,7 +83,10 @@ async def offer(request: web.Request) -> web.Response:
     if not any(m.kind in ("audio", "video") for m in parsed.media):
         return json_error(400, "malformed SDP offer: it offers no audio or video")
     try:
-        session, answer = await _sessions(request).create(RTCSessionDescription(sdp=sdp, type="offer"))
+        record = recording_wanted(request.app[SERVICES].settings.recording, data.get("record"))
+        session, answer = await _sessions(request).create(
+            RTCSessionDescription(sdp=sdp, type="offer"), record=record
+        )
     except TooManySessionsError as error:
         return json_error(503, str(error))
     except (ValueError, TypeError, AttributeError, IndexError, KeyError, AssertionError) as error:
@@ -145,8 +152,19 @@ async def _close_sessions(app: web.Application) -> None:
 
 
 def create_app(services: Services) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
+    settings = services.settings
+    policy = security.AccessPolicy(
+        settings.security,
+        max_sessions=settings.limits.max_sessions,
+        session_count=lambda: len(services.sessions.sessions),
+    )
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES, middlewares=[*security.middlewares(policy), json_errors]
+    )
     app[SERVICES] = services
+    app[security.ACCESS_POLICY_KEY] = policy
+    if settings.observability.metrics_enabled:
+        observability.setup_metrics(app, lambda: list(services.sessions.sessions.values()))
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/api/config", client_config)

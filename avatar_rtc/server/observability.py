@@ -1,0 +1,313 @@
+"""Prometheus metrics and structured logs.
+
+Per-session frame counters are read from each session's ``PlayoutStats`` when Prometheus scrapes,
+so the media loop pays nothing for them. Stage latencies and renderer batch sizes are observed by
+the stage that measures them (one histogram call). Logs can be JSON lines that carry the session id
+of whatever task wrote them: the id lives in a context variable that tasks inherit when created.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+# The turn stages Turn.metrics() reports, each in ms since the turn's origin (end of the caller's
+# speech for a voice turn, the request for typed text).
+TURN_STAGES = ("vad_end", "asr", "llm_first_token", "tts_first_audio", "first_audio_frame")
+LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+# Every counter and histogram would otherwise export a *_created timestamp series as well.
+disable_created_metrics()
+
+
+class PlayoutStatsLike(Protocol):
+    frames_sent: int
+    frames_rendered: int
+    frames_idle: int
+    frames_late: int
+    frames_dropped: int
+    audio_frames_sent: int
+    video_send_lateness: Iterable[float]
+
+
+class SessionLike(Protocol):
+    """What the metrics read from a live session (rtc.session.Session has all of it)."""
+
+    id: str
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def playout(self) -> Any: ...  # .stats: PlayoutStatsLike
+
+
+SessionSource = Callable[[], Iterable[SessionLike]]
+
+# (metric suffix, PlayoutStats attribute, help). "late" and "repeated" are the same frames: a speech
+# frame not rendered by its send time is replaced by a repeat of the one before.
+_SESSION_FRAME_COUNTERS = (
+    ("frames_sent", "frames_sent", "Video frames handed to the sender"),
+    ("frames_rendered", "frames_rendered", "Sent frames the renderer made in time"),
+    ("frames_idle", "frames_idle", "Sent frames from the idle loop (not speaking)"),
+    ("frames_late", "frames_late", "Speech frames not rendered by their send time"),
+    ("frames_repeated", "frames_late", "Speech frames sent as a repeat of the previous frame"),
+    ("frames_dropped", "frames_dropped", "Frames skipped because the sender fell a frame behind"),
+    ("audio_frames_sent", "audio_frames_sent", "Audio frames handed to the sender"),
+)
+
+
+class _SessionsCollector:
+    """Reads live sessions at scrape time. Several apps in one process (tests) each add a source."""
+
+    def __init__(self) -> None:
+        self.sources: list[SessionSource] = []
+
+    def collect(self) -> Iterator[Metric]:
+        sessions = [s for source in list(self.sources) for s in source()]
+        count = GaugeMetricFamily("avatar_sessions", "Live sessions by conversation state", labels=["state"])
+        by_state: dict[str, int] = {}
+        for session in sessions:
+            by_state[session.state] = by_state.get(session.state, 0) + 1
+        for state in ("idle", "listening", "thinking", "speaking"):
+            by_state.setdefault(state, 0)
+        for state, n in sorted(by_state.items()):
+            count.add_metric([state], n)
+        yield count
+        families = {
+            name: _counter_family(f"avatar_session_{name}", help_text, ["session_id"])
+            for name, _, help_text in _SESSION_FRAME_COUNTERS
+        }
+        lateness = GaugeMetricFamily(
+            "avatar_session_send_lateness_p99_seconds",
+            "99th percentile of video send lateness over the last ~2 minutes",
+            labels=["session_id"],
+        )
+        for session in sessions:
+            stats = session.playout.stats
+            for name, attribute, _ in _SESSION_FRAME_COUNTERS:
+                families[name].add_metric([session.id], getattr(stats, attribute))
+            recent = sorted(stats.video_send_lateness)
+            if recent:
+                lateness.add_metric([session.id], recent[min(len(recent) - 1, int(0.99 * len(recent)))])
+        yield from families.values()
+        yield lateness
+
+
+def _counter_family(name: str, help_text: str, labels: list[str]) -> Metric:
+    return CounterMetricFamily(name, help_text, labels=labels)
+
+
+class _GpuCollector:
+    """GPU memory per device, when torch is already loaded (importing it here would cost seconds)."""
+
+    def collect(self) -> Iterator[Metric]:
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():
+            return
+        allocated = GaugeMetricFamily(
+            "avatar_gpu_memory_allocated_bytes", "GPU memory held by tensors", labels=["device"]
+        )
+        reserved = GaugeMetricFamily(
+            "avatar_gpu_memory_reserved_bytes",
+            "GPU memory reserved by the caching allocator",
+            labels=["device"],
+        )
+        for index in range(torch.cuda.device_count()):
+            allocated.add_metric([str(index)], torch.cuda.memory_allocated(index))
+            reserved.add_metric([str(index)], torch.cuda.memory_reserved(index))
+        yield allocated
+        yield reserved
+
+
+class Metrics:
+    """One registry with everything the server exports. The process uses ``METRICS``; tests make
+    their own so counts start from zero."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        # RSS, CPU seconds, open fds from /proc (Linux; on other systems it exports nothing).
+        ProcessCollector(registry=self.registry)
+        self.sessions = _SessionsCollector()
+        self.registry.register(self.sessions)
+        self.registry.register(_GpuCollector())
+        self.turn_stage_seconds = Histogram(
+            "avatar_turn_stage_seconds",
+            "Time from a turn's origin to each stage, by stage and turn kind",
+            ["stage", "turn"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.turns = Counter(
+            "avatar_turns",
+            "Turns finished, by kind and whether interrupted",
+            ["turn", "interrupted"],
+            registry=self.registry,
+        )
+        self.errors = Counter("avatar_session_errors", "Error events sent to callers", registry=self.registry)
+        self.renderer_batch_size = Histogram(
+            "avatar_renderer_batch_size",
+            "Frames per renderer batch",
+            ["renderer"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.renderer_batch_seconds = Histogram(
+            "avatar_renderer_batch_seconds",
+            "Wall time of one renderer batch",
+            ["renderer"],
+            buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28),
+            registry=self.registry,
+        )
+        self.sessions_closed = Counter(
+            "avatar_sessions_closed", "Sessions that have ended", registry=self.registry
+        )
+        self.closed_frames = Counter(
+            "avatar_closed_session_frames",
+            "Frame counts of sessions that have ended, by kind (live sessions are under avatar_session_*)",
+            ["kind"],
+            registry=self.registry,
+        )
+
+    def watch_sessions(self, source: SessionSource) -> Callable[[], None]:
+        """Export the sessions ``source`` returns; call the result to stop."""
+        self.sessions.sources.append(source)
+
+        def unwatch() -> None:
+            if source in self.sessions.sources:
+                self.sessions.sources.remove(source)
+
+        return unwatch
+
+    def observe_turn(self, event: dict[str, Any]) -> None:
+        """A ``metrics`` event as Turn.metrics() makes it."""
+        turn = str(event.get("turn") or "unknown")
+        for stage in TURN_STAGES:
+            ms = event.get(f"{stage}_ms")
+            if isinstance(ms, int | float) and ms >= 0:
+                self.turn_stage_seconds.labels(stage, turn).observe(ms / 1000)
+        self.turns.labels(turn, "true" if event.get("interrupted") else "false").inc()
+
+    def observe_event(self, event: dict[str, Any]) -> None:
+        """Every event a session sends its caller; picks out the ones that are measurements."""
+        kind = event.get("type")
+        if kind == "metrics":
+            self.observe_turn(event)
+        elif kind == "error":
+            self.errors.inc()
+
+    def observe_renderer_batch(self, size: int, seconds: float | None = None, renderer: str = "") -> None:
+        self.renderer_batch_size.labels(renderer).observe(size)
+        if seconds is not None:
+            self.renderer_batch_seconds.labels(renderer).observe(seconds)
+
+    def session_closed(self, stats: PlayoutStatsLike) -> None:
+        """Keep an ended session's frames in the totals after its per-session series disappear."""
+        self.sessions_closed.inc()
+        for name, attribute, _ in _SESSION_FRAME_COUNTERS:
+            if name != "frames_repeated":
+                self.closed_frames.labels(name.removeprefix("frames_")).inc(getattr(stats, attribute))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+METRICS = Metrics()
+METRICS_KEY = web.AppKey("metrics", Metrics)
+
+# Module-level shortcuts for the product code: one import, one call at each place that measures.
+observe_turn = METRICS.observe_turn
+observe_event = METRICS.observe_event
+observe_renderer_batch = METRICS.observe_renderer_batch
+session_closed = METRICS.session_closed
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    metrics = request.app.get(METRICS_KEY, METRICS)
+    body = metrics.exposition()
+    response = web.Response(body=body)
+    # CONTENT_TYPE_LATEST carries a charset; aiohttp wants it in its own field.
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+def setup_metrics(app: web.Application, sessions: SessionSource, metrics: Metrics = METRICS) -> None:
+    """Add ``GET /metrics`` to ``app`` and export the sessions ``sessions`` returns while it runs."""
+    app[METRICS_KEY] = metrics
+    unwatch = metrics.watch_sessions(sessions)
+
+    async def stop_watching(_: web.Application) -> None:
+        unwatch()
+
+    app.on_cleanup.append(stop_watching)
+    app.router.add_get("/metrics", metrics_handler)
+
+
+# -- structured logs --------------------------------------------------------------------------------
+SESSION_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("avatar_session_id", default=None)
+
+
+def bind_session(session_id: str) -> contextvars.Token[str | None]:
+    """Tag the current task's logs, and those of every task it creates from now on, with
+    ``session_id``. Call it before the session starts its tasks and its peer connection's."""
+    return SESSION_ID.set(session_id)
+
+
+class SessionIdFilter(logging.Filter):
+    """Puts ``record.session_id`` on every record (None outside a session) so any formatter can
+    use it; attach it to handlers, which is where it sees records from every logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "session_id"):
+            record.session_id = SESSION_ID.get()
+        return True
+
+
+_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "session_id"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, session_id, exception, and any
+    ``extra=`` fields given to the log call."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "session_id": getattr(record, "session_id", None),
+        }
+        for key, value in vars(record).items():
+            if key not in _RESERVED and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(session_id)s]: %(message)s"
+
+
+def configure_logging(json_logs: bool = False, level: str | int = "INFO", stream: Any = None) -> None:
+    """Replace the root logger's handlers with one that writes text or JSON lines, with session ids."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(SessionIdFilter())
+    handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)

@@ -1,0 +1,106 @@
+"""100 connect / say / disconnect cycles against one in-process server: asyncio tasks and threads
+come back to where they were, and RSS stays within 50 MB of its level after the first 10 cycles.
+
+Kept fast: a two-word `say`, no frame probing on the receiving side, and the next cycle starts as
+soon as the session has left the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import threading
+import time
+
+import aiohttp
+import psutil
+import pytest
+
+from avatar_rtc.testing.receiver import CallReceiver
+
+pytestmark = pytest.mark.slow
+
+CYCLES = 100
+RSS_BASELINE_AFTER = 10
+RSS_SLACK_MB = 50
+SETTLE_S = 10.0
+
+
+def _tasks() -> int:
+    return len([t for t in asyncio.all_tasks() if not t.done()])
+
+
+# asyncio's default executor grows a worker at a time up to this bound and keeps its workers:
+# growth within the bound is a pool warming up, not a leak.
+DEFAULT_EXECUTOR_MAX = min(32, (os.cpu_count() or 1) + 4)
+
+
+def _threads() -> list[str]:
+    """Every thread but the default executor's workers."""
+    return sorted(t.name for t in threading.enumerate() if not t.name.startswith("asyncio_"))
+
+
+def _executor_threads() -> int:
+    return sum(t.name.startswith("asyncio_") for t in threading.enumerate())
+
+
+def _rss_mb() -> float:
+    gc.collect()
+    return psutil.Process().memory_info().rss / 1e6
+
+
+async def _settle(server, tasks_at_start: int) -> None:
+    """Wait for the server to forget every session and the loop to drop the tasks they left."""
+    deadline = time.monotonic() + SETTLE_S
+    while time.monotonic() < deadline:
+        if not server.services.sessions.sessions and _tasks() <= tasks_at_start:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def _cycle(server, http: aiohttp.ClientSession) -> None:
+    receiver = CallReceiver()
+    try:
+        await receiver.connect_http(server.url, http)
+        receiver.send({"type": "say", "text": "Hi there."})
+        await receiver.wait_event(lambda e: e.get("type") == "metrics", 15)
+    finally:
+        await receiver.close()
+
+
+async def test_connect_say_disconnect_cycles_leak_nothing(make_server) -> None:
+    # A hundred calls in under two minutes from one address: the offer rate limit is not under test.
+    server = await make_server(settings={"security": {"offers_per_minute": 0}})
+    async with aiohttp.ClientSession() as http:
+        # One cycle first: thread pools (asyncio's default executor, the codecs') start lazily and
+        # stay; the counts that must come back are the ones after they exist.
+        await _cycle(server, http)
+        await _settle(server, _tasks())
+        gc.collect()
+        tasks_at_start, threads_at_start = _tasks(), _threads()
+        rss_baseline = 0.0
+        started = time.monotonic()
+        for n in range(1, CYCLES + 1):
+            await _cycle(server, http)
+            await _settle(server, tasks_at_start)
+            if n == RSS_BASELINE_AFTER:
+                rss_baseline = _rss_mb()
+        elapsed = time.monotonic() - started
+        await _settle(server, tasks_at_start)
+        gc.collect()
+        rss_end = _rss_mb()
+        for _ in range(int(SETTLE_S / 0.1)):  # codec threads end a moment after their tracks
+            if _threads() == threads_at_start:
+                break
+            await asyncio.sleep(0.1)
+        print(
+            f"{CYCLES} cycles in {elapsed:.0f} s; tasks {tasks_at_start} -> {_tasks()}; "
+            f"threads {len(threads_at_start)} -> {len(_threads())} (+{_executor_threads()} executor); "
+            f"RSS after {RSS_BASELINE_AFTER}: {rss_baseline:.0f} MB, after {CYCLES}: {rss_end:.0f} MB"
+        )
+    assert server.services.sessions.sessions == {}
+    assert _tasks() <= tasks_at_start
+    assert _threads() == threads_at_start, (threads_at_start, _threads())
+    assert _executor_threads() <= DEFAULT_EXECUTOR_MAX
+    assert rss_end - rss_baseline < RSS_SLACK_MB
