@@ -1,0 +1,273 @@
+"""The ``<avatar-call>`` embed element end to end: a host page on another origin (a second little
+aiohttp server on another loopback port) loads static/embed.js from the avatar server and holds
+``<avatar-call mode="kiosk">``. Headless Chromium opens the host page; the element must put an iframe
+on the avatar server's origin, and the kiosk inside it must connect by itself, carrying the element's
+``token`` attribute to a server that wants one (and showing its token error for a wrong one)."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from browser_support import CHROMIUM, REPO_ROOT, chromium_args, free_port, make_silence_wav
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"Chromium not found at {CHROMIUM}"),
+]
+
+TOKEN = "secret"
+KIOSK_PATH = "/static/kiosk.html"
+
+
+# ---------------------------------------------------------------- the two servers
+
+
+@contextmanager
+def avatar_server(work_dir: Path, extra_env: dict[str, str] | None = None) -> Iterator[str]:
+    """The real avatar server as a process on a free loopback port, without ASR or LLM so it starts
+    in seconds; yields its base URL once /healthz answers."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "AVATAR_RTC_ICE_HOST_ADDRESSES": '["127.0.0.1"]',
+        "AVATAR_RTC_AVATAR__CACHE_DIR": str(work_dir / "template_cache"),
+        "AVATAR_RTC_ASR__ENGINE": "none",
+        "AVATAR_RTC_LLM__ENGINE": "none",
+        "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
+    }
+    log_path = work_dir / "server.log"
+    cmd = [sys.executable, "-m", "avatar_rtc.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 45
+        while not _healthy(base):
+            assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "avatar server did not start"
+            time.sleep(0.2)
+        yield base
+    finally:
+        _stop(process)
+
+
+def _healthy(base_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base_url}/healthz", timeout=1) as response:
+            return json.load(response).get("status") == "ok"
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    # Our own process group (start_new_session): SIGINT for aiohttp's graceful shutdown, then harder.
+    for sig, grace_s in ((signal.SIGINT, 8.0), (signal.SIGKILL, 3.0)):
+        if process.poll() is not None:
+            return
+        os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def host_page(avatar_base: str, token: str | None) -> str:
+    token_attr = f' token="{html.escape(token)}"' if token is not None else ""
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>Host page</title>
+  <script src="{avatar_base}/static/embed.js" defer></script>
+</head>
+<body>
+  <h1>Somebody else's site</h1>
+  <avatar-call src="{avatar_base}" mode="kiosk"{token_attr} style="width: 320px; height: 320px"></avatar-call>
+</body>
+</html>
+"""
+
+
+@contextmanager
+def host_server(avatar_base: str) -> Iterator[str]:
+    """A second origin: an aiohttp app on its own loopback port, run on an event loop in a thread.
+    ``/?token=...`` serves the host page with that token attribute; ``/`` serves it without one."""
+    from aiohttp import web
+
+    async def page(request: web.Request) -> web.Response:
+        token = request.query.get("token")
+        return web.Response(text=host_page(avatar_base, token), content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+
+    async def start() -> None:
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+
+    thread = threading.Thread(target=loop.run_forever, name="embed-host-page", daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()
+
+
+# ---------------------------------------------------------------- the browser side
+
+
+@contextmanager
+def chromium(tmp_path: Path) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    wav = make_silence_wav(tmp_path, 10.0)
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=chromium_args(wav)
+        )
+        try:
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()
+
+
+def iframe_src(page: Any) -> str:
+    """The element's iframe, found through its open shadow root, once it has a src."""
+    page.wait_for_function(
+        "() => document.querySelector('avatar-call')?.shadowRoot?.querySelector('iframe')?.src",
+        timeout=10_000,
+    )
+    return str(
+        page.evaluate("() => document.querySelector('avatar-call').shadowRoot.querySelector('iframe').src")
+    )
+
+
+def kiosk_frame(page: Any, url: str, timeout_s: float = 10) -> Any:
+    """The page's frame showing ``url`` (the iframe's src), once its kiosk script has run."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for frame in page.frames:
+            if frame.url == url and frame.evaluate("() => Boolean(window.avatarKiosk)"):
+                return frame
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no frame at {url}: {[f.url for f in page.frames]}")
+        time.sleep(0.1)
+
+
+def server_sessions(avatar_base: str) -> int:
+    with urllib.request.urlopen(f"{avatar_base}/healthz", timeout=2) as response:
+        return int(json.load(response)["sessions"])
+
+
+def kiosk_state(frame: Any) -> dict[str, Any] | None:
+    return frame.evaluate(
+        "() => { const k = window.avatarKiosk; const v = document.getElementById('avatar');"
+        " return k && {connectionState: k.connectionState, state: k.state, sessionId: k.sessionId,"
+        " connects: k.connects, attempts: k.attempts, lastError: k.lastError,"
+        " status: document.getElementById('text').textContent,"
+        " videoWidth: v.videoWidth, currentTime: v.currentTime, paused: v.paused}; }"
+    )
+
+
+def wait_kiosk(
+    frame: Any, what: str, check: Callable[[dict[str, Any]], bool], timeout_s: float
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        kiosk = kiosk_state(frame)
+        if kiosk and check(kiosk):
+            return kiosk
+        if time.monotonic() > deadline:
+            raise AssertionError(f"embedded kiosk never {what}: {kiosk}")
+        time.sleep(0.2)
+
+
+def assert_embedded_kiosk_plays(page: Any, host_base: str, avatar_base: str, token: str | None) -> None:
+    assert page.evaluate("() => location.origin") == host_base
+    src = iframe_src(page)
+    assert src.startswith(f"{avatar_base}{KIOSK_PATH}"), src
+    if token is not None:
+        assert f"token={token}" in src, src
+    frame = kiosk_frame(page, src)
+    assert frame.evaluate("() => location.origin") == avatar_base
+    wait_kiosk(frame, "connected", lambda k: k["connectionState"] == "connected" and k["sessionId"], 30)
+    played = wait_kiosk(frame, "played video", lambda k: k["videoWidth"] > 0 and k["currentTime"] > 0.5, 15)
+    assert not played["paused"]
+    assert played["lastError"] == ""
+    assert server_sessions(avatar_base) == 1
+
+
+# ---------------------------------------------------------------- the tests
+
+
+def test_embed_element_runs_the_kiosk_from_another_origin(tmp_path: Path) -> None:
+    with avatar_server(tmp_path / "avatar") as avatar_base, host_server(avatar_base) as host_base:
+        assert host_base != avatar_base
+        with chromium(tmp_path) as page:
+            page.goto(f"{host_base}/")
+            assert_embedded_kiosk_plays(page, host_base, avatar_base, token=None)
+
+            # Taking the element off the page hangs up: the server's session goes away.
+            page.evaluate("() => document.querySelector('avatar-call').remove()")
+            deadline = time.monotonic() + 15
+            while server_sessions(avatar_base):
+                assert time.monotonic() < deadline, "the call outlived the element"
+                time.sleep(0.2)
+
+
+def test_embed_element_passes_its_token_through(tmp_path: Path) -> None:
+    env = {"AVATAR_RTC_SECURITY__API_TOKEN": TOKEN}
+    with avatar_server(tmp_path / "avatar", env) as avatar_base, host_server(avatar_base) as host_base:
+        with chromium(tmp_path) as page:
+            page.goto(f"{host_base}/?token={TOKEN}")
+            assert_embedded_kiosk_plays(page, host_base, avatar_base, token=TOKEN)
+
+            # A wrong token: the kiosk says so and does not connect (it waits a minute to retry).
+            # Changing the attribute on the live element reloads its iframe with the new token.
+            page.evaluate("() => document.querySelector('avatar-call').setAttribute('token', 'wrong')")
+            page.wait_for_function(
+                "() => document.querySelector('avatar-call').shadowRoot.querySelector('iframe')"
+                ".src.includes('token=wrong')",
+                timeout=5_000,
+            )
+            src = iframe_src(page)
+            frame = kiosk_frame(page, src)
+            refused = wait_kiosk(
+                frame, "showed its token error", lambda k: k["lastError"] == "token rejected", 15
+            )
+            assert "token rejected" in refused["status"]
+            time.sleep(3)
+            after = kiosk_state(frame)
+            assert after is not None
+            assert after["connectionState"] != "connected" and after["connects"] == 0, after
+            assert after["sessionId"] is None and after["attempts"] == 1, after
+            # The old iframe document, with its call, is gone.
+            assert server_sessions(avatar_base) == 0
