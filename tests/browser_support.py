@@ -70,16 +70,28 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             continue
 
 
-@contextmanager
-def run_server(work_dir: Path, start_timeout_s: float = 45.0) -> Iterator[RunningServer]:
-    """Start ``avatar_rtc.cli serve`` on a free loopback port and yield once /healthz answers.
+# A server without ASR and LLM starts in seconds: enough for pages that only need media and the VAD.
+NO_MODELS_ENV = {"AVATAR_RTC_ASR__ENGINE": "none", "AVATAR_RTC_LLM__ENGINE": "none"}
 
-    The avatar template cache goes to ``work_dir`` so the test leaves the checkout untouched, and ICE
-    is pinned to 127.0.0.1 so no media leaves the machine.
+
+@contextmanager
+def run_server(
+    work_dir: Path,
+    start_timeout_s: float = 45.0,
+    port: int | None = None,
+    extra_env: dict[str, str] | None = None,
+    cache_dir: Path | None = None,
+) -> Iterator[RunningServer]:
+    """Start ``avatar_rtc.cli serve`` on a loopback port (free unless given) and yield once /healthz
+    answers.
+
+    The avatar template cache goes to ``cache_dir`` (default: under ``work_dir``) so the test leaves the
+    checkout untouched, and ICE is pinned to 127.0.0.1 so no media leaves the machine.
     """
-    port = free_port()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
     base_url = f"http://127.0.0.1:{port}"
-    cache_dir = work_dir / "template_cache"
+    cache_dir = cache_dir or work_dir / "template_cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     log_path = work_dir / "server.log"
     env = {
@@ -88,9 +100,10 @@ def run_server(work_dir: Path, start_timeout_s: float = 45.0) -> Iterator[Runnin
         "AVATAR_RTC_AVATAR__CACHE_DIR": str(cache_dir),
         # The log is read while the server runs, so it must not sit in a pipe buffer.
         "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
     }
     cmd = [sys.executable, "-m", "avatar_rtc.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with log_path.open("wb") as log:
+    with log_path.open("ab") as log:
         process = subprocess.Popen(
             cmd,
             cwd=REPO_ROOT,

@@ -9,10 +9,6 @@ from __future__ import annotations
 import asyncio
 import html
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -23,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browser_support import CHROMIUM, REPO_ROOT, chromium_args, free_port, make_silence_wav
+from browser_support import CHROMIUM, NO_MODELS_ENV, chromium_args, free_port, make_silence_wav, run_server
 
 pytestmark = [
     pytest.mark.browser,
@@ -42,54 +38,8 @@ KIOSK_PATH = "/static/kiosk.html"
 def avatar_server(work_dir: Path, extra_env: dict[str, str] | None = None) -> Iterator[str]:
     """The real avatar server as a process on a free loopback port, without ASR or LLM so it starts
     in seconds; yields its base URL once /healthz answers."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "AVATAR_RTC_ICE_HOST_ADDRESSES": '["127.0.0.1"]',
-        "AVATAR_RTC_AVATAR__CACHE_DIR": str(work_dir / "template_cache"),
-        "AVATAR_RTC_ASR__ENGINE": "none",
-        "AVATAR_RTC_LLM__ENGINE": "none",
-        "PYTHONUNBUFFERED": "1",
-        **(extra_env or {}),
-    }
-    log_path = work_dir / "server.log"
-    cmd = [sys.executable, "-m", "avatar_rtc.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 45
-        while not _healthy(base):
-            assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, "avatar server did not start"
-            time.sleep(0.2)
-        yield base
-    finally:
-        _stop(process)
-
-
-def _healthy(base_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base_url}/healthz", timeout=1) as response:
-            return json.load(response).get("status") == "ok"
-    except (OSError, urllib.error.URLError, ValueError):
-        return False
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    # Our own process group (start_new_session): SIGINT for aiohttp's graceful shutdown, then harder.
-    for sig, grace_s in ((signal.SIGINT, 8.0), (signal.SIGKILL, 3.0)):
-        if process.poll() is not None:
-            return
-        os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            continue
+    with run_server(work_dir, extra_env={**NO_MODELS_ENV, **(extra_env or {})}) as server:
+        yield server.base_url
 
 
 def host_page(avatar_base: str, token: str | None) -> str:

@@ -4,21 +4,22 @@ itself after the server process is stopped and started again on the same port.""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from browser_support import CHROMIUM, REPO_ROOT, chromium_args, free_port, make_speech_wav
+from browser_support import (
+    CHROMIUM,
+    NO_MODELS_ENV,
+    RunningServer,
+    chromium_args,
+    free_port,
+    make_speech_wav,
+    run_server,
+)
 
 pytestmark = [
     pytest.mark.browser,
@@ -30,54 +31,12 @@ SLEEP_S = 4  # the kiosk dims after this much quiet
 LEAD_SILENCE_S = 9.0  # the fake microphone is quiet this long, then speaks
 
 
-@contextmanager
-def serve_on(port: int, work_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
+def serve_on(port: int, work_dir: Path) -> AbstractContextManager[RunningServer]:
     """The real server as a process on ``port``; no ASR or LLM, so it starts in seconds (the
-    kiosk's wake-up needs only the server's VAD)."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "AVATAR_RTC_ICE_HOST_ADDRESSES": '["127.0.0.1"]',
-        "AVATAR_RTC_AVATAR__CACHE_DIR": str(work_dir.parent / "template_cache"),
-        "AVATAR_RTC_ASR__ENGINE": "none",
-        "AVATAR_RTC_LLM__ENGINE": "none",
-        "PYTHONUNBUFFERED": "1",
-    }
-    cmd = [sys.executable, "-m", "avatar_rtc.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with (work_dir / "server.log").open("ab") as log:
-        process = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not _healthy(f"http://127.0.0.1:{port}"):
-            assert process.poll() is None, (work_dir / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
-        yield process
-    finally:
-        _stop(process)
-
-
-def _healthy(base_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base_url}/healthz", timeout=1) as response:
-            return json.load(response).get("status") == "ok"
-    except (OSError, urllib.error.URLError, ValueError):
-        return False
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    # Our own process group (start_new_session): SIGINT for aiohttp's graceful shutdown, then harder.
-    for sig, grace_s in ((signal.SIGINT, 8.0), (signal.SIGKILL, 3.0)):
-        if process.poll() is not None:
-            return
-        os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            continue
+    kiosk's wake-up needs only the server's VAD). Restarts share one template cache."""
+    return run_server(
+        work_dir, 60.0, port=port, extra_env=NO_MODELS_ENV, cache_dir=work_dir.parent / "template_cache"
+    )
 
 
 def _wait(page: Any, what: str, check: Callable[[dict[str, Any]], bool], timeout_s: float) -> dict[str, Any]:
