@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -189,3 +190,28 @@ def chromium_args(fake_audio_wav: Path) -> list[str]:
         # Chromium drops loopback ICE candidates by default; the test server offers only 127.0.0.1.
         "--allow-loopback-in-peer-connection",
     ]
+
+
+@contextmanager
+def chromium_page(
+    profile_dir: Path, fake_mic_wav: Path, viewport: dict[str, int], page_errors: list[str]
+) -> Iterator[Any]:
+    """Debian's headless Chromium, driven by Playwright, with ``fake_mic_wav`` as its microphone;
+    yields its page, whose uncaught errors are collected in ``page_errors``."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(profile_dir),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=chromium_args(fake_mic_wav),
+            viewport=viewport,
+        )
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            page.on("pageerror", lambda err: page_errors.append(str(err)))
+            page.set_default_timeout(20_000)
+            yield page
+        finally:
+            context.close()

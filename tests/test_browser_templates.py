@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browser_support import CHROMIUM, RunningServer, chromium_args, make_silence_wav, run_server
+from browser_support import (
+    CHROMIUM,
+    RunningServer,
+    chromium_page,
+    make_silence_wav,
+    run_server,
+)
 
 pytestmark = [
     pytest.mark.browser,
@@ -106,7 +112,6 @@ def _listed(page: Any) -> dict[str, dict[str, Any]]:
 
 
 def test_upload_pick_and_switch_avatar(server: RunningServer, tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
 
     started = time.monotonic()
     photo = make_blue_photo(tmp_path / "blue-astronaut.jpg")
@@ -114,129 +119,115 @@ def test_upload_pick_and_switch_avatar(server: RunningServer, tmp_path: Path) ->
     page_errors: list[str] = []
     shots = {"desktop": tmp_path / "templates_desktop.png", "phone": tmp_path / "templates_phone.png"}
 
-    with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=chromium_args(wav),
-            viewport={"width": 1280, "height": 900},
+    viewport = {"width": 1280, "height": 900}
+    with chromium_page(tmp_path / "chromium-profile", wav, viewport, page_errors) as page:
+        page.goto(f"{server.base_url}/")
+
+        # The list comes from GET /api/templates; before any call the default is highlighted.
+        page.wait_for_selector('.template-pick[data-id="default"]')
+        assert page.get_attribute('.template-pick[data-id="default"]', "aria-pressed") == "true"
+        assert page.query_selector('.template-delete[data-id="default"]') is None
+
+        # Add the blue avatar through the form: a bad id is refused on the page first.
+        page.click("#add-avatar summary")
+        page.set_input_files("#upload-file", str(photo))
+        assert page.input_value("#upload-id") == "blue-astronaut", "the id is not filled from the file"
+        page.fill("#upload-id", "-bad id")
+        page.click("#upload-btn")
+        assert "Id:" in (page.text_content("#upload-error") or "")
+        # A file that is no picture is refused by the server (4xx): its reason is shown.
+        not_media = tmp_path / "notes.txt"
+        not_media.write_text("not a photo\n")
+        page.set_input_files("#upload-file", str(not_media))
+        page.fill("#upload-id", "notes")
+        page.click("#upload-btn")
+        page.wait_for_function(
+            "() => /HTTP 4\\d\\d/.test(document.getElementById('upload-error').textContent)"
         )
-        try:
-            page = context.pages[0] if context.pages else context.new_page()
-            page.on("pageerror", lambda err: page_errors.append(str(err)))
-            page.set_default_timeout(20_000)
-            page.goto(f"{server.base_url}/")
+        assert "not a video or photo" in (page.text_content("#upload-error") or "")
+        assert "notes" not in _listed(page)
+        page.set_input_files("#upload-file", str(photo))
+        page.fill("#upload-id", TEMPLATE_ID)
+        page.fill("#upload-name", TEMPLATE_NAME)
+        page.click("#upload-btn")
+        page.wait_for_function(
+            "(id) => window.avatarCall.templates.some((t) => t.id === id && t.state !== 'preparing')",
+            arg=TEMPLATE_ID,
+            timeout=60_000,
+        )
+        assert page.is_hidden("#upload-error"), page.text_content("#upload-error")
+        assert (page.text_content("#upload-stage") or "").startswith(f"Added {TEMPLATE_NAME}")
+        uploads = page.evaluate("window.avatarCall.uploads")
+        assert [u["status"] for u in uploads] == [415, 200], uploads
+        upload = uploads[-1]
+        lines = upload["progress"]
+        assert lines and all({"stage", "done", "total"} <= set(line) for line in lines), upload
+        assert upload["result"]["state"] == "ready", upload
+        listed = _listed(page)[TEMPLATE_ID]
+        assert listed["name"] == TEMPLATE_NAME and listed["state"] in ("ready", "warm"), listed
+        assert page.get_attribute(f'.template-pick[data-id="{TEMPLATE_ID}"] img', "src")
+        uploaded_s = time.monotonic() - started
 
-            # The list comes from GET /api/templates; before any call the default is highlighted.
-            page.wait_for_selector('.template-pick[data-id="default"]')
-            assert page.get_attribute('.template-pick[data-id="default"]', "aria-pressed") == "true"
-            assert page.query_selector('.template-delete[data-id="default"]') is None
+        # Call on the default avatar; the picture is the yardstick for the switch.
+        page.click("#call-btn")
+        page.wait_for_function(VIDEO_PLAYING_JS, timeout=20_000)
+        page.wait_for_function("() => window.avatarCall.hello !== null")
+        before = _blue(page)
 
-            # Add the blue avatar through the form: a bad id is refused on the page first.
-            page.click("#add-avatar summary")
-            page.set_input_files("#upload-file", str(photo))
-            assert page.input_value("#upload-id") == "blue-astronaut", "the id is not filled from the file"
-            page.fill("#upload-id", "-bad id")
-            page.click("#upload-btn")
-            assert "Id:" in (page.text_content("#upload-error") or "")
-            # A file that is no picture is refused by the server (4xx): its reason is shown.
-            not_media = tmp_path / "notes.txt"
-            not_media.write_text("not a photo\n")
-            page.set_input_files("#upload-file", str(not_media))
-            page.fill("#upload-id", "notes")
-            page.click("#upload-btn")
-            page.wait_for_function(
-                "() => /HTTP 4\\d\\d/.test(document.getElementById('upload-error').textContent)"
-            )
-            assert "not a video or photo" in (page.text_content("#upload-error") or "")
-            assert "notes" not in _listed(page)
-            page.set_input_files("#upload-file", str(photo))
-            page.fill("#upload-id", TEMPLATE_ID)
-            page.fill("#upload-name", TEMPLATE_NAME)
-            page.click("#upload-btn")
-            page.wait_for_function(
-                "(id) => window.avatarCall.templates.some((t) => t.id === id && t.state !== 'preparing')",
-                arg=TEMPLATE_ID,
-                timeout=60_000,
-            )
-            assert page.is_hidden("#upload-error"), page.text_content("#upload-error")
-            assert (page.text_content("#upload-stage") or "").startswith(f"Added {TEMPLATE_NAME}")
-            uploads = page.evaluate("window.avatarCall.uploads")
-            assert [u["status"] for u in uploads] == [415, 200], uploads
-            upload = uploads[-1]
-            lines = upload["progress"]
-            assert lines and all({"stage", "done", "total"} <= set(line) for line in lines), upload
-            assert upload["result"]["state"] == "ready", upload
-            listed = _listed(page)[TEMPLATE_ID]
-            assert listed["name"] == TEMPLATE_NAME and listed["state"] in ("ready", "warm"), listed
-            assert page.get_attribute(f'.template-pick[data-id="{TEMPLATE_ID}"] img', "src")
-            uploaded_s = time.monotonic() - started
+        page.click(f'.template-pick[data-id="{TEMPLATE_ID}"]')
+        page.wait_for_function(
+            "() => window.avatarCall.events.some((e) => e.type === 'template')", timeout=5_000
+        )
+        event = _template_events(page)[-1]
+        assert event["id"] == TEMPLATE_ID, event
+        assert isinstance(event["switch_ms"], int | float) and 0 <= event["switch_ms"] < 1000, event
+        assert page.evaluate("window.avatarCall.currentTemplate") == TEMPLATE_ID
+        status = page.text_content("#template-status") or ""
+        assert status.startswith("switched in ") and status.endswith(" ms"), status
+        assert abs(float(status.split()[2]) - event["switch_ms"]) <= 0.5, (status, event)
+        assert page.get_attribute(f'.template-pick[data-id="{TEMPLATE_ID}"]', "aria-pressed") == "true"
+        assert page.get_attribute('.template-pick[data-id="default"]', "aria-pressed") == "false"
+        after = _wait_blue(page, before + MIN_BLUE_RISE)
+        assert after > before + MIN_BLUE_RISE, f"the picture did not turn blue: {before=:.1f} {after=:.1f}"
+        page.screenshot(path=str(shots["desktop"]), full_page=True)
 
-            # Call on the default avatar; the picture is the yardstick for the switch.
-            page.click("#call-btn")
-            page.wait_for_function(VIDEO_PLAYING_JS, timeout=20_000)
-            page.wait_for_function("() => window.avatarCall.hello !== null")
-            before = _blue(page)
+        # The avatar this call shows cannot be deleted: two taps, then the 409 is shown as "in use".
+        page.click(f'.template-delete[data-id="{TEMPLATE_ID}"]')
+        page.click(f'.template-delete[data-id="{TEMPLATE_ID}"]')
+        page.wait_for_selector("#template-error:not([hidden])")
+        assert "in use" in (page.text_content("#template-error") or "")
+        assert TEMPLATE_ID in _listed(page)
 
-            page.click(f'.template-pick[data-id="{TEMPLATE_ID}"]')
-            page.wait_for_function(
-                "() => window.avatarCall.events.some((e) => e.type === 'template')", timeout=5_000
-            )
-            event = _template_events(page)[-1]
-            assert event["id"] == TEMPLATE_ID, event
-            assert isinstance(event["switch_ms"], int | float) and 0 <= event["switch_ms"] < 1000, event
-            assert page.evaluate("window.avatarCall.currentTemplate") == TEMPLATE_ID
-            status = page.text_content("#template-status") or ""
-            assert status.startswith("switched in ") and status.endswith(" ms"), status
-            assert abs(float(status.split()[2]) - event["switch_ms"]) <= 0.5, (status, event)
-            assert page.get_attribute(f'.template-pick[data-id="{TEMPLATE_ID}"]', "aria-pressed") == "true"
-            assert page.get_attribute('.template-pick[data-id="default"]', "aria-pressed") == "false"
-            after = _wait_blue(page, before + MIN_BLUE_RISE)
-            assert after > before + MIN_BLUE_RISE, (
-                f"the picture did not turn blue: {before=:.1f} {after=:.1f}"
-            )
-            page.screenshot(path=str(shots["desktop"]), full_page=True)
+        # Chosen before a call, the avatar is asked for as soon as the data channel opens.
+        page.click("#hangup-btn")
+        assert page.evaluate("window.avatarCall.currentTemplate") == TEMPLATE_ID
+        page.click("#call-btn")
+        page.wait_for_function(
+            "() => window.avatarCall.events.filter((e) => e.type === 'template').length >= 2",
+            timeout=20_000,
+        )
+        second = _template_events(page)[-1]
+        assert second["id"] == TEMPLATE_ID and second["switch_ms"] < 1000, second
+        page.wait_for_function(VIDEO_PLAYING_JS, timeout=20_000)
+        remembered = _wait_blue(page, before + MIN_BLUE_RISE)
+        assert remembered > before + MIN_BLUE_RISE, f"remembered avatar not shown: {remembered=:.1f}"
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(shots["phone"]), full_page=True)
+        page.set_viewport_size({"width": 1280, "height": 900})
+        page.click("#hangup-btn")
 
-            # The avatar this call shows cannot be deleted: two taps, then the 409 is shown as "in use".
-            page.click(f'.template-delete[data-id="{TEMPLATE_ID}"]')
-            page.click(f'.template-delete[data-id="{TEMPLATE_ID}"]')
-            page.wait_for_selector("#template-error:not([hidden])")
-            assert "in use" in (page.text_content("#template-error") or "")
-            assert TEMPLATE_ID in _listed(page)
+        # Out of the call it can go; the choice falls back to the default.
+        page.click(f'.template-delete[data-id="{TEMPLATE_ID}"]')
+        page.click(f'.template-delete[data-id="{TEMPLATE_ID}"]')
+        page.wait_for_function(
+            "(id) => !window.avatarCall.templates.some((t) => t.id === id)", arg=TEMPLATE_ID
+        )
+        assert page.evaluate("window.avatarCall.currentTemplate") == "default"
+        assert page.is_hidden("#template-error"), page.text_content("#template-error")
 
-            # Chosen before a call, the avatar is asked for as soon as the data channel opens.
-            page.click("#hangup-btn")
-            assert page.evaluate("window.avatarCall.currentTemplate") == TEMPLATE_ID
-            page.click("#call-btn")
-            page.wait_for_function(
-                "() => window.avatarCall.events.filter((e) => e.type === 'template').length >= 2",
-                timeout=20_000,
-            )
-            second = _template_events(page)[-1]
-            assert second["id"] == TEMPLATE_ID and second["switch_ms"] < 1000, second
-            page.wait_for_function(VIDEO_PLAYING_JS, timeout=20_000)
-            remembered = _wait_blue(page, before + MIN_BLUE_RISE)
-            assert remembered > before + MIN_BLUE_RISE, f"remembered avatar not shown: {remembered=:.1f}"
-            page.set_viewport_size({"width": 390, "height": 844})
-            page.wait_for_timeout(300)
-            page.screenshot(path=str(shots["phone"]), full_page=True)
-            page.set_viewport_size({"width": 1280, "height": 900})
-            page.click("#hangup-btn")
-
-            # Out of the call it can go; the choice falls back to the default.
-            page.click(f'.template-delete[data-id="{TEMPLATE_ID}"]')
-            page.click(f'.template-delete[data-id="{TEMPLATE_ID}"]')
-            page.wait_for_function(
-                "(id) => !window.avatarCall.templates.some((t) => t.id === id)", arg=TEMPLATE_ID
-            )
-            assert page.evaluate("window.avatarCall.currentTemplate") == "default"
-            assert page.is_hidden("#template-error"), page.text_content("#template-error")
-
-            errors = page.evaluate("window.avatarCall.events.filter((e) => e.type === 'error')")
-            assert not errors, f"server sent errors: {errors}"
-        finally:
-            context.close()
+        errors = page.evaluate("window.avatarCall.events.filter((e) => e.type === 'error')")
+        assert not errors, f"server sent errors: {errors}"
 
     assert not page_errors, f"uncaught errors in the page: {page_errors}"
     total_s = time.monotonic() - started

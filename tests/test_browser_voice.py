@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browser_support import CHROMIUM, RunningServer, chromium_args, make_speech_wav, run_server
+from browser_support import CHROMIUM, RunningServer, chromium_page, make_speech_wav, run_server
 
 pytestmark = [
     pytest.mark.browser,
@@ -62,7 +62,6 @@ def _audio(page: Any) -> dict[str, float]:
 
 
 def test_voice_question_gets_a_spoken_answer(server: RunningServer, tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
 
     from avatar_rtc.conversation.asr import word_error_rate
 
@@ -71,94 +70,80 @@ def test_voice_question_gets_a_spoken_answer(server: RunningServer, tmp_path: Pa
     desktop_shot = tmp_path / "voice_desktop.png"
     phone_shot = tmp_path / "voice_phone.png"
 
-    with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=chromium_args(wav),
-            viewport={"width": 1280, "height": 800},
+    viewport = {"width": 1280, "height": 800}
+    with chromium_page(tmp_path / "chromium-profile", wav, viewport, page_errors) as page:
+        page.goto(f"{server.base_url}/")
+        started = time.monotonic()
+        page.click("#call-btn")
+
+        page.wait_for_function("() => window.avatarCall.connectionState === 'connected'")
+        page.wait_for_function("() => window.avatarCall.hello !== null")
+        hello = page.evaluate("window.avatarCall.hello")
+        assert hello["asr"] and hello["llm"], f"server cannot hold a voice conversation: {hello}"
+        assert page.is_hidden("#mic-note"), f"fake microphone was not used: {page.text_content('#mic-note')}"
+        assert page.is_hidden("#asr-note") and page.is_hidden("#llm-note")
+        assert page.is_enabled("#ask-btn")
+        before = _audio(page)
+
+        # The question, as the server recognised it.
+        page.wait_for_function(f"() => ({USER_LINES_JS})().length > 0", timeout=30_000)
+        heard = page.evaluate(USER_LINES_JS)[0]["text"]
+        wer = word_error_rate(QUESTION, heard)
+        assert wer <= MAX_WER, f"recognised {heard!r} for {QUESTION!r}: WER {wer:.2f}"
+        recognised_after_s = time.monotonic() - started
+
+        # The answer: partials while it is produced, then what was actually spoken. Meanwhile
+        # watch the audio the browser decodes for the avatar's voice.
+        peak_level = 0.0
+        answer = None
+        deadline = time.monotonic() + 45
+        while time.monotonic() < deadline:
+            peak_level = max(peak_level, _audio(page)["audioLevel"])
+            answer = page.evaluate(ANSWER_JS)
+            if answer is not None and page.evaluate(VOICE_METRICS_JS) is not None:
+                break
+            page.wait_for_timeout(100)
+        assert answer is not None, (
+            f"no final answer; transcript {page.evaluate('window.avatarCall.transcript')}"
         )
-        try:
-            page = context.pages[0] if context.pages else context.new_page()
-            page.on("pageerror", lambda err: page_errors.append(str(err)))
-            page.set_default_timeout(20_000)
-            page.goto(f"{server.base_url}/")
-            started = time.monotonic()
-            page.click("#call-btn")
+        assert answer["text"].strip(), f"the answer was empty: {answer}"
+        spoken_energy = _audio(page)["totalAudioEnergy"] - before["totalAudioEnergy"]
+        assert spoken_energy > 1e-3, f"no speech energy received for the answer: {spoken_energy=}"
+        assert peak_level > 0.01, f"received audio level never rose: {peak_level=}"
 
-            page.wait_for_function("() => window.avatarCall.connectionState === 'connected'")
-            page.wait_for_function("() => window.avatarCall.hello !== null")
-            hello = page.evaluate("window.avatarCall.hello")
-            assert hello["asr"] and hello["llm"], f"server cannot hold a voice conversation: {hello}"
-            assert page.is_hidden("#mic-note"), (
-                f"fake microphone was not used: {page.text_content('#mic-note')}"
-            )
-            assert page.is_hidden("#asr-note") and page.is_hidden("#llm-note")
-            assert page.is_enabled("#ask-btn")
-            before = _audio(page)
+        metrics = page.evaluate(VOICE_METRICS_JS)
+        assert metrics is not None, "no metrics event for the voice turn"
+        assert metrics["since"] == "speech_end", metrics
+        for key in (
+            "vad_end_ms",
+            "asr_ms",
+            "llm_first_token_ms",
+            "tts_first_audio_ms",
+            "first_audio_frame_ms",
+        ):
+            assert isinstance(metrics.get(key), int | float) and metrics[key] >= 0, (key, metrics)
+        assert metrics["vad_end_ms"] <= metrics["asr_ms"] <= metrics["first_audio_frame_ms"], metrics
 
-            # The question, as the server recognised it.
-            page.wait_for_function(f"() => ({USER_LINES_JS})().length > 0", timeout=30_000)
-            heard = page.evaluate(USER_LINES_JS)[0]["text"]
-            wer = word_error_rate(QUESTION, heard)
-            assert wer <= MAX_WER, f"recognised {heard!r} for {QUESTION!r}: WER {wer:.2f}"
-            recognised_after_s = time.monotonic() - started
+        # What the page shows: both sides of the conversation and the turn's latency waterfall.
+        transcript = page.text_content("#transcript") or ""
+        assert heard in transcript, f"question missing from the page's transcript: {transcript!r}"
+        assert answer["text"] in transcript, f"answer missing from the page's transcript: {transcript!r}"
+        assert "since end of your speech" in (page.text_content("#latency-caption") or "")
+        assert page.is_visible("#latency .stage-row[data-stage='asr_ms'] .stage-bar")
+        latency = page.text_content("#latency") or ""
+        assert f"{round(metrics['asr_ms'])} ms" in latency, f"latency panel: {latency!r}"
+        errors = page.evaluate("window.avatarCall.events.filter((e) => e.type === 'error')")
+        assert not errors, f"server sent errors: {errors}"
 
-            # The answer: partials while it is produced, then what was actually spoken. Meanwhile
-            # watch the audio the browser decodes for the avatar's voice.
-            peak_level = 0.0
-            answer = None
-            deadline = time.monotonic() + 45
-            while time.monotonic() < deadline:
-                peak_level = max(peak_level, _audio(page)["audioLevel"])
-                answer = page.evaluate(ANSWER_JS)
-                if answer is not None and page.evaluate(VOICE_METRICS_JS) is not None:
-                    break
-                page.wait_for_timeout(100)
-            assert answer is not None, (
-                f"no final answer; transcript {page.evaluate('window.avatarCall.transcript')}"
-            )
-            assert answer["text"].strip(), f"the answer was empty: {answer}"
-            spoken_energy = _audio(page)["totalAudioEnergy"] - before["totalAudioEnergy"]
-            assert spoken_energy > 1e-3, f"no speech energy received for the answer: {spoken_energy=}"
-            assert peak_level > 0.01, f"received audio level never rose: {peak_level=}"
-
-            metrics = page.evaluate(VOICE_METRICS_JS)
-            assert metrics is not None, "no metrics event for the voice turn"
-            assert metrics["since"] == "speech_end", metrics
-            for key in (
-                "vad_end_ms",
-                "asr_ms",
-                "llm_first_token_ms",
-                "tts_first_audio_ms",
-                "first_audio_frame_ms",
-            ):
-                assert isinstance(metrics.get(key), int | float) and metrics[key] >= 0, (key, metrics)
-            assert metrics["vad_end_ms"] <= metrics["asr_ms"] <= metrics["first_audio_frame_ms"], metrics
-
-            # What the page shows: both sides of the conversation and the turn's latency waterfall.
-            transcript = page.text_content("#transcript") or ""
-            assert heard in transcript, f"question missing from the page's transcript: {transcript!r}"
-            assert answer["text"] in transcript, f"answer missing from the page's transcript: {transcript!r}"
-            assert "since end of your speech" in (page.text_content("#latency-caption") or "")
-            assert page.is_visible("#latency .stage-row[data-stage='asr_ms'] .stage-bar")
-            latency = page.text_content("#latency") or ""
-            assert f"{round(metrics['asr_ms'])} ms" in latency, f"latency panel: {latency!r}"
-            errors = page.evaluate("window.avatarCall.events.filter((e) => e.type === 'error')")
-            assert not errors, f"server sent errors: {errors}"
-
-            page.screenshot(path=str(desktop_shot), full_page=True)
-            page.set_viewport_size({"width": 390, "height": 844})
-            page.screenshot(path=str(phone_shot), full_page=True)
-            print(
-                f"\nheard {heard!r} (WER {wer:.2f}) {recognised_after_s:.1f} s after Call; "
-                f"answer {answer['text']!r} (interrupted: {answer['interrupted']}); "
-                f"energy {spoken_energy:.4f}, peak {peak_level:.3f}; metrics {metrics}; "
-                f"screenshots {desktop_shot} {phone_shot}"
-            )
-            page.click("#hangup-btn")
-        finally:
-            context.close()
+        page.screenshot(path=str(desktop_shot), full_page=True)
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.screenshot(path=str(phone_shot), full_page=True)
+        print(
+            f"\nheard {heard!r} (WER {wer:.2f}) {recognised_after_s:.1f} s after Call; "
+            f"answer {answer['text']!r} (interrupted: {answer['interrupted']}); "
+            f"energy {spoken_energy:.4f}, peak {peak_level:.3f}; metrics {metrics}; "
+            f"screenshots {desktop_shot} {phone_shot}"
+        )
+        page.click("#hangup-btn")
 
     assert not page_errors, f"uncaught errors in the page: {page_errors}"
