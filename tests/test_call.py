@@ -149,3 +149,36 @@ async def test_shutdown_closes_every_peer_connection(server) -> None:
     assert all(s.pc.connectionState == "closed" for s in sessions)
     for receiver in receivers:
         await receiver.close()
+
+
+async def test_a_renderer_failing_mid_utterance_costs_that_utterance_only(make_server) -> None:
+    from avatar_rtc.render.warp import WarpEngine, WarpRenderer
+
+    class FlakyRenderer(WarpRenderer):
+        failures = 1
+
+        def render_batch(self, jobs):  # type: ignore[no-untyped-def]
+            if FlakyRenderer.failures:
+                FlakyRenderer.failures -= 1
+                raise RuntimeError("the GPU fell off the bus")
+            return super().render_batch(jobs)
+
+    class FlakyEngine(WarpEngine):
+        def open(self, template):  # type: ignore[no-untyped-def]
+            return FlakyRenderer(template, self.rigs(template))
+
+    server = await make_server(renderer=FlakyEngine())
+    receiver = CallReceiver()
+    async with aiohttp.ClientSession() as http:
+        await receiver.connect_http(server.url, http)
+    await receiver.wait_event(lambda e: e["type"] == "hello")
+    receiver.send({"type": "say", "text": "First try."})
+    error = await receiver.wait_event(lambda e: e["type"] == "error", wait_s=10)
+    first = await receiver.wait_event(lambda e: e["type"] == "metrics", wait_s=10)
+    seen = len(receiver.events)
+    receiver.send({"type": "say", "text": "Second try, with a working renderer."})
+    second = await receiver.wait_event(lambda e: e["type"] == "metrics", wait_s=10, after=seen)
+    await receiver.close()
+    assert "rendering failed" in error["message"]
+    assert first["speech_ms"] > 300  # the voice went on
+    assert second["frames_late"] <= 1, second  # and the next utterance rendered again

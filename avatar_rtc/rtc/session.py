@@ -140,7 +140,7 @@ class Session:
         self.bad_messages_unanswered = 0
         self._on_closed = on_closed
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._closed = False
+        self._closing: asyncio.Future[None] | None = None
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_connection_state)
@@ -237,8 +237,17 @@ class Session:
         return renderer
 
     async def _pump_frames(self, renderer: Renderer) -> None:
-        async for frame in renderer.frames():
-            await self.playout.put_frame(frame.index, frame.image)
+        while True:
+            try:
+                async for frame in renderer.frames():
+                    await self.playout.put_frame(frame.index, frame.image)
+                return
+            except Exception as error:
+                # A renderer that fails mid-utterance costs that utterance its mouth movement, not the
+                # call: speech goes on over repeated frames, and the next utterance renders afresh.
+                log.exception("session %s: renderer failed", self.id)
+                self.send_event({"type": "error", "message": f"rendering failed: {error}"})
+                renderer.clear()
 
     async def select_template(self, template_id: object) -> float:
         """Switch this call to another avatar; returns how long the switch took (ms).
@@ -392,9 +401,13 @@ class Session:
             log.error("session %s: task failed", self.id, exc_info=task.exception())
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        # Every caller waits for the one close: shutdown must not return while a recording is still
+        # being finished.
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         await self.conversation.close()
         for task in list(self._tasks):
             task.cancel()
