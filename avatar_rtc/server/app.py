@@ -80,8 +80,16 @@ async def offer(request: web.Request) -> web.Response:
         parsed = aiortc_sdp.SessionDescription.parse(sdp)
     except Exception as error:  # aiortc's parser raises anything from AssertionError to ValueError
         return json_error(400, f"malformed SDP offer: {error or type(error).__name__}")
-    if not any(m.kind in ("audio", "video") for m in parsed.media):
+    media = [m for m in parsed.media if m.kind in ("audio", "video")]
+    if not media:
         return json_error(400, "malformed SDP offer: it offers no audio or video")
+    # Refused before a peer connection is made for it: a burst of such offers must not occupy
+    # session slots, even briefly.
+    for m in media:
+        if not (m.ice and m.ice.usernameFragment and m.ice.password):
+            return json_error(400, f"malformed SDP offer: {m.kind} has no ICE credentials")
+        if not (m.dtls and m.dtls.fingerprints):
+            return json_error(400, f"malformed SDP offer: {m.kind} has no DTLS fingerprint")
     try:
         record = recording_wanted(request.app[SERVICES].settings.recording, data.get("record"))
         session, answer = await _sessions(request).create(
