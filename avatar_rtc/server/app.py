@@ -12,21 +12,20 @@ from aiortc import RTCSessionDescription
 from aiortc import sdp as aiortc_sdp
 
 from avatar_rtc import __version__
+from avatar_rtc.config import SecuritySettings
 from avatar_rtc.rtc.manager import SessionManager, TooManySessionsError
 from avatar_rtc.rtc.recorder import recording_wanted
 from avatar_rtc.rtc.session import Session, SessionError, TextTooLongError
 from avatar_rtc.server import observability, security
+from avatar_rtc.server.responses import json_error
 from avatar_rtc.server.templates_api import TemplatesApi, setup_templates_api
 from avatar_rtc.wiring import Services
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 256 * 1024
+# The default request body limit (security.max_body_bytes sets it).
+MAX_BODY_BYTES = SecuritySettings().max_body_bytes
 SERVICES = web.AppKey("services", Services)
-
-
-def json_error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
@@ -167,7 +166,8 @@ def create_app(services: Services) -> web.Application:
         session_count=lambda: len(services.sessions.sessions),
     )
     app = web.Application(
-        client_max_size=MAX_BODY_BYTES, middlewares=[*security.middlewares(policy), json_errors]
+        client_max_size=settings.security.max_body_bytes,
+        middlewares=[*security.middlewares(policy), json_errors],
     )
     app[SERVICES] = services
     app[security.ACCESS_POLICY_KEY] = policy

@@ -45,6 +45,7 @@ from avatar_rtc.avatar.store import INFO_KEYS, TemplateCacheError, validate_temp
 from avatar_rtc.avatar.video import NotMediaError, SourceMediaError, SourceTooLargeError
 from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.render.base import RendererEngine
+from avatar_rtc.server.responses import json_error
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
 
 
 @dataclass
@@ -131,11 +128,11 @@ async def thumbnail(request: web.Request) -> web.Response:
         template_id = _template_id(request.match_info["template_id"])
         data = await asyncio.to_thread(_api(request).library.thumbnail, template_id)
     except ApiError as exc:
-        return _error(exc.status, exc.message)
+        return json_error(exc.status, exc.message)
     except TemplateNotFoundError as exc:
-        return _error(404, str(exc))
+        return json_error(404, str(exc))
     except TemplateCacheError as exc:
-        return _error(500, str(exc))
+        return json_error(500, str(exc))
     return web.Response(body=data, content_type="image/jpeg", headers={"Cache-Control": "no-cache"})
 
 
@@ -157,11 +154,11 @@ async def update_template(request: web.Request) -> web.Response:
                 )
         info = await asyncio.to_thread(_api(request).library.update_info, template_id, **data)
     except ApiError as exc:
-        return _error(exc.status, exc.message)
+        return json_error(exc.status, exc.message)
     except TemplateNotFoundError as exc:
-        return _error(404, str(exc))
+        return json_error(404, str(exc))
     except TemplateCacheError as exc:
-        return _error(409, str(exc))
+        return json_error(409, str(exc))
     return web.json_response(info.as_json())
 
 
@@ -172,11 +169,11 @@ async def delete_template(request: web.Request) -> web.Response:
             raise ApiError(409, "the default template is what every call starts with: it cannot be deleted")
         await asyncio.to_thread(_api(request).library.delete, template_id)
     except ApiError as exc:
-        return _error(exc.status, exc.message)
+        return json_error(exc.status, exc.message)
     except TemplateNotFoundError as exc:
-        return _error(404, str(exc))
+        return json_error(404, str(exc))
     except TemplateInUseError as exc:
-        return _error(409, str(exc))
+        return json_error(409, str(exc))
     return web.json_response({"deleted": template_id})
 
 
@@ -215,7 +212,7 @@ async def _multipart(request: web.Request) -> Any:
         raise ApiError(400, f"malformed multipart body: {exc}") from None
 
 
-def _media_error(exc: Exception) -> ApiError:
+def _mediajson_error(exc: Exception) -> ApiError:
     # The server's own file paths (the upload's temporary name) are no business of the client's.
     message = re.sub(r":?\s*'?/[^'\s]*'?", "", str(exc))
     if isinstance(exc, SourceTooLargeError):
@@ -269,10 +266,10 @@ async def upload_template(request: web.Request) -> web.StreamResponse:
         try:
             await asyncio.to_thread(check_face_visible, upload, library.prepare_settings)
         except (SourceMediaError, FaceNotFoundError) as exc:
-            raise _media_error(exc) from None
+            raise _mediajson_error(exc) from None
         response = await _stream_preparation(request, library, upload, template_id, info)
     except ApiError as exc:
-        return _error(exc.status, exc.message)
+        return json_error(exc.status, exc.message)
     finally:
         if claimed is not None:
             library.end_prepare(claimed)
@@ -376,13 +373,13 @@ async def render(request: web.Request) -> web.StreamResponse:
                 try:
                     pcm = await asyncio.to_thread(decode_audio, audio_file, 48000, api.max_render_audio_s)
                 except SourceMediaError as exc:
-                    raise _media_error(exc) from None
+                    raise _mediajson_error(exc) from None
                 speech = AudioClipSpeech(pcm, 48000)
             output = api.work_file("render", ".mp4")
             await render_to_file(output, template, api.engine, speech, text)
             data = await asyncio.to_thread(output.read_bytes)
     except ApiError as exc:
-        return _error(exc.status, exc.message)
+        return json_error(exc.status, exc.message)
     finally:
         if acquired is not None:
             api.library.release(acquired)
