@@ -212,7 +212,7 @@ async def _multipart(request: web.Request) -> Any:
         raise ApiError(400, f"malformed multipart body: {exc}") from None
 
 
-def _mediajson_error(exc: Exception) -> ApiError:
+def _media_error(exc: Exception) -> ApiError:
     # The server's own file paths (the upload's temporary name) are no business of the client's.
     message = re.sub(r":?\s*'?/[^'\s]*'?", "", str(exc))
     if isinstance(exc, SourceTooLargeError):
@@ -266,7 +266,7 @@ async def upload_template(request: web.Request) -> web.StreamResponse:
         try:
             await asyncio.to_thread(check_face_visible, upload, library.prepare_settings)
         except (SourceMediaError, FaceNotFoundError) as exc:
-            raise _mediajson_error(exc) from None
+            raise _media_error(exc) from None
         response = await _stream_preparation(request, library, upload, template_id, info)
     except ApiError as exc:
         return json_error(exc.status, exc.message)
@@ -373,7 +373,7 @@ async def render(request: web.Request) -> web.StreamResponse:
                 try:
                     pcm = await asyncio.to_thread(decode_audio, audio_file, 48000, api.max_render_audio_s)
                 except SourceMediaError as exc:
-                    raise _mediajson_error(exc) from None
+                    raise _media_error(exc) from None
                 speech = AudioClipSpeech(pcm, 48000)
             output = api.work_file("render", ".mp4")
             await render_to_file(output, template, api.engine, speech, text)
