@@ -41,7 +41,13 @@ class TtsSettings(BaseModel):
 
 class MuseTalkSettings(BaseModel):
     models_dir: Path = Path("models")
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # auto: float16 on CUDA (as upstream), float32 on CPU. bfloat16 suits GPUs from Ampere on.
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # torch.compile for the UNet and VAE decoder; reduce-overhead adds CUDA graphs. Every batch size up
+    # to max_batch (rounded up to a power of two) is compiled when the server starts, which takes
+    # minutes: measure with scripts/bench_musetalk.py --compile first.
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
     max_batch: int = Field(16, ge=1, le=64)
     max_wait_ms: int = Field(8, ge=0, le=200)
     session_batch: int = Field(8, ge=1, le=32)

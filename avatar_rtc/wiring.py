@@ -124,6 +124,8 @@ def build_renderer(settings: Settings) -> RendererEngine:
             return MuseTalkEngine(
                 mt.models_dir,
                 mt.device,
+                dtype=mt.dtype,
+                compile_mode=mt.compile,
                 max_batch=mt.max_batch,
                 max_wait_s=mt.max_wait_ms / 1000,
                 session_batch=mt.session_batch,

@@ -24,6 +24,30 @@ def test_musetalk_without_weights_falls_back_to_warp_and_says_why(tmp_path: Path
     assert "musetalkV15/unet.pth" in caplog.text and "download_models.py musetalk" in caplog.text
 
 
+def test_musetalk_on_a_missing_gpu_falls_back_to_warp_and_says_why(tmp_path: Path, caplog) -> None:
+    import torch
+    from musetalk_fixtures import write_tiny_models
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    models = write_tiny_models(tmp_path / "models")
+    settings = Settings(renderer={"engine": "musetalk", "musetalk": {"models_dir": models, "device": "cuda"}})
+    with caplog.at_level(logging.WARNING):
+        engine = build_renderer(settings)
+    assert isinstance(engine, WarpEngine)
+    assert "no CUDA device" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("device", "gpu"), ("device", "cuda:x"), ("dtype", "half"), ("compile", "fast")]
+)
+def test_bad_musetalk_device_settings_are_refused(field: str, value: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=field):
+        Settings(renderer={"engine": "musetalk", "musetalk": {field: value}})
+
+
 @pytest.fixture(scope="module")
 def tiny_musetalk(tmp_path_factory: pytest.TempPathFactory):
     from musetalk_fixtures import write_tiny_models

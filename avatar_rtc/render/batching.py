@@ -22,6 +22,7 @@ from typing import Generic, TypeVar
 
 In = TypeVar("In")
 Out = TypeVar("Out")
+Result = TypeVar("Result")
 
 # Degradation order. Each level keeps the measures of the ones before it.
 #   full:         normal batching wait, every frame generated.
@@ -124,6 +125,7 @@ class BatchingWorker(Generic[In, Out]):
         self.policy = policy or QualityPolicy(clock=clock)
         self.clock = clock
         self._pending: list[_Pending[In, Out]] = []
+        self._calls: list[tuple[Callable[[], object], Future[object]]] = []
         self._cond = threading.Condition()
         self._closed = False
         # Seconds per forward by batch size (exponential average), for deciding how long waiting is safe.
@@ -142,11 +144,27 @@ class BatchingWorker(Generic[In, Out]):
             self._cond.notify()
         return future
 
+    def run_on_worker(self, function: Callable[[], Result]) -> Future[Result]:
+        """Run ``function`` on the worker thread before the next batch: for work tied to the thread that
+        runs the forwards (compiled CUDA graphs are recorded per thread)."""
+        future: Future[Result] = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the batching worker is closed")
+            self._calls.append((function, future))  # type: ignore[arg-type]
+            self._cond.notify()
+        return future
+
     def close(self, timeout: float | None = 5.0) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout)
+        with self._cond:
+            calls, self._calls = self._calls, []
+        for _, future in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("the batching worker is closed"))
 
     @property
     def wait_s(self) -> float:
@@ -166,6 +184,8 @@ class BatchingWorker(Generic[In, Out]):
     def _take_batch(self) -> list[_Pending[In, Out]] | None:
         with self._cond:
             while True:
+                if self._calls and not self._closed:
+                    return []  # the caller runs the calls first
                 self._pending = [p for p in self._pending if not p.future.cancelled()]
                 if self._closed and not self._pending:
                     return None
@@ -187,11 +207,23 @@ class BatchingWorker(Generic[In, Out]):
         # A future cancelled since (its session cleared) is dropped rather than rendered.
         return [p for p in batch if p.future.set_running_or_notify_cancel()]
 
+    def _run_calls(self) -> None:
+        with self._cond:
+            calls, self._calls = self._calls, []
+        for function, future in calls:
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(function())
+            except BaseException as error:  # the caller waits on the future, so it hears of any failure
+                future.set_exception(error)
+
     def _run(self) -> None:
         while True:
             batch = self._take_batch()
             if batch is None:
                 return
+            self._run_calls()
             if not batch:
                 continue
             start = self.clock()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,6 +16,30 @@ from avatar_rtc.render.musetalk.models import VAE_SCALING, MuseTalkModels
 
 FACE_SIZE = 256
 LATENT_SIZE = FACE_SIZE // 8
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes a compiled pipeline runs at: powers of two below ``max_batch``, and ``max_batch``.
+    A compiled graph (and a CUDA graph above all) is specialised to its shapes; padding every batch up to
+    one of these bounds the graphs to log2(max_batch) + 1 while wasting under half a batch."""
+    if max_batch < 1:
+        raise ValueError("max_batch must be at least 1")
+    sizes = {max_batch}
+    size = 1
+    while size < max_batch:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
+def pad_batch(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """``tensor`` with its first row repeated at the end up to ``size`` rows (real values, so no NaN or
+    overflow can come from the padding, and each row's result does not depend on the others)."""
+    missing = size - tensor.shape[0]
+    if missing <= 0:
+        return tensor
+    return torch.cat([tensor, tensor[:1].expand(missing, *tensor.shape[1:])])
 
 
 @dataclass(frozen=True)
@@ -48,6 +74,41 @@ class MuseTalkPipeline:
         width = models.feature_width
         self._positions = positional_encoding(50, width).to(models.device, models.dtype)
         self.times = StageTimes()
+        self.buckets: tuple[int, ...] = ()  # set by compile(): the batch sizes the graphs are built for
+        self.compile_mode: str | None = None
+        self._unet: Callable[..., Any] = models.unet
+        self._decode: Callable[[torch.Tensor], Any] = models.vae.decode
+
+    def compile(self, mode: str, max_batch: int, backend: str | Callable[..., Any] = "inductor") -> None:
+        """Run the UNet and the VAE decoder through ``torch.compile`` (``mode`` one of
+        :data:`COMPILE_MODES`; reduce-overhead adds CUDA graphs on a GPU), padding batches up to
+        :func:`batch_buckets` so each size compiles once. The first batch of each size pays the
+        compilation: call :meth:`warm_up` on the thread that will run the batches."""
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {mode!r}: use one of {', '.join(COMPILE_MODES)}")
+        options: dict[str, Any] = {"dynamic": False}
+        if backend == "inductor":
+            options["mode"] = mode
+        self._unet = torch.compile(self.models.unet, backend=backend, **options)
+        self._decode = torch.compile(self.models.vae.decode, backend=backend, **options)
+        self.buckets = batch_buckets(max_batch)
+        self.compile_mode = mode
+
+    def uncompile(self) -> None:
+        """Back to the eager modules (after a compilation failed)."""
+        self._unet, self._decode = self.models.unet, self.models.vae.decode
+        self.buckets, self.compile_mode = (), None
+
+    def warm_up(self, jobs: Sequence[FaceJob]) -> dict[int, float]:
+        """Render one batch at every bucket size (from ``jobs``, repeated), so no call waits on a
+        compilation; seconds per size."""
+        seconds = {}
+        for size in self.buckets or (1,):
+            start = time.perf_counter()
+            self.render([jobs[i % len(jobs)] for i in range(size)])
+            seconds[size] = time.perf_counter() - start
+        self.times.reset()
+        return seconds
 
     def _sync(self) -> None:
         if self.models.device.type == "cuda":
@@ -81,12 +142,21 @@ class MuseTalkPipeline:
         """(B, 8, 32, 32) latents + (B, 50, D) tokens -> (B, 256, 256, 3) float faces, RGB, 0..255."""
         models = self.models
         start = time.perf_counter()
+        count = latents.shape[0]
+        if self.buckets:
+            size = self.buckets[min(bisect.bisect_left(self.buckets, count), len(self.buckets) - 1)]
+            if count > size:
+                raise ValueError(f"batch of {count} exceeds the compiled maximum {size}")
+            latents, tokens = pad_batch(latents, size), pad_batch(tokens, size)
+            if self.compile_mode == "reduce-overhead" and models.device.type == "cuda":
+                # Each render is one step: CUDA graphs may reuse the last step's output buffers.
+                torch.compiler.cudagraph_mark_step_begin()
         audio = tokens.to(models.dtype) + self._positions
         timestep = torch.zeros(latents.shape[0], device=models.device, dtype=models.dtype)
-        predicted = models.unet(latents.to(models.dtype), timestep, encoder_hidden_states=audio).sample
+        predicted = self._unet(latents.to(models.dtype), timestep, encoder_hidden_states=audio).sample
         self._sync()
         mid = time.perf_counter()
-        image = models.vae.decode(predicted / VAE_SCALING).sample
+        image = self._decode(predicted / VAE_SCALING).sample[:count]
         faces = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).permute(0, 2, 3, 1)
         self._sync()
         self.times.unet += mid - start

@@ -224,6 +224,8 @@ class MuseTalkEngine:
         models_dir: str | Path = "models",
         device: str = "auto",
         *,
+        dtype: str = "auto",
+        compile_mode: str = "off",
         max_batch: int = 16,
         max_wait_s: float = 0.008,
         session_batch: int = 8,
@@ -242,9 +244,11 @@ class MuseTalkEngine:
         from avatar_rtc.render.musetalk.models import load_models
         from avatar_rtc.render.musetalk.pipeline import MuseTalkPipeline
 
-        self.models = models if models is not None else load_models(Path(models_dir), device)
+        self.models = models if models is not None else load_models(Path(models_dir), device, dtype)
         windowing = FeatureWindowing(feature_left_context_steps, feature_right_context_steps)
         self.pipeline: MuseTalkPipeline = MuseTalkPipeline(self.models, windowing)
+        if compile_mode != "off":
+            self.pipeline.compile(compile_mode, max_batch)
         self.windowing = self.pipeline.windowing
         self.session_batch = session_batch
         self.latency_budget_s = latency_budget_s
@@ -260,6 +264,36 @@ class MuseTalkEngine:
         self._fallback = fallback
         self._faces: dict[str, TemplateFaces] = {}
         self._lock = threading.Lock()
+        if compile_mode != "off":
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile every batch size before the first call needs it, on the worker's thread. A compiler
+        that fails (no C++ compiler or Triton, an unsupported op) leaves the engine running eager."""
+        import torch
+
+        from avatar_rtc.render.musetalk.pipeline import LATENT_SIZE, FaceJob
+
+        windowing = self.windowing
+        silence = FaceJob(
+            torch.zeros(8, LATENT_SIZE, LATENT_SIZE, device=self.models.device, dtype=self.models.dtype),
+            np.zeros(windowing.window_samples, np.float32),
+            (0, windowing.window_steps),
+        )
+        started = time.perf_counter()
+        mode = self.pipeline.compile_mode
+        try:
+            seconds = self.worker.run_on_worker(lambda: self.pipeline.warm_up([silence])).result()
+        except Exception as error:  # torch.compile's failures span many exception types
+            log.warning("musetalk: torch.compile (%s) failed, running uncompiled: %s", mode, error)
+            self.pipeline.uncompile()
+            return
+        log.info(
+            "musetalk compiled (%s) for batch sizes %s in %.0f s",
+            self.pipeline.compile_mode,
+            ", ".join(f"{size} ({s:.1f} s)" for size, s in seconds.items()),
+            time.perf_counter() - started,
+        )
 
     def template_faces(self, template: Template) -> TemplateFaces:
         """The template's MuseTalk data: from its extras when present and made with this VAE, else
