@@ -14,18 +14,14 @@ from typing import Any
 
 import pytest
 from browser_support import (
-    CHROMIUM,
+    BROWSER_TEST_MARKS,
     RunningServer,
     chromium_page,
     make_silence_wav,
     run_server,
 )
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"Chromium not found at {CHROMIUM}"),
-]
+pytestmark = BROWSER_TEST_MARKS
 
 SENTENCE = "Hello there. I am your avatar, and I can speak to you over WebRTC."
 VIDEO_SIZE = 512

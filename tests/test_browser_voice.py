@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browser_support import CHROMIUM, RunningServer, chromium_page, make_speech_wav, run_server
+from browser_support import (
+    BROWSER_TEST_MARKS,
+    RunningServer,
+    chromium_page,
+    make_speech_wav,
+    run_server,
+)
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"Chromium not found at {CHROMIUM}"),
-]
+pytestmark = BROWSER_TEST_MARKS
 
 QUESTION = "What colour is the sky on a clear summer day?"
 MAX_WER = 0.3

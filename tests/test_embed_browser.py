@@ -18,14 +18,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
-from browser_support import CHROMIUM, NO_MODELS_ENV, chromium_args, free_port, make_silence_wav, run_server
+from browser_support import (
+    BROWSER_TEST_MARKS,
+    CHROMIUM,
+    NO_MODELS_ENV,
+    chromium_args,
+    free_port,
+    make_silence_wav,
+    run_server,
+)
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"Chromium not found at {CHROMIUM}"),
-]
+pytestmark = BROWSER_TEST_MARKS
 
 TOKEN = "secret"
 KIOSK_PATH = "/static/kiosk.html"

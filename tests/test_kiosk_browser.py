@@ -10,8 +10,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-import pytest
 from browser_support import (
+    BROWSER_TEST_MARKS,
     CHROMIUM,
     NO_MODELS_ENV,
     RunningServer,
@@ -21,11 +21,7 @@ from browser_support import (
     run_server,
 )
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"Chromium not found at {CHROMIUM}"),
-]
+pytestmark = BROWSER_TEST_MARKS
 
 SLEEP_S = 4  # the kiosk dims after this much quiet
 LEAD_SILENCE_S = 9.0  # the fake microphone is quiet this long, then speaks
