@@ -25,7 +25,7 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from avatar_rtc.server.app import create_app
+    from avatar_rtc.server.app import create_app, server_options
     from avatar_rtc.server.observability import configure_logging
     from avatar_rtc.wiring import build_services
 
@@ -41,6 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         print=lambda _: print(f"avatar_rtc serving on {url} (Ctrl+C to stop)", flush=True),
         shutdown_timeout=5.0,
+        **server_options(settings),
     )
     return 0
 

@@ -173,19 +173,39 @@ class ObservabilitySettings(BaseModel):
     # One JSON object per log line (for Loki, Elasticsearch, journald's JSON mode), else plain text.
     json_logs: bool = False
     log_level: str = "INFO"
+    # Per-session series (labelled with session ids) on /metrics. Off: the same series summed over
+    # live sessions. A session id names a live call: export them only where /metrics is private
+    # (security.api_token set, or a network only the scraper reaches).
+    session_metrics: bool = False
 
 
 class SecuritySettings(BaseModel):
-    # Empty: no token needed (a LAN or loopback deployment). Set: `Authorization: Bearer <token>` or
-    # `?token=<token>` on /offer, /api/* and /metrics.
+    # The admin token. Empty: no token needed (a LAN or loopback deployment). Set: every protected
+    # route (/offer, /api/*, /metrics) wants `Authorization: Bearer <token>`; only this token may
+    # change templates, render files and read /metrics.
     api_token: SecretStr | None = None
-    # Origins (scheme://host[:port]) whose pages may call the API from another origin, e.g. a site
-    # that embeds the avatar. "*" allows any origin. Same-origin requests are always allowed.
+    # A page token: it may only start calls (POST /offer, GET /api/config, list templates and their
+    # thumbnails). Meant for kiosk screens and embed tags, where the token is visible to whoever
+    # opens the page. Needs api_token: without an admin token the admin routes would be open.
+    page_token: SecretStr | None = None
+    # The origins (scheme://host[:port]) the server's own pages are served from, as browsers see them
+    # (e.g. "https://avatar.example.com" behind a TLS proxy). Empty: a page is same-origin only when
+    # the Origin equals scheme://Host and that host is an IP address or "localhost": a host *name*
+    # could be an attacker's, re-pointed at this server (DNS rebinding).
+    public_origins: list[str] = Field(default_factory=list)
+    # Other origins whose pages may start calls, e.g. a site that embeds the avatar. "*" allows any
+    # origin to start calls, never to change templates.
     cors_allow_origins: list[str] = Field(default_factory=list)
     # Offers (new calls) one client address may make in any 60 seconds; 0 turns the limit off.
     offers_per_minute: int = Field(20, ge=0)
-    # Request bodies larger than this are refused from their Content-Length, before being read.
+    # JSON request bodies larger than this are refused (from their Content-Length, before being read).
+    # Uploads and render audio have their own limits (avatar.max_upload_mb, limits.max_render_audio_mb).
     max_body_bytes: int = Field(256 * 1024, ge=1024)
+    # A connection that has not sent a whole request head this long after connecting (or after its
+    # last response) is closed, so slow clients cannot hold sockets open.
+    header_timeout_s: float = Field(15.0, gt=0, le=3600)
+    # A request body that sends nothing for this long is abandoned (the handler answers 408).
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)
     # Behind a reverse proxy every request comes from the proxy: take the client address from the
     # first X-Forwarded-For entry instead. Only turn on when the proxy sets that header itself.
     trust_forwarded_for: bool = False
@@ -194,10 +214,30 @@ class SecuritySettings(BaseModel):
     turn_secret: SecretStr | None = None
     turn_credential_ttl_s: int = Field(3600, ge=60)
 
+    @model_validator(mode="after")
+    def _page_token_needs_admin_token(self) -> SecuritySettings:
+        if self.page_token is not None and self.api_token is None:
+            raise ValueError("security.page_token needs security.api_token (the admin token) as well")
+        if self.page_token is not None and self.api_token is not None:
+            if self.page_token.get_secret_value() == self.api_token.get_secret_value():
+                raise ValueError("security.page_token must differ from security.api_token")
+        return self
+
 
 class LimitSettings(BaseModel):
     max_text_chars: int = Field(2000, ge=1)
     max_sessions: int = Field(16, ge=1)
+    # A call whose peer connection is not connected this long after its offer was answered is closed
+    # and its slot freed (an answer that was never applied, ICE or DTLS that never completes).
+    connect_timeout_s: float = Field(15.0, gt=0, le=600)
+    # A connected call from which nothing (RTP, RTCP) has arrived for this long is closed: the caller
+    # is gone without saying so. Browsers send RTCP reports every few seconds even when muted.
+    media_timeout_s: float = Field(30.0, gt=0, le=3600)
+    # Pings answered per call and second; more are dropped (a flood must not cost other calls).
+    pings_per_second: float = Field(10.0, gt=0, le=1000)
+    # Audio files sent to POST /api/render.
+    max_render_audio_mb: float = Field(50.0, gt=0)
+    max_render_audio_s: float = Field(120.0, gt=0, le=3600)
 
 
 class Settings(BaseSettings):

@@ -138,7 +138,9 @@ class LoadRun:
     async def stats(self) -> list[CallStats]:
         out = []
         for receiver in self.calls:
-            async with self.http.get(f"{self.url}/api/sessions/{receiver.session_id}/stats") as resp:
+            async with self.http.get(
+                f"{self.url}/api/sessions/{receiver.session_id}/stats", headers=receiver.session_headers
+            ) as resp:
                 data = await resp.json()
             out.append(
                 CallStats(

@@ -83,9 +83,9 @@ class RunningServer:
 
 
 async def start_server(services: Services) -> tuple[web.AppRunner, str]:
-    from avatar_rtc.server.app import create_app
+    from avatar_rtc.server.app import create_app, server_options
 
-    runner = web.AppRunner(create_app(services))
+    runner = web.AppRunner(create_app(services), **server_options(services.settings))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -113,10 +113,11 @@ async def make_server(
     running: list[RunningServer] = []
 
     async def start(**overrides: Any) -> RunningServer:
+        wanted = dict(overrides.pop("settings", {}))
         settings = Settings(
             ice_host_addresses=["127.0.0.1"],
-            avatar={"cache_dir": template_cache_dir},
-            **overrides.pop("settings", {}),
+            avatar={"cache_dir": template_cache_dir, **wanted.pop("avatar", {})},
+            **wanted,
         )
         restrict_ice_host_addresses(settings.ice_host_addresses)
         engines: dict[str, Any] = {

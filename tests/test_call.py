@@ -128,7 +128,9 @@ async def test_say_over_http_api_and_bad_messages(server) -> None:
         assert any("not valid JSON" in m for m in errors)
         assert any("non-empty" in m for m in errors)
         async with http.post(
-            f"{server.url}/api/sessions/{receiver.session_id}/say", json={"text": "Hi from the API."}
+            f"{server.url}/api/sessions/{receiver.session_id}/say",
+            json={"text": "Hi from the API."},
+            headers=receiver.session_headers,
         ) as resp:
             assert resp.status == 202
             assert (await resp.json())["turn_id"]

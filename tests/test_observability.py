@@ -40,6 +40,7 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_sessions_frames_and_stage_latencies_are_exported() -> None:
     metrics = Metrics()
+    metrics.sessions.session_ids = True  # observability.session_metrics
     a, b = _Session("aaa", "speaking"), _Session("bbb")
     a.playout.stats.frames_sent, a.playout.stats.frames_late, a.playout.stats.frames_dropped = 250, 3, 1
     a.playout.stats.video_send_lateness.extend([0.001] * 99 + [0.030])
@@ -79,10 +80,23 @@ def test_sessions_frames_and_stage_latencies_are_exported() -> None:
     assert samples[("avatar_sessions_closed_total", ())] == 1
 
 
+def test_session_counters_are_summed_without_session_ids() -> None:
+    metrics = Metrics()
+    a, b = _Session("aaa"), _Session("bbb")
+    a.playout.stats.frames_sent, b.playout.stats.frames_sent = 250, 50
+    a.playout.stats.video_send_lateness.extend([0.001] * 50)
+    b.playout.stats.video_send_lateness.extend([0.002] * 49 + [0.040])
+    metrics.watch_sessions(lambda: [a, b])
+    samples = _samples(metrics.exposition().decode())
+    assert samples[("avatar_session_frames_sent_total", ())] == 300
+    assert samples[("avatar_session_send_lateness_p99_seconds", ())] == 0.040
+    assert not any("aaa" in str(labels) or "bbb" in str(labels) for _, labels in samples)
+
+
 async def test_metrics_endpoint_serves_prometheus_text() -> None:
     metrics = Metrics()
     app = web.Application()
-    setup_metrics(app, lambda: [_Session("zzz")], metrics)
+    setup_metrics(app, lambda: [_Session("zzz")], metrics, session_ids=True)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -149,7 +163,9 @@ async def test_real_server_metrics_after_a_turn(server) -> None:
             assert resp.status == 200
             samples = _samples(await resp.text())
         await receiver.close()
-    sent = samples[("avatar_session_frames_sent_total", (("session_id", receiver.session_id),))]
+    # Summed over live calls: /metrics names no session unless observability.session_metrics.
+    assert not any(labels and labels[0][0] == "session_id" for _, labels in samples)
+    sent = samples[("avatar_session_frames_sent_total", ())]
     assert sent > 10
     key = ("avatar_turn_stage_seconds_count", (("stage", "first_audio_frame"), ("turn", "say")))
     assert samples[key] == before.get(key, 0) + 1

@@ -41,18 +41,19 @@ async def test_bad_requests_get_clear_errors_and_server_keeps_serving(server) ->
         assert status == 413
 
         say = f"{server.url}/api/sessions/no-such-session/say"
-        status, body = await _post(http, say, json={"text": "hi"})
+        status, body = await _post(http, say, json={"text": "hi"}, headers={"X-Session-Key": "k"})
         assert status == 404 and body["error"] == "unknown session"
         assert server.services.sessions.sessions == {}
 
         receiver = CallReceiver()
         await receiver.connect_http(server.url, http)
         say = f"{server.url}/api/sessions/{receiver.session_id}/say"
-        status, body = await _post(http, say, json={"text": ""})
+        key = receiver.session_headers
+        status, body = await _post(http, say, json={"text": ""}, headers=key)
         assert status == 400 and "non-empty" in body["error"]
-        status, body = await _post(http, say, json={"text": 42})
+        status, body = await _post(http, say, json={"text": 42}, headers=key)
         assert status == 400
-        status, body = await _post(http, say, json={"text": "a" * 5000})
+        status, body = await _post(http, say, json={"text": "a" * 5000}, headers=key)
         assert status == 413 and "longer than" in body["error"]
 
         async with http.get(f"{server.url}/healthz") as resp:

@@ -416,11 +416,13 @@ class TemplateLibrary:
         progress: ProgressCallback | None = None,
         force: bool = False,
         claimed: bool = False,
+        source_name: str | None = None,
     ) -> PrepareResult:
         """Prepare ``source`` (a photo or video file) as ``template_id``, or find it already prepared.
 
         Blocking and CPU-heavy: call it from a worker thread. ``claimed`` says the caller already holds
-        the slot from :meth:`begin_prepare` (and will call :meth:`end_prepare`).
+        the slot from :meth:`begin_prepare` (and will call :meth:`end_prepare`). ``source_name`` is
+        the file name to record (an upload's own name; default: ``source``'s).
         """
         from avatar_rtc.avatar.prepare import file_sha256, prepare_source
 
@@ -440,7 +442,9 @@ class TemplateLibrary:
                 if info:
                     self.store.update_info(template_id, dict(info))
                 return PrepareResult(self.info(template_id), True, time.perf_counter() - started)
-            template = prepare_source(source, template_id, self.prepare_settings, progress, self.engine)
+            template = prepare_source(
+                source, template_id, self.prepare_settings, progress, self.engine, source_name=source_name
+            )
             progress("write", 0, 1)
             kept_info = self._existing_info(template_id)
             merged = {**kept_info, **(info or {})}

@@ -503,8 +503,10 @@ def prepare_video(
     progress: ProgressCallback = _no_progress,
     engine: object | None = None,
     info: SourceInfo | None = None,
+    source_name: str | None = None,
 ) -> Template:
     """A template from a video of one face looking at the camera (see the module docstring).
+    ``source_name`` is the file name recorded in the template (default: ``path``'s).
 
     Three stages overlap on two cores: a thread decodes, this thread tracks the face, and a worker crops
     each frame once its smoothed box is known. Raises
@@ -604,7 +606,7 @@ def prepare_video(
         fps=fps,
         frames=frames,
         landmarks=landmarks,
-        source=f"video {Path(path).name}",
+        source=f"video {source_name or Path(path).name}",
         extras={
             "crop_boxes": crop_boxes.astype(np.float32),
             "face_found": found.astype(np.uint8),
@@ -696,14 +698,17 @@ def prepare_source(
     settings: PrepareSettings = PrepareSettings(),
     progress: ProgressCallback = _no_progress,
     engine: object | None = None,
+    source_name: str | None = None,
 ) -> Template:
-    """A template from a photo or video file, whichever ``path`` holds."""
+    """A template from a photo or video file, whichever ``path`` holds. ``source_name`` is the file
+    name the template records (an upload's own name, not the server's work file)."""
     info = probe_source(path, settings.limits)
+    name = source_name or Path(path).name
     if info.is_photo:
         return prepare_photo_template(
-            read_photo(path), template_id, settings, progress, engine, source=f"photo {Path(path).name}"
+            read_photo(path), template_id, settings, progress, engine, f"photo {name}"
         )
-    return prepare_video(path, template_id, settings, progress, engine, info)
+    return prepare_video(path, template_id, settings, progress, engine, info, source_name=name)
 
 
 def prepare_default(

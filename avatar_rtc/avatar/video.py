@@ -21,6 +21,12 @@ import numpy as np
 _IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "gif")
 
 
+_NO_TIMESTAMPS = (
+    "the video's frames carry no timestamps (a raw stream?): put it in a container such as MP4 "
+    "(ffmpeg -r <its frame rate> -i clip.h264 -c copy clip.mp4)"
+)
+
+
 class SourceMediaError(ValueError):
     """The source cannot be used: not a video or photo, or past a limit. The message says which."""
 
@@ -96,6 +102,14 @@ def probe_source(path: str | os.PathLike[str], limits: MediaLimits) -> SourceInf
                 raise SourceTooLargeError(
                     f"the video is {duration:.1f} s long; the limit is {limits.max_seconds:g} s"
                 )
+            if duration is None:
+                # No length in the header (a raw stream, a recording still being written): the
+                # frames must carry their own times, or neither the limit nor the speed can be known.
+                first = next(container.decode(stream), None)
+                if first is None:
+                    raise NotMediaError("the video holds no picture")
+                if first.pts is None:
+                    raise SourceMediaError(_NO_TIMESTAMPS)
         rate = stream.average_rate
         return SourceInfo(
             path=path,
@@ -150,10 +164,11 @@ def iter_video_frames(
         held: tuple[av.VideoFrame, float] | None = None
         try:
             for frame in container.decode(stream):
-                if frame.pts is not None and time_base is not None:
-                    t = frame.pts * time_base
-                else:
-                    t = 0.0 if held is None else held[1] + 1.0 / fps
+                if frame.pts is None or time_base is None:
+                    # Counting frames at a guessed rate would play the clip at the wrong speed and let
+                    # a long one past the duration limit.
+                    raise SourceMediaError(_NO_TIMESTAMPS)
+                t = frame.pts * time_base
                 if start is None:
                     start = t
                 t -= start

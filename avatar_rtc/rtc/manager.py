@@ -20,18 +20,30 @@ class SessionManager:
         self.deps = deps
         self.library = library
         self.sessions: dict[str, Session] = {}
+        # Slots taken by offers still being set up: counted from the first line of create(), so
+        # offers that arrive together cannot all pass the limit before any of them is inserted.
+        self._reserved = 0
+
+    @property
+    def count(self) -> int:
+        """Live sessions plus those being set up: what the session limit applies to."""
+        return len(self.sessions) + self._reserved
 
     async def create(
         self, offer: RTCSessionDescription, record: bool = False
     ) -> tuple[Session, RTCSessionDescription]:
         limit = self.deps.settings.limits.max_sessions
-        if len(self.sessions) >= limit:
+        if self.count >= limit:
             raise TooManySessionsError(f"the server is at its limit of {limit} sessions")
-        template = await self.library.acquire_async(self.library.default_id)
-        session = Session(self.deps, template, self.library, on_closed=self._forget, record=record)
-        # Before accept(): the session's tasks and its peer connection's inherit the id for their logs.
-        observability.bind_session(session.id)
-        self.sessions[session.id] = session
+        self._reserved += 1
+        try:
+            template = await self.library.acquire_async(self.library.default_id)
+            session = Session(self.deps, template, self.library, on_closed=self._forget, record=record)
+            # Before accept(): the session's tasks and its peer connection's inherit the id for logs.
+            observability.bind_session(session.id)
+            self.sessions[session.id] = session
+        finally:
+            self._reserved -= 1
         try:
             answer = await session.accept(offer)
         except BaseException:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import secrets
@@ -25,6 +26,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from avatar_rtc.avatar.library import TemplateLibrary
 from avatar_rtc.avatar.template import Template
+from avatar_rtc.bounded_json import JsonInputError, parse_json
 from avatar_rtc.config import Settings
 from avatar_rtc.conversation.asr import SpeechRecognizer
 from avatar_rtc.conversation.echo import EchoGuard
@@ -71,6 +73,25 @@ class SessionDeps:
     speech_for_language: Callable[[str], tuple[TextToSpeech, SpeechRecognizer | None, str]] | None = None
 
 
+class PingBudget:
+    """A token bucket: ``rate`` pings a second answered on average, bursts up to one second's worth."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self._tokens = self.capacity
+        self._at: float | None = None
+
+    def take(self, now: float) -> bool:
+        if self._at is not None:
+            self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
 def rtc_configuration(settings: Settings) -> RTCConfiguration:
     servers = [
         RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in settings.ice_servers
@@ -89,6 +110,11 @@ class Session:
         record: bool = False,
     ) -> None:
         self.id = secrets.token_urlsafe(9)
+        # The caller's proof of ownership: only the /offer answer carries it, and every HTTP route
+        # scoped to this session wants it back (the id alone is visible in logs and events).
+        self.key = secrets.token_urlsafe(24)
+        # Why the server closed the call on its own (connect_timeout, media_timeout), if it did.
+        self.reaped_reason: str | None = None
         self.deps = deps
         media = deps.settings.media
         self.clock = MediaClock()
@@ -138,6 +164,9 @@ class Session:
         self.channel: RTCDataChannel | None = None
         self._bad_message_times: deque[float] = deque(maxlen=10)
         self.bad_messages_unanswered = 0
+        self._ping_budget = PingBudget(deps.settings.limits.pings_per_second)
+        self.pings_dropped = 0
+        self._connected = asyncio.Event()
         self._on_closed = on_closed
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing: asyncio.Future[None] | None = None
@@ -160,8 +189,47 @@ class Session:
         await self.pc.setRemoteDescription(offer)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         self._pump_task = self._spawn(self._pump_frames(self.renderer))
+        self._spawn(self._watch_connection())
         self.conversation.start()
         return self.pc.localDescription
+
+    def key_matches(self, presented: str | None) -> bool:
+        return presented is not None and hmac.compare_digest(presented.encode(), self.key.encode())
+
+    # -- reaping ----------------------------------------------------------------------------------
+    async def _watch_connection(self) -> None:
+        """Close the call if it never connects, or once nothing has arrived from the caller for
+        ``media_timeout_s``: a slot held by a peer that is not there is a slot a caller cannot have."""
+        limits = self.deps.settings.limits
+        try:
+            await asyncio.wait_for(self._connected.wait(), limits.connect_timeout_s)
+        except TimeoutError:
+            self._reap("connect_timeout", f"not connected within {limits.connect_timeout_s:g} s")
+            return
+        last_count, last_change = -1, time.monotonic()
+        interval = min(2.0, limits.media_timeout_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            count = await self._packets_received()
+            now = time.monotonic()
+            if count != last_count:
+                last_count, last_change = count, now
+            elif now - last_change >= limits.media_timeout_s:
+                self._reap("media_timeout", f"nothing received for {limits.media_timeout_s:g} s")
+                return
+
+    async def _packets_received(self) -> int:
+        """Packets of any kind (DTLS, RTP, RTCP, data channel) received on this call's transports."""
+        report = await self.pc.getStats()
+        return sum(stat.packetsReceived for stat in report.values() if stat.type == "transport")
+
+    def _reap(self, reason: str, why: str) -> None:
+        log.info("session %s: closing, %s", self.id, why)
+        self.reaped_reason = reason
+        observability.session_reaped(reason)
+        # Not awaited here: closing cancels this session's tasks, the caller among them.
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
 
     # -- requests -------------------------------------------------------------------------------
     @property
@@ -339,30 +407,40 @@ class Session:
         self.send_event({"type": "state", "state": self.state})
 
     def _on_message(self, message: str | bytes) -> None:
+        # Runs inside aiortc's receive loop: an exception escaping here would end the data channel
+        # for good, so nothing a caller sends may raise out of it.
         try:
-            if len(message) > MAX_MESSAGE_BYTES:
-                raise SessionError(f"message larger than {MAX_MESSAGE_BYTES} bytes")
-            try:
-                data = json.loads(message)
-            except (ValueError, UnicodeDecodeError):
-                raise SessionError("message is not valid JSON") from None
-            if not isinstance(data, dict):
-                raise SessionError("message must be a JSON object")
-            kind = data.get("type")
-            if kind == "say":
-                self.say(data.get("text"))
-            elif kind == "chat":
-                self.chat(data.get("text"))
-            elif kind == "interrupt":
-                self.interrupt()
-            elif kind == "select_template":
-                self._spawn(self._select_and_report(data.get("id")))
-            elif kind == "ping":
-                self.send_event({"type": "pong", "t": data.get("t")})
-            else:
-                raise SessionError(f"unknown message type {kind!r}")
+            self._handle_message(message)
         except SessionError as error:
             self._report_bad_message(str(error))
+        except Exception:
+            log.exception("session %s: a data-channel message failed", self.id)
+            self._report_bad_message("the message could not be handled")
+
+    def _handle_message(self, message: str | bytes) -> None:
+        try:
+            data = parse_json(message, max_bytes=MAX_MESSAGE_BYTES)
+        except JsonInputError as error:
+            raise SessionError(f"message refused: {error}") from None
+        if not isinstance(data, dict):
+            raise SessionError("message must be a JSON object")
+        kind = data.get("type")
+        if kind == "say":
+            self.say(data.get("text"))
+        elif kind == "chat":
+            self.chat(data.get("text"))
+        elif kind == "interrupt":
+            self.interrupt()
+        elif kind == "select_template":
+            self._spawn(self._select_and_report(data.get("id")))
+        elif kind == "ping":
+            if self._ping_budget.take(time.monotonic()):
+                sent_at = data.get("t")
+                self.send_event({"type": "pong", "t": sent_at if isinstance(sent_at, int | float) else None})
+            else:
+                self.pings_dropped += 1
+        else:
+            raise SessionError(f"unknown message type {kind!r}")
 
     def _report_bad_message(self, message: str) -> None:
         # A client flooding the channel with garbage gets a few error events a second, not one per
@@ -386,6 +464,8 @@ class Session:
             self._spawn(self._listen(track))
 
     async def _on_connection_state(self) -> None:
+        if self.pc.connectionState == "connected":
+            self._connected.set()
         if self.pc.connectionState in ("failed", "closed"):
             await self.close()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -12,12 +11,12 @@ from aiortc import RTCSessionDescription
 from aiortc import sdp as aiortc_sdp
 
 from avatar_rtc import __version__
-from avatar_rtc.config import SecuritySettings
+from avatar_rtc.config import SecuritySettings, Settings
 from avatar_rtc.rtc.manager import SessionManager, TooManySessionsError
 from avatar_rtc.rtc.recorder import recording_wanted
 from avatar_rtc.rtc.session import Session, SessionError, TextTooLongError
 from avatar_rtc.server import observability, security
-from avatar_rtc.server.responses import json_error
+from avatar_rtc.server.responses import ApiError, json_error, read_json_body
 from avatar_rtc.server.templates_api import TemplatesApi, setup_templates_api
 from avatar_rtc.wiring import Services
 
@@ -26,24 +25,16 @@ log = logging.getLogger(__name__)
 # The default request body limit (security.max_body_bytes sets it).
 MAX_BODY_BYTES = SecuritySettings().max_body_bytes
 SERVICES = web.AppKey("services", Services)
+# The header that carries a session's key (from the /offer answer) on /api/sessions/{id}/... routes.
+SESSION_KEY_HEADER = "X-Session-Key"
+# Forms a multipart upload adds around its file: boundaries, part headers, the short text fields.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
-    if request.content_type != "application/json":
-        raise web.HTTPUnsupportedMediaType(
-            text=json.dumps({"error": "Content-Type must be application/json"}),
-            content_type="application/json",
-        )
-    try:
-        data = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": "body is not valid JSON"}), content_type="application/json"
-        ) from None
+    data = await read_json_body(request, request.app[SERVICES].settings.security.body_timeout_s)
     if not isinstance(data, dict):
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": "body must be a JSON object"}), content_type="application/json"
-        )
+        raise ApiError(400, "body must be a JSON object")
     return data
 
 
@@ -99,13 +90,23 @@ async def offer(request: web.Request) -> web.Response:
     except (ValueError, TypeError, AttributeError, IndexError, KeyError, AssertionError) as error:
         # Parsed but unusable: no fingerprint, no common codec, bad ICE credentials, ...
         return json_error(400, f"unusable SDP offer: {error or type(error).__name__}")
-    return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.id})
+    return web.json_response(
+        {"sdp": answer.sdp, "type": answer.type, "session_id": session.id, "session_key": session.key}
+    )
 
 
 def _session_or_404(request: web.Request) -> Session:
+    """The session the route names, if the request carries its key. A wrong key answers exactly as
+    an unknown id does, so ids cannot be confirmed by guessing."""
+    presented = request.headers.get(SESSION_KEY_HEADER)
+    if not presented:
+        raise ApiError(
+            401,
+            f"this route needs the session's key in the {SESSION_KEY_HEADER} header (from the /offer answer)",
+        )
     session = _sessions(request).get(request.match_info["session_id"])
-    if session is None:
-        raise web.HTTPNotFound(text=json.dumps({"error": "unknown session"}), content_type="application/json")
+    if session is None or not session.key_matches(presented):
+        raise ApiError(404, "unknown session")
     return session
 
 
@@ -143,6 +144,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     """Every error leaves as ``{"error": message}``, including aiohttp's own (413, 404, 405)."""
     try:
         return await handler(request)
+    except ApiError as error:
+        return json_error(error.status, error.message)
     except web.HTTPException as error:
         if error.status < 400 or error.content_type == "application/json":
             raise
@@ -158,12 +161,24 @@ async def _close_sessions(app: web.Application) -> None:
         close_engine()  # a renderer's worker threads (MuseTalk) stop with the server
 
 
+def server_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for ``web.run_app`` / ``web.AppRunner``: connections that send no request
+    head in time are closed, and the access log never holds a token."""
+    return {
+        "keepalive_timeout": settings.security.header_timeout_s,
+        "access_log_class": observability.RedactingAccessLogger,
+    }
+
+
 def create_app(services: Services) -> web.Application:
     settings = services.settings
+    upload_bytes = int(settings.avatar.max_upload_mb * 1e6) + MULTIPART_OVERHEAD_BYTES
+    render_bytes = int(settings.limits.max_render_audio_mb * 1e6) + MULTIPART_OVERHEAD_BYTES
     policy = security.AccessPolicy(
         settings.security,
         max_sessions=settings.limits.max_sessions,
-        session_count=lambda: len(services.sessions.sessions),
+        session_count=lambda: services.sessions.count,
+        body_limits={"POST /api/templates": upload_bytes, "POST /api/render": render_bytes},
     )
     app = web.Application(
         client_max_size=settings.security.max_body_bytes,
@@ -172,7 +187,11 @@ def create_app(services: Services) -> web.Application:
     app[SERVICES] = services
     app[security.ACCESS_POLICY_KEY] = policy
     if settings.observability.metrics_enabled:
-        observability.setup_metrics(app, lambda: list(services.sessions.sessions.values()))
+        observability.setup_metrics(
+            app,
+            lambda: list(services.sessions.sessions.values()),
+            session_ids=settings.observability.session_metrics,
+        )
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/api/config", client_config)
@@ -188,7 +207,10 @@ def create_app(services: Services) -> web.Application:
             library=services.library,
             tts=deps.tts,
             engine=deps.renderer,
-            max_text_chars=services.settings.limits.max_text_chars,
+            max_text_chars=settings.limits.max_text_chars,
+            max_render_audio_s=settings.limits.max_render_audio_s,
+            max_render_audio_bytes=int(settings.limits.max_render_audio_mb * 1e6),
+            body_timeout_s=settings.security.body_timeout_s,
         ),
     )
     app.router.add_static("/static", services.settings.static_dir)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -69,10 +71,15 @@ _SESSION_FRAME_COUNTERS = (
 
 
 class _SessionsCollector:
-    """Reads live sessions at scrape time. Several apps in one process (tests) each add a source."""
+    """Reads live sessions at scrape time. Several apps in one process (tests) each add a source.
+
+    By default the frame counters are summed over live sessions: a session id names a live call, and
+    /metrics may be readable by more people than the calls are. ``session_ids`` labels them per
+    session instead (``observability.session_metrics``)."""
 
     def __init__(self) -> None:
         self.sources: list[SessionSource] = []
+        self.session_ids = False
 
     def collect(self) -> Iterator[Metric]:
         sessions = [s for source in list(self.sources) for s in source()]
@@ -85,24 +92,36 @@ class _SessionsCollector:
         for state, n in sorted(by_state.items()):
             count.add_metric([state], n)
         yield count
+        labels = ["session_id"] if self.session_ids else []
         families = {
-            name: _counter_family(f"avatar_session_{name}", help_text, ["session_id"])
+            name: _counter_family(f"avatar_session_{name}", help_text, labels)
             for name, _, help_text in _SESSION_FRAME_COUNTERS
         }
         lateness = GaugeMetricFamily(
             "avatar_session_send_lateness_p99_seconds",
             "99th percentile of video send lateness over the last ~2 minutes",
-            labels=["session_id"],
+            labels=labels,
         )
-        for session in sessions:
-            stats = session.playout.stats
+        if self.session_ids:
+            for session in sessions:
+                stats = session.playout.stats
+                for name, attribute, _ in _SESSION_FRAME_COUNTERS:
+                    families[name].add_metric([session.id], getattr(stats, attribute))
+                recent = sorted(stats.video_send_lateness)
+                if recent:
+                    lateness.add_metric([session.id], _p99(recent))
+        else:
             for name, attribute, _ in _SESSION_FRAME_COUNTERS:
-                families[name].add_metric([session.id], getattr(stats, attribute))
-            recent = sorted(stats.video_send_lateness)
+                families[name].add_metric([], sum(getattr(s.playout.stats, attribute) for s in sessions))
+            recent = sorted(x for s in sessions for x in s.playout.stats.video_send_lateness)
             if recent:
-                lateness.add_metric([session.id], recent[min(len(recent) - 1, int(0.99 * len(recent)))])
+                lateness.add_metric([], _p99(recent))
         yield from families.values()
         yield lateness
+
+
+def _p99(ordered: list[float]) -> float:
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
 def _counter_family(name: str, help_text: str, labels: list[str]) -> Metric:
@@ -173,6 +192,12 @@ class Metrics:
         self.sessions_closed = Counter(
             "avatar_sessions_closed", "Sessions that have ended", registry=self.registry
         )
+        self.sessions_reaped = Counter(
+            "avatar_sessions_reaped",
+            "Sessions the server closed because the caller never connected or went silent, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
         self.closed_frames = Counter(
             "avatar_closed_session_frames",
             "Frame counts of sessions that have ended, by kind (live sessions are under avatar_session_*)",
@@ -219,6 +244,9 @@ class Metrics:
             if name != "frames_repeated":
                 self.closed_frames.labels(name.removeprefix("frames_")).inc(getattr(stats, attribute))
 
+    def session_reaped(self, reason: str) -> None:
+        self.sessions_reaped.labels(reason).inc()
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -231,6 +259,7 @@ observe_turn = METRICS.observe_turn
 observe_event = METRICS.observe_event
 observe_renderer_batch = METRICS.observe_renderer_batch
 session_closed = METRICS.session_closed
+session_reaped = METRICS.session_reaped
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
@@ -242,9 +271,12 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return response
 
 
-def setup_metrics(app: web.Application, sessions: SessionSource, metrics: Metrics = METRICS) -> None:
+def setup_metrics(
+    app: web.Application, sessions: SessionSource, metrics: Metrics = METRICS, session_ids: bool = False
+) -> None:
     """Add ``GET /metrics`` to ``app`` and export the sessions ``sessions`` returns while it runs."""
     app[METRICS_KEY] = metrics
+    metrics.sessions.session_ids = session_ids
     unwatch = metrics.watch_sessions(sessions)
 
     async def stop_watching(_: web.Application) -> None:
@@ -311,3 +343,40 @@ def configure_logging(json_logs: bool = False, level: str | int = "INFO", stream
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+
+
+# -- access log ---------------------------------------------------------------------------------------
+# Query parameters whose values never reach a log line: a token pasted into a kiosk URL, a signed
+# URL's signature. Matched by name, case-insensitively.
+_SECRET_PARAMETER = re.compile(
+    r"(?i)([?&](?:[^=&#]*(?:token|key|secret|password|signature|credential|auth)[^=&#]*)=)[^&#\s]*"
+)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the values of secret-looking query parameters replaced by ``REDACTED``."""
+    return _SECRET_PARAMETER.sub(r"\1REDACTED", url)
+
+
+class RedactingAccessLogger(AbstractAccessLogger):
+    """One line per request, like aiohttp's default, without secrets: query values that look like
+    tokens are redacted in the path and the Referer, and no request header is logged besides it
+    and the User-Agent."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        referer = request.headers.get("Referer", "-")
+        self.logger.info(
+            '%s "%s %s HTTP/%d.%d" %d %d "%s" "%s" %.1fms',
+            request.remote or "-",
+            request.method,
+            redact_url(request.path_qs),
+            request.version.major,
+            request.version.minor,
+            response.status,
+            response.body_length,
+            redact_url(referer),
+            request.headers.get("User-Agent", "-"),
+            time * 1000,
+        )

@@ -1,5 +1,5 @@
-"""Who may use the server and how much: an optional API token, a CORS allow-list, and limits on
-offers per client address, concurrent sessions and request size.
+"""Who may use the server and how much: optional admin and page tokens, the origins whose pages may
+call it, and limits on offers per client address, concurrent sessions and request size per route.
 
 Everything here runs before a handler, so a refused request costs a dictionary lookup and never
 reaches SDP parsing or a peer connection. Refusals leave as ``{"error": message}`` with 401, 403,
@@ -11,27 +11,59 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import math
+import re
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from avatar_rtc.config import SecuritySettings
 
-# Requests under these paths need the token when one is set. The page, its static files and
+# Requests under these paths need a token when one is set. The page, its static files and
 # /healthz stay open: the page must load to ask for a token, and health probes carry none.
 ACCESS_POLICY_KEY: web.AppKey[AccessPolicy] = web.AppKey("access_policy")
 PROTECTED_PREFIXES: tuple[str, ...] = ("/offer", "/api/", "/metrics")
 OFFER_PATH = "/offer"
 
+# What a page token may do: start and run calls, and show the avatar picker. Everything else under
+# the protected prefixes (changing templates, rendering files, /metrics) needs the admin token.
+_CALL_ROUTES = re.compile(
+    r"^(POST /offer|GET /api/config|GET /api/templates|GET /api/templates/[^/]+/thumbnail\.jpg"
+    r"|(GET|POST) /api/sessions/.*)$"
+)
+# Routes that change what the server stores or make it work for minutes: never from another site's
+# page, whatever the CORS settings say.
+_SAME_ORIGIN_ONLY = re.compile(r"^((POST|PATCH|DELETE) /api/templates(/.*)?|POST /api/render)$")
+
+Scope = Literal["open", "call", "admin"]
+
+
+def _is_local_host(hostname: str) -> bool:
+    """An IP literal or localhost: a name no other site can point at this server by DNS rebinding."""
+    hostname = hostname.strip("[]").lower()
+    if hostname == "localhost" or hostname.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        return False
+    return True
+
+
+def _normalized_origin(origin: str) -> str:
+    return origin.strip().rstrip("/").lower()
+
 
 class AccessPolicy:
     """The decisions, kept apart from aiohttp so they can be tested and reused (the data channel
-    may ask the same questions). ``session_count`` reports live sessions; ``clock`` is for tests."""
+    may ask the same questions). ``session_count`` reports live (and reserved) sessions; ``clock``
+    is for tests."""
 
     # Bounds the rate limiter's memory under a flood from many addresses: the oldest idle entry goes.
     MAX_TRACKED_ADDRESSES = 10_000
@@ -44,47 +76,82 @@ class AccessPolicy:
         max_sessions: int | None = None,
         session_count: Callable[[], int] = lambda: 0,
         clock: Callable[[], float] = time.monotonic,
+        body_limits: dict[str, int] | None = None,
     ) -> None:
         self.settings = settings
         self.max_sessions = max_sessions
         self._session_count = session_count
         self._clock = clock
-        token = settings.api_token.get_secret_value() if settings.api_token else ""
-        self._token = token.encode()
+        self._admin_token = settings.api_token.get_secret_value().encode() if settings.api_token else b""
+        self._page_token = settings.page_token.get_secret_value().encode() if settings.page_token else b""
         self._offers: OrderedDict[str, deque[float]] = OrderedDict()
-        self._allowed_origins = {o.rstrip("/").lower() for o in settings.cors_allow_origins}
+        self._public_origins = {_normalized_origin(o) for o in settings.public_origins}
+        self._allowed_origins = {_normalized_origin(o) for o in settings.cors_allow_origins}
+        # "METHOD /path" -> the largest body that route takes; every other route: max_body_bytes.
+        self._body_limits = dict(body_limits or {})
         self.refused: dict[int, int] = {}  # HTTP status -> count, for logs and tests
 
-    # -- token ------------------------------------------------------------------------------------
+    # -- tokens -----------------------------------------------------------------------------------
     @property
     def token_required(self) -> bool:
-        return bool(self._token)
+        return bool(self._admin_token)
 
-    def token_ok(self, presented: str | None) -> bool:
-        if not self._token:
-            return True
-        if not presented:
-            return False
-        return hmac.compare_digest(presented.encode(), self._token)
+    @staticmethod
+    def scope(method: str, path: str) -> Scope:
+        """What a request needs: nothing (the pages), a page or admin token (calls), the admin token."""
+        if not any(path == p.rstrip("/") or path.startswith(p) for p in PROTECTED_PREFIXES):
+            return "open"
+        if method in (hdrs.METH_OPTIONS, hdrs.METH_HEAD):
+            method = hdrs.METH_GET
+        return "call" if _CALL_ROUTES.match(f"{method} {path}") else "admin"
+
+    def token_refusal(self, method: str, path: str, presented: str | None) -> tuple[int, str] | None:
+        """None if ``presented`` may make this request, else (status, message)."""
+        scope = self.scope(method, path)
+        if scope == "open" or not self._admin_token:
+            return None
+        given = (presented or "").encode()
+        if given and hmac.compare_digest(given, self._admin_token):
+            return None
+        if given and self._page_token and hmac.compare_digest(given, self._page_token):
+            if scope == "call":
+                return None
+            return 403, "this token may only start calls; this needs the admin token"
+        return 401, "a valid API token is required (Authorization: Bearer <token>)"
 
     @staticmethod
     def presented_token(request: web.Request) -> str | None:
+        # A header only: query strings end up in access logs, proxies' logs and browser history.
         auth = request.headers.get(hdrs.AUTHORIZATION, "")
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-        return request.query.get("token")
+        return None
 
     @staticmethod
     def is_protected(path: str) -> bool:
-        return any(path == p.rstrip("/") or path.startswith(p) for p in PROTECTED_PREFIXES)
+        return AccessPolicy.scope(hdrs.METH_GET, path) != "open"
 
     # -- origins ----------------------------------------------------------------------------------
-    def origin_allowed(self, origin: str, request_host: str, request_scheme: str) -> bool:
-        origin = origin.rstrip("/").lower()
-        if origin == f"{request_scheme}://{request_host}".lower():
+    def same_origin(self, origin: str, request_host: str, request_scheme: str) -> bool:
+        """Whether a page at ``origin`` is one of this server's own. The Host header alone proves
+        nothing (a rebinding page sends its own name as Host and Origin), so it counts only when it
+        is an IP address or localhost; named hosts must be listed in ``public_origins``."""
+        origin = _normalized_origin(origin)
+        if origin in self._public_origins:
             return True
-        return "*" in self._allowed_origins or origin in self._allowed_origins
+        if origin != f"{request_scheme}://{request_host}".lower():
+            return False
+        return _is_local_host(urlsplit(origin).hostname or "")
+
+    def origin_allowed(self, origin: str, request_host: str, request_scheme: str) -> bool:
+        if self.same_origin(origin, request_host, request_scheme):
+            return True
+        return "*" in self._allowed_origins or _normalized_origin(origin) in self._allowed_origins
+
+    @staticmethod
+    def same_origin_only(method: str, path: str) -> bool:
+        return bool(_SAME_ORIGIN_ONLY.match(f"{method} {path}"))
 
     # -- limits -----------------------------------------------------------------------------------
     def client_address(self, request: web.Request) -> str:
@@ -120,8 +187,8 @@ class AccessPolicy:
     def sessions_full(self) -> bool:
         return self.max_sessions is not None and self._session_count() >= self.max_sessions
 
-    def body_too_large(self, content_length: int | None) -> bool:
-        return content_length is not None and content_length > self.settings.max_body_bytes
+    def body_limit(self, method: str, path: str) -> int:
+        return self._body_limits.get(f"{method} {path}", self.settings.max_body_bytes)
 
     # -- ICE ----------------------------------------------------------------------------------------
     def ice_servers_for_client(
@@ -157,7 +224,7 @@ def turn_rest_credentials(secret: str, user: str, ttl_s: int, now: float) -> tup
     return username, base64.b64encode(digest).decode()
 
 
-CORS_ALLOW_HEADERS = "Authorization, Content-Type"
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Session-Key"
 CORS_ALLOW_METHODS = "GET, POST, OPTIONS"
 CORS_MAX_AGE_S = "600"
 
@@ -180,12 +247,17 @@ def middlewares(policy: AccessPolicy) -> list[Middleware]:
     async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get(hdrs.ORIGIN)
         if origin is None:
+            # Not sent by a browser's cross-site request (they always send Origin on writes).
             return await handler(request)
-        allowed = policy.origin_allowed(origin, request.host, request.scheme)
+        same_origin = policy.same_origin(origin, request.host, request.scheme)
+        allowed = same_origin or policy.origin_allowed(origin, request.host, request.scheme)
         if request.method == hdrs.METH_OPTIONS and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers:
-            if not allowed:
+            wanted = request.headers[hdrs.ACCESS_CONTROL_REQUEST_METHOD].upper()
+            if not allowed or (not same_origin and policy.same_origin_only(wanted, request.path)):
                 return policy.refuse(403, f"origin {origin} is not allowed")
             return web.Response(status=204, headers=_cors_headers(origin))
+        if not same_origin and policy.same_origin_only(request.method, request.path):
+            return policy.refuse(403, f"origin {origin} may not change templates or render files")
         if not allowed:
             # A cross-site page must not open calls or spend the server's limits; reads of the open
             # pages (GET) are harmless and a browser would hide the answer anyway.
@@ -203,14 +275,18 @@ def middlewares(policy: AccessPolicy) -> list[Middleware]:
 
     @web.middleware
     async def token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if policy.is_protected(request.path) and not policy.token_ok(policy.presented_token(request)):
-            return policy.refuse(401, "a valid API token is required", {hdrs.WWW_AUTHENTICATE: "Bearer"})
+        refusal = policy.token_refusal(request.method, request.path, policy.presented_token(request))
+        if refusal is not None:
+            status, message = refusal
+            headers = {hdrs.WWW_AUTHENTICATE: "Bearer"} if status == 401 else None
+            return policy.refuse(status, message, headers)
         return await handler(request)
 
     @web.middleware
     async def limits(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if policy.body_too_large(request.content_length):
-            return policy.refuse(413, f"request body is larger than {policy.settings.max_body_bytes} bytes")
+        limit = policy.body_limit(request.method, request.path)
+        if request.content_length is not None and request.content_length > limit:
+            return policy.refuse(413, f"request body is larger than {limit} bytes")
         if request.path == OFFER_PATH and request.method == hdrs.METH_POST:
             if policy.sessions_full():
                 return policy.refuse(

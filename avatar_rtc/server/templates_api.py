@@ -27,9 +27,11 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import unquote
 
 from aiohttp import BodyPartReader, web
 
@@ -45,11 +47,15 @@ from avatar_rtc.avatar.store import INFO_KEYS, TemplateCacheError, validate_temp
 from avatar_rtc.avatar.video import NotMediaError, SourceMediaError, SourceTooLargeError
 from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.render.base import RendererEngine
-from avatar_rtc.server.responses import json_error
+from avatar_rtc.server.responses import ApiError, json_error, read_json_body, read_part_chunk
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _MAX_FIELD_BYTES = 2000
+_MAX_NAME_CHARS = 200
+# How often a render checks that its client is still there.
+_CLIENT_CHECK_S = 0.25
 _UPLOAD_CHUNK = 1 << 16
 # Progress lines are sent at most this often (and at every stage change and stage end).
 _PROGRESS_INTERVAL_S = 0.1
@@ -57,13 +63,6 @@ _PROGRESS_INTERVAL_S = 0.1
 
 class PreparationCancelledError(RuntimeError):
     """The client went away while its template was being prepared."""
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass
@@ -76,6 +75,8 @@ class TemplatesApi:
     max_text_chars: int = 2000
     max_render_audio_s: float = 120.0
     max_render_audio_bytes: int = 50 * 1024 * 1024
+    # A request body that sends nothing for this long is abandoned (408).
+    body_timeout_s: float = 30.0
     _render_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -139,12 +140,7 @@ async def thumbnail(request: web.Request) -> web.Response:
 async def update_template(request: web.Request) -> web.Response:
     try:
         template_id = _template_id(request.match_info["template_id"])
-        if request.content_type != "application/json":
-            raise ApiError(415, "Content-Type must be application/json")
-        try:
-            data = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "body is not valid JSON") from None
+        data = await read_json_body(request, _api(request).body_timeout_s)
         if not isinstance(data, dict) or set(data) - set(INFO_KEYS):
             raise ApiError(400, f"body must be a JSON object with only {list(INFO_KEYS)}")
         for key, value in data.items():
@@ -178,9 +174,9 @@ async def delete_template(request: web.Request) -> web.Response:
 
 
 # -- uploads ----------------------------------------------------------------------------------------------
-async def _read_field(part: BodyPartReader) -> str:
+async def _read_field(part: BodyPartReader, timeout_s: float) -> str:
     data = bytearray()
-    while chunk := await part.read_chunk(_UPLOAD_CHUNK):
+    while chunk := await read_part_chunk(part, _UPLOAD_CHUNK, timeout_s):
         data += chunk
         if len(data) > _MAX_FIELD_BYTES:
             raise ApiError(400, f"field {part.name!r} is longer than {_MAX_FIELD_BYTES} bytes")
@@ -190,10 +186,10 @@ async def _read_field(part: BodyPartReader) -> str:
         raise ApiError(400, f"field {part.name!r} is not UTF-8 text") from None
 
 
-async def _save_upload(part: BodyPartReader, path: Path, max_bytes: int, what: str) -> int:
+async def _save_upload(part: BodyPartReader, path: Path, max_bytes: int, what: str, timeout_s: float) -> int:
     size = 0
     with path.open("wb") as f:
-        while chunk := await part.read_chunk(_UPLOAD_CHUNK):
+        while chunk := await read_part_chunk(part, _UPLOAD_CHUNK, timeout_s):
             size += len(chunk)
             if size > max_bytes:
                 raise ApiError(413, f"the {what} is larger than the limit of {max_bytes / 1e6:.1f} MB")
@@ -229,6 +225,7 @@ async def upload_template(request: web.Request) -> web.StreamResponse:
     library = api.library
     limits = library.prepare_settings.limits
     upload: Path | None = None
+    source_name = "upload"
     claimed: str | None = None
     try:
         reader = await _multipart(request)
@@ -238,14 +235,15 @@ async def upload_template(request: web.Request) -> web.StreamResponse:
             if not isinstance(part, BodyPartReader):
                 raise ApiError(400, "nested multipart bodies are not supported")
             if part.name == "id":
-                template_id = _template_id(await _read_field(part))
+                template_id = _template_id(await _read_field(part, api.body_timeout_s))
             elif part.name in INFO_KEYS:
-                info[str(part.name)] = await _read_field(part)
+                info[str(part.name)] = await _read_field(part, api.body_timeout_s)
             elif part.name == "file":
                 if upload is not None:
                     raise ApiError(400, "send one file")
                 upload = api.work_file("upload")
-                await _save_upload(part, upload, limits.max_bytes, "file")
+                source_name = _upload_name(part.filename)
+                await _save_upload(part, upload, limits.max_bytes, "file", api.body_timeout_s)
             else:
                 raise ApiError(
                     400, f"unknown field {part.name!r}: send id, file, and optionally {list(INFO_KEYS)}"
@@ -267,7 +265,7 @@ async def upload_template(request: web.Request) -> web.StreamResponse:
             await asyncio.to_thread(check_face_visible, upload, library.prepare_settings)
         except (SourceMediaError, FaceNotFoundError) as exc:
             raise _media_error(exc) from None
-        response = await _stream_preparation(request, library, upload, template_id, info)
+        response = await _stream_preparation(request, library, upload, source_name, template_id, info)
     except ApiError as exc:
         return json_error(exc.status, exc.message)
     finally:
@@ -279,7 +277,12 @@ async def upload_template(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream_preparation(
-    request: web.Request, library: TemplateLibrary, upload: Path, template_id: str, info: dict[str, str]
+    request: web.Request,
+    library: TemplateLibrary,
+    upload: Path,
+    source_name: str,
+    template_id: str,
+    info: dict[str, str],
 ) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -306,7 +309,13 @@ async def _stream_preparation(
     await response.prepare(request)
     work = asyncio.create_task(
         asyncio.to_thread(
-            library.prepare, upload, template_id, info=info or None, progress=progress, claimed=True
+            library.prepare,
+            upload,
+            template_id,
+            info=info or None,
+            progress=progress,
+            claimed=True,
+            source_name=source_name,
         )
     )
     try:
@@ -376,7 +385,7 @@ async def render(request: web.Request) -> web.StreamResponse:
                     raise _media_error(exc) from None
                 speech = AudioClipSpeech(pcm, 48000)
             output = api.work_file("render", ".mp4")
-            await render_to_file(output, template, api.engine, speech, text)
+            await _while_client_waits(request, render_to_file(output, template, api.engine, speech, text))
             data = await asyncio.to_thread(output.read_bytes)
     except ApiError as exc:
         return json_error(exc.status, exc.message)
@@ -393,6 +402,34 @@ async def render(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def _while_client_waits(request: web.Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` while the client is still connected; cancel it once the client has gone, so an
+    abandoned render does not hold the render slot (aiohttp leaves handlers running by default)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_CLIENT_CHECK_S)
+            if done:
+                return task.result()
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ApiError(499, "the client went away")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def _upload_name(filename: str | None) -> str:
+    """The upload's own file name, safe to store and show: its last path component, printable
+    characters only, bounded. A form without one gives "upload". Clients percent-encode what a
+    quoted header value cannot hold (Chromium: quotes and newlines; aiohttp: more), so decode first."""
+    name = unquote(filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable()).strip()[:_MAX_NAME_CHARS]
+    return name or "upload"
+
+
 async def _render_inputs(request: web.Request, api: TemplatesApi) -> tuple[str, str, Path | None]:
     """(template id, text, audio file or None) from a JSON or multipart request."""
     template_id: str | None = None
@@ -400,10 +437,7 @@ async def _render_inputs(request: web.Request, api: TemplatesApi) -> tuple[str, 
     audio_file: Path | None = None
     try:
         if request.content_type == "application/json":
-            try:
-                data = await request.json()
-            except (ValueError, UnicodeDecodeError):
-                raise ApiError(400, "body is not valid JSON") from None
+            data = await read_json_body(request, api.body_timeout_s)
             if not isinstance(data, dict):
                 raise ApiError(400, "body must be a JSON object")
             template_id = data.get("template")
@@ -418,14 +452,16 @@ async def _render_inputs(request: web.Request, api: TemplatesApi) -> tuple[str, 
                 if not isinstance(part, BodyPartReader):
                     raise ApiError(400, "nested multipart bodies are not supported")
                 if part.name == "template":
-                    template_id = await _read_field(part)
+                    template_id = await _read_field(part, api.body_timeout_s)
                 elif part.name == "text":
-                    text = await _read_field(part)
+                    text = await _read_field(part, api.body_timeout_s)
                 elif part.name == "audio":
                     if audio_file is not None:
                         raise ApiError(400, "send one audio file")
                     audio_file = api.work_file("audio")
-                    await _save_upload(part, audio_file, api.max_render_audio_bytes, "audio file")
+                    await _save_upload(
+                        part, audio_file, api.max_render_audio_bytes, "audio file", api.body_timeout_s
+                    )
                 else:
                     raise ApiError(400, f"unknown field {part.name!r}: send template and text or audio")
             if template_id is None:

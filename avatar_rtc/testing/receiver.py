@@ -55,6 +55,8 @@ class CallReceiver:
         self.events: list[dict[str, Any]] = []
         self.event_times: list[float] = []
         self.session_id: str | None = None
+        # The /offer answer's proof of ownership, wanted by /api/sessions/{id}/... routes.
+        self.session_key: str | None = None
         self._probe = probe
         self._keep_snapshot = keep_snapshots
         self._tasks: list[asyncio.Task[None]] = []
@@ -105,6 +107,7 @@ class CallReceiver:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         reply = await answer_for(self.pc.localDescription)
         self.session_id = reply.get("session_id")
+        self.session_key = reply.get("session_key")
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=reply["sdp"], type=reply["type"]))
         await asyncio.wait_for(self._opened.wait(), 10)
 
@@ -115,6 +118,11 @@ class CallReceiver:
                 return await resp.json()
 
         await self.connect(post)
+
+    @property
+    def session_headers(self) -> dict[str, str]:
+        """Headers for this call's /api/sessions/{id}/... routes."""
+        return {"X-Session-Key": self.session_key or ""}
 
     def send(self, message: dict[str, Any]) -> None:
         self.channel.send(json.dumps(message))
