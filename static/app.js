@@ -6,9 +6,34 @@
 (() => {
   const OFFER_URL = "/offer";
   const CONFIG_URL = "/api/config";
-  // The API token, when the server is set up with one: from the page's URL (?token=...), else asked
-  // for once when the server answers 401, and kept for this browser tab.
-  let apiToken = new URLSearchParams(location.search).get("token") || sessionStorage.getItem("avatarToken") || "";
+  // The API token, when the server is set up with one: from the page's URL fragment (#token=...),
+  // which browsers never send to a server, so it stays out of access and proxy logs; else asked for
+  // once when the server answers 401. It goes to the server only as an Authorization header.
+  let apiToken = tokenFromPageUrl() || sessionStorage.getItem("avatarToken") || "";
+
+  // A legacy ?token= in the page's URL still works, but it is taken out of the address bar (and so
+  // out of bookmarks, history and the Referer of later requests) at once, and kept for this tab.
+  function tokenFromPageUrl() {
+    const fragment = new URLSearchParams(location.hash.replace(/^#/, ""));
+    const query = new URLSearchParams(location.search);
+    const legacy = query.get("token");
+    if (query.has("token")) {
+      query.delete("token");
+      const search = query.toString();
+      history.replaceState(history.state, "", `${location.pathname}${search ? `?${search}` : ""}${location.hash}`);
+      if (legacy) sessionStorage.setItem("avatarToken", legacy);
+    }
+    return fragment.get("token") || legacy || "";
+  }
+
+  // A token put into the fragment later (an edited address, an embedding page) is used from then on.
+  window.addEventListener("hashchange", () => {
+    const token = new URLSearchParams(location.hash.replace(/^#/, "")).get("token");
+    if (token && token !== apiToken) {
+      apiToken = token;
+      loadTemplates();
+    }
+  });
 
   async function apiFetch(url, options = {}, retried = false) {
     const headers = new Headers(options.headers || {});
@@ -25,10 +50,60 @@
     return response;
   }
 
-  function withToken(url) {
-    // <img> cannot send headers; the server also accepts the token as a query parameter.
-    return apiToken ? `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(apiToken)}` : url;
+  // <img> cannot send an Authorization header. With a token, each thumbnail is fetched here and
+  // shown through a blob: URL; the list keeps one per thumbnail URL shown, and one that is no longer
+  // shown (redrawn away, or replaced by a new version) is revoked. Without a token, plain URLs.
+  const thumbnails = new Map(); // thumbnail URL -> {objectUrl, loaded, dropped}
+
+  function showThumbnail(img, url) {
+    if (!apiToken) {
+      img.src = url;
+      return;
+    }
+    let entry = thumbnails.get(url);
+    if (!entry) {
+      const fresh = { objectUrl: null, dropped: false, loaded: null };
+      fresh.loaded = fetch(url, { headers: { Authorization: `Bearer ${apiToken}` } })
+        .then((response) => {
+          if (!response.ok) throw new Error(`HTTP ${response.status}`);
+          return response.blob();
+        })
+        .then((blob) => {
+          if (fresh.dropped) return null;
+          fresh.objectUrl = URL.createObjectURL(blob);
+          avatarCall.thumbnailUrls.created += 1;
+          return fresh.objectUrl;
+        })
+        .catch(() => {
+          // Tried again at the next redraw.
+          if (thumbnails.get(url) === fresh) thumbnails.delete(url);
+          return null;
+        });
+      thumbnails.set(url, fresh);
+      entry = fresh;
+    }
+    if (entry.objectUrl) {
+      img.src = entry.objectUrl;
+    } else {
+      entry.loaded.then((objectUrl) => {
+        if (objectUrl && !entry.dropped) img.src = objectUrl;
+      });
+    }
   }
+
+  // Revokes the blob: URLs of thumbnails not in `shown` (URLs the list just drew).
+  function dropThumbnails(shown) {
+    for (const [url, entry] of thumbnails) {
+      if (shown.has(url)) continue;
+      entry.dropped = true;
+      thumbnails.delete(url);
+      if (entry.objectUrl) {
+        URL.revokeObjectURL(entry.objectUrl);
+        avatarCall.thumbnailUrls.revoked += 1;
+      }
+    }
+  }
+
   const TEMPLATES_URL = "/api/templates";
   // Every call starts on the server's default template; it cannot be deleted from here.
   const DEFAULT_TEMPLATE = "default";
@@ -108,6 +183,8 @@
     templates: [],
     currentTemplate: DEFAULT_TEMPLATE,
     uploads: [],
+    // blob: URLs made for thumbnails (with a token) and revoked again; the difference is how many live.
+    thumbnailUrls: { created: 0, revoked: 0 },
   };
   window.avatarCall = avatarCall;
 
@@ -569,8 +646,10 @@
       li.className = "empty";
       li.textContent = "No avatars yet.";
       ui.templateList.replaceChildren(li);
+      dropThumbnails(new Set());
       return;
     }
+    const shown = new Set();
     ui.templateList.replaceChildren(
       ...list.map((info) => {
         const li = document.createElement("li");
@@ -592,7 +671,11 @@
         img.loading = "lazy";
         img.width = 64;
         img.height = 64;
-        if (usable) img.src = withToken(`${info.thumbnail}?v=${thumbVersion}`);
+        if (usable) {
+          const url = `${info.thumbnail}?v=${thumbVersion}`;
+          shown.add(url);
+          showThumbnail(img, url);
+        }
         const name = document.createElement("span");
         name.className = "template-name";
         name.textContent = info.name || info.id;
@@ -621,6 +704,7 @@
         return li;
       }),
     );
+    dropThumbnails(shown);
   }
 
   async function loadTemplates() {

@@ -5,7 +5,8 @@
 //                style="width: 480px; height: 480px"></avatar-call>
 //
 // Attributes: src (the avatar server's origin; default: where this script came from), token (API
-// token, if the server wants one), mode ("kiosk": starts by itself, no controls, the default;
+// token, if the server wants one; it goes into the iframe's URL fragment, which the browser never sends
+// to a server, so it stays out of access logs), mode ("kiosk": starts by itself, no controls, the default;
 // "call": the call page with its buttons and text box), sleep (kiosk: seconds of quiet before the
 // avatar dims). The call runs in an iframe on the avatar server's own origin, so the host page
 // needs no CORS entry and never touches the media; the iframe is allowed microphone, autoplay and
@@ -53,16 +54,27 @@
       const origin = (this.getAttribute("src") || scriptOrigin).replace(/\/+$/, "");
       const mode = this.getAttribute("mode") === "call" ? "call" : "kiosk";
       const url = new URL(PAGES[mode], origin);
-      const token = this.getAttribute("token");
-      if (token) url.searchParams.set("token", token);
       const sleep = this.getAttribute("sleep");
       if (sleep && mode === "kiosk") url.searchParams.set("sleep", sleep);
+      const token = this.getAttribute("token");
+      if (token) url.hash = new URLSearchParams({ token }).toString();
       return url.href;
     }
 
     update() {
       const next = this.url();
-      if (this.frame.src !== next) this.frame.src = next;
+      const current = this.frame.getAttribute("src");
+      if (current === next) return;
+      if (current && current.split("#")[0] === next.split("#")[0]) {
+        // Only the fragment (the token) changed: setting src would just scroll the loaded page.
+        // A fresh iframe loads the page anew; the old one's pagehide ends its call.
+        const fresh = this.frame.cloneNode(false);
+        fresh.src = next;
+        this.frame.replaceWith(fresh);
+        this.frame = fresh;
+        return;
+      }
+      this.frame.src = next;
     }
   }
 

@@ -1,15 +1,39 @@
 // Kiosk page for avatar_rtc: connects by itself, fills the screen, needs no keyboard, and keeps
 // itself connected. The avatar brightens when the server hears someone (its VAD state) and dims
 // after a quiet spell. After a network drop or a server restart it reconnects with backoff.
-// URL parameters: token (API token), sleep (seconds of quiet before dimming, default 60),
-// mic=0 (no microphone). Plain ES2020, no build step.
+// URL parameters, in the fragment (kiosk.html#token=...&sleep=30) or the query; the fragment wins:
+// token (API token), sleep (seconds of quiet before dimming, default 60), mic=0 (no microphone).
+// Put the token in the fragment: browsers never send it to a server, so it stays out of access and
+// proxy logs. A legacy ?token= still works but is taken out of the address bar at once.
+// Plain ES2020, no build step.
 "use strict";
 
 (() => {
-  const params = new URLSearchParams(location.search);
-  const TOKEN = params.get("token") || "";
-  const SLEEP_MS = Math.max(5, Number(params.get("sleep")) || 60) * 1000;
-  const USE_MIC = params.get("mic") !== "0";
+  const query = new URLSearchParams(location.search);
+  const fragment = new URLSearchParams(location.hash.replace(/^#/, ""));
+  const param = (name) => fragment.get(name) ?? query.get(name);
+  // Storage can be refused (an embedding page's site with storage blocked): then no memory.
+  const storage = (() => {
+    try {
+      return window.sessionStorage;
+    } catch {
+      return null;
+    }
+  })();
+  const TOKEN = param("token") || storage?.getItem("avatarKioskToken") || "";
+  const SLEEP_MS = Math.max(5, Number(param("sleep")) || 60) * 1000;
+  const USE_MIC = param("mic") !== "0";
+  // A token in the query would stay in the address bar, the history and the Referer of later
+  // requests: take it out now, keep the other parameters, and keep the token for a reload of this tab.
+  if (query.has("token")) {
+    const legacy = query.get("token");
+    query.delete("token");
+    const search = query.toString();
+    history.replaceState(history.state, "", `${location.pathname}${search ? `?${search}` : ""}${location.hash}`);
+    if (legacy) storage?.setItem("avatarKioskToken", legacy);
+  }
+  // A new fragment (an edited address, or an embedding page's new token) starts over with it.
+  window.addEventListener("hashchange", () => location.reload());
   const ICE_GATHER_TIMEOUT_MS = 5000;
   const HEARTBEAT_MS = 4000;
   // No message from the server for this long means the call is gone, whatever ICE says.

@@ -5,6 +5,10 @@ astronaut mirrored and tinted blue), switches to it in a live call by clicking i
 what the browser received: the server's ``template`` event with its switch time, and the picture in the
 <video> turning blue. It then covers the rest of the picker: deleting the avatar a call shows is refused
 ("in use"), a choice made before a call is applied as soon as the call opens, and delete works after.
+
+Another uploads a real-sized video (several MB, far past the 256 KiB limit of JSON requests) through
+the same form, to a server that wants a token which the page got from its URL fragment, and uses the
+new avatar in a call; its thumbnails come through blob: URLs, since an <img> cannot send the token.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import pytest
 from browser_support import (
     BROWSER_TEST_MARKS,
+    NO_MODELS_ENV,
     RunningServer,
     chromium_page,
     make_silence_wav,
@@ -57,6 +62,46 @@ VIDEO_PLAYING_JS = f"""() => {{
   const v = document.getElementById("remote-video");
   return v.videoWidth === {VIDEO_SIZE} && !v.paused && v.currentTime > 1.0;
 }}"""
+
+
+# The big upload: a short, noisy, nearly lossless video of the default face, several MB on disk.
+BIG_TEMPLATE_ID = "big-video"
+BIG_TEMPLATE_NAME = "Big video"
+BIG_VIDEO_MIN_BYTES = 3 * 1024 * 1024
+# Distinctive, so that finding it in the server's log means it was sent there.
+PAGE_TOKEN = "templates-token-91f3c6d0"
+
+
+def make_big_face_video(path: Path, seconds: float = 3.0, fps: int = 25) -> Path:
+    """The default astronaut drifting slightly on a 640x480 canvas, with fresh noise in every frame,
+    encoded as H.264 at CRF 18: a few seconds (quick to prepare) that still weigh several MB."""
+    import av
+    import cv2
+    import numpy as np
+
+    from avatar_rtc.avatar.prepare import default_photo
+
+    photo = default_photo()
+    rng = np.random.default_rng(7)
+    width, height = 640, 480
+    frames = round(seconds * fps)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "18"}
+        for i in range(frames):
+            phase = 2 * np.pi * i / frames
+            scale = 0.8 + 0.03 * np.sin(phase)
+            tx = (width - 512 * scale) / 2 + 10 * np.sin(phase)
+            ty = (height - 512 * scale) / 2 + 5 * np.cos(phase)
+            matrix = np.array([[scale, 0.0, tx], [0.0, scale, ty]])
+            image = cv2.warpAffine(photo, matrix, (width, height), borderValue=(90, 110, 120))
+            noisy = np.clip(image + rng.normal(0.0, 8.0, image.shape), 0, 255).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(noisy, format="bgr24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
 
 
 def make_blue_photo(path: Path) -> Path:
@@ -233,3 +278,114 @@ def test_upload_pick_and_switch_avatar(server: RunningServer, tmp_path: Path) ->
         f"screenshots {shots['desktop']} {shots['phone']}"
     )
     assert total_s < 90, f"the test took {total_s:.0f} s"
+
+
+# Every thumbnail in the picker: its src and whether the picture decoded.
+THUMBNAILS_JS = """
+() => [...document.querySelectorAll(".template-pick")].map((pick) => {
+  const img = pick.querySelector("img");
+  return { id: pick.dataset.id, src: img.getAttribute("src") || "", width: img.naturalWidth };
+})
+"""
+
+
+def test_upload_a_real_sized_video_with_a_token_from_the_fragment(tmp_path: Path) -> None:
+    started = time.monotonic()
+    video = make_big_face_video(tmp_path / "big-video.mp4")
+    size = video.stat().st_size
+    assert size > BIG_VIDEO_MIN_BYTES, f"the test video is only {size} bytes"
+    wav = make_silence_wav(tmp_path)
+    page_errors: list[str] = []
+    env = {**NO_MODELS_ENV, "AVATAR_RTC_SECURITY__API_TOKEN": PAGE_TOKEN}
+    viewport = {"width": 1280, "height": 900}
+    with (
+        run_server(tmp_path / "server", extra_env=env) as server,
+        chromium_page(tmp_path / "chromium-profile", wav, viewport, page_errors) as page,
+    ):
+        base = server.base_url
+
+        # The page asks for a token only when it has none that works.
+        def no_prompt(dialog: Any) -> None:
+            page_errors.append(f"unexpected prompt: {dialog.message}")
+            dialog.dismiss()
+
+        page.on("dialog", no_prompt)
+
+        # A legacy ?token= still works, and leaves the address bar at once (other parameters stay).
+        page.goto(f"{base}/?token={PAGE_TOKEN}&lang=en")
+        page.wait_for_selector('.template-pick[data-id="default"]')
+        assert page.evaluate("() => location.href") == f"{base}/?lang=en"
+
+        # The token from the fragment: the list (which needs it) loads without a prompt. (The page
+        # kept the legacy token for this tab; forget it, so only the fragment can supply one.)
+        page.evaluate("() => sessionStorage.clear()")
+        page.goto("about:blank")
+        page.goto(f"{base}/#token={PAGE_TOKEN}")
+        page.wait_for_selector('.template-pick[data-id="default"]')
+        page.wait_for_function("() => document.querySelector('.template-pick img').naturalWidth > 0")
+        [default_thumb] = page.evaluate(THUMBNAILS_JS)
+        assert default_thumb["src"].startswith("blob:"), default_thumb
+
+        page.click("#add-avatar summary")
+        page.set_input_files("#upload-file", str(video))
+        page.fill("#upload-id", BIG_TEMPLATE_ID)
+        page.fill("#upload-name", BIG_TEMPLATE_NAME)
+        page.click("#upload-btn")
+        page.wait_for_function(
+            "(id) => window.avatarCall.uploads.some((u) => u.id === id && (u.error || u.result))",
+            arg=BIG_TEMPLATE_ID,
+            timeout=120_000,
+        )
+        upload = page.evaluate("window.avatarCall.uploads")[-1]
+        assert upload["error"] is None and upload["status"] == 200, (
+            upload,
+            page.text_content("#upload-error"),
+        )
+        assert upload["result"]["state"] == "ready", upload
+        assert upload["progress"], upload
+        assert page.is_hidden("#upload-error"), page.text_content("#upload-error")
+        assert (page.text_content("#upload-stage") or "").startswith(f"Added {BIG_TEMPLATE_NAME}")
+        listed = _listed(page)[BIG_TEMPLATE_ID]
+        assert listed["name"] == BIG_TEMPLATE_NAME and listed["state"] in ("ready", "warm"), listed
+        uploaded_s = time.monotonic() - started
+
+        # Both thumbnails show, through blob: URLs; the ones drawn before the upload were revoked.
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.template-pick img')].every((i) => i.naturalWidth > 0)"
+        )
+        thumbs = {t["id"]: t for t in page.evaluate(THUMBNAILS_JS)}
+        assert set(thumbs) == {"default", BIG_TEMPLATE_ID}, thumbs
+        assert all(t["src"].startswith("blob:") for t in thumbs.values()), thumbs
+        assert thumbs["default"]["src"] != default_thumb["src"], "the old thumbnail was kept"
+        counts = page.evaluate("window.avatarCall.thumbnailUrls")
+        assert counts["created"] - counts["revoked"] == 2 and counts["revoked"] >= 1, counts
+        assert (
+            page.evaluate(
+                "(src) => fetch(src).then(() => 'still there', () => 'revoked')", default_thumb["src"]
+            )
+            == "revoked"
+        )
+
+        # Picked before the call, the new avatar is shown as soon as the call opens.
+        page.click(f'.template-pick[data-id="{BIG_TEMPLATE_ID}"]')
+        assert page.evaluate("window.avatarCall.currentTemplate") == BIG_TEMPLATE_ID
+        page.click("#call-btn")
+        page.wait_for_function(
+            "() => window.avatarCall.events.some((e) => e.type === 'template')", timeout=30_000
+        )
+        event = _template_events(page)[-1]
+        assert event["id"] == BIG_TEMPLATE_ID and 0 <= event["switch_ms"] < 1000, event
+        page.wait_for_function(VIDEO_PLAYING_JS, timeout=20_000)
+        page.click("#hangup-btn")
+        errors = page.evaluate("window.avatarCall.events.filter((e) => e.type === 'error')")
+        assert not errors, f"server sent errors: {errors}"
+
+        log = server.log_path.read_text(errors="replace")
+        assert '"POST /api/templates HTTP/1.1" 200' in log, server.log_tail()
+        assert "token=REDACTED" in log, server.log_tail()
+        assert PAGE_TOKEN not in log, "the token reached the server's log"
+
+    assert not page_errors, f"uncaught errors in the page: {page_errors}"
+    total_s = time.monotonic() - started
+    print(f"\n{size / 1e6:.1f} MB video listed after {uploaded_s:.1f} s; total {total_s:.1f} s")
+    assert total_s < 150, f"the test took {total_s:.0f} s"

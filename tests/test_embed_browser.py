@@ -2,7 +2,8 @@
 aiohttp server on another loopback port) loads static/embed.js from the avatar server and holds
 ``<avatar-call mode="kiosk">``. Headless Chromium opens the host page; the element must put an iframe
 on the avatar server's origin, and the kiosk inside it must connect by itself, carrying the element's
-``token`` attribute to a server that wants one (and showing its token error for a wrong one)."""
+``token`` attribute to a server that wants one (and showing its token error for a wrong one). The
+token travels in the iframe URL's fragment, never its query, so it never reaches the server's log."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from browser_support import (
     BROWSER_TEST_MARKS,
     CHROMIUM,
     NO_MODELS_ENV,
+    RunningServer,
     chromium_args,
     free_port,
     make_silence_wav,
@@ -30,7 +33,8 @@ from browser_support import (
 
 pytestmark = BROWSER_TEST_MARKS
 
-TOKEN = "secret"
+# Distinctive, so that finding it in the server's log means it was sent there.
+TOKEN = "embed-token-7c41d9e2"
 KIOSK_PATH = "/static/kiosk.html"
 
 
@@ -38,11 +42,11 @@ KIOSK_PATH = "/static/kiosk.html"
 
 
 @contextmanager
-def avatar_server(work_dir: Path, extra_env: dict[str, str] | None = None) -> Iterator[str]:
+def avatar_server(work_dir: Path, extra_env: dict[str, str] | None = None) -> Iterator[RunningServer]:
     """The real avatar server as a process on a free loopback port, without ASR or LLM so it starts
-    in seconds; yields its base URL once /healthz answers."""
+    in seconds; yields it once /healthz answers."""
     with run_server(work_dir, extra_env={**NO_MODELS_ENV, **(extra_env or {})}) as server:
-        yield server.base_url
+        yield server
 
 
 def host_page(avatar_base: str, token: str | None) -> str:
@@ -168,7 +172,10 @@ def assert_embedded_kiosk_plays(page: Any, host_base: str, avatar_base: str, tok
     src = iframe_src(page)
     assert src.startswith(f"{avatar_base}{KIOSK_PATH}"), src
     if token is not None:
-        assert f"token={token}" in src, src
+        # In the fragment, which the browser keeps to itself; not in the query, which it sends.
+        parts = urlsplit(src)
+        assert parse_qs(parts.fragment).get("token") == [token], src
+        assert "token" not in parse_qs(parts.query), src
     frame = kiosk_frame(page, src)
     assert frame.evaluate("() => location.origin") == avatar_base
     wait_kiosk(frame, "connected", lambda k: k["connectionState"] == "connected" and k["sessionId"], 30)
@@ -182,7 +189,8 @@ def assert_embedded_kiosk_plays(page: Any, host_base: str, avatar_base: str, tok
 
 
 def test_embed_element_runs_the_kiosk_from_another_origin(tmp_path: Path) -> None:
-    with avatar_server(tmp_path / "avatar") as avatar_base, host_server(avatar_base) as host_base:
+    with avatar_server(tmp_path / "avatar") as avatar, host_server(avatar.base_url) as host_base:
+        avatar_base = avatar.base_url
         assert host_base != avatar_base
         with chromium(tmp_path) as page:
             page.goto(f"{host_base}/")
@@ -198,7 +206,8 @@ def test_embed_element_runs_the_kiosk_from_another_origin(tmp_path: Path) -> Non
 
 def test_embed_element_passes_its_token_through(tmp_path: Path) -> None:
     env = {"AVATAR_RTC_SECURITY__API_TOKEN": TOKEN}
-    with avatar_server(tmp_path / "avatar", env) as avatar_base, host_server(avatar_base) as host_base:
+    with avatar_server(tmp_path / "avatar", env) as avatar, host_server(avatar.base_url) as host_base:
+        avatar_base = avatar.base_url
         with chromium(tmp_path) as page:
             page.goto(f"{host_base}/?token={TOKEN}")
             assert_embedded_kiosk_plays(page, host_base, avatar_base, token=TOKEN)
@@ -208,7 +217,7 @@ def test_embed_element_passes_its_token_through(tmp_path: Path) -> None:
             page.evaluate("() => document.querySelector('avatar-call').setAttribute('token', 'wrong')")
             page.wait_for_function(
                 "() => document.querySelector('avatar-call').shadowRoot.querySelector('iframe')"
-                ".src.includes('token=wrong')",
+                ".src.endsWith('#token=wrong')",
                 timeout=5_000,
             )
             src = iframe_src(page)
@@ -224,3 +233,7 @@ def test_embed_element_passes_its_token_through(tmp_path: Path) -> None:
             assert after["sessionId"] is None and after["attempts"] == 1, after
             # The old iframe document, with its call, is gone.
             assert server_sessions(avatar_base) == 0
+        # The server saw the kiosk's requests, and none of them carried the token where it logs.
+        log = avatar.log_path.read_text(errors="replace")
+        assert '"POST /offer HTTP/1.1" 200' in log and f"{KIOSK_PATH} HTTP" in log, log[-4000:]
+        assert TOKEN not in log, "the token reached the server's log"
