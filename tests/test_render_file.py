@@ -4,6 +4,7 @@ its audio, made through the same speaker, renderer and playout as a live call.""
 from __future__ import annotations
 
 import asyncio
+import time
 import wave
 from pathlib import Path
 
@@ -112,3 +113,39 @@ async def test_nothing_to_say_is_refused(
     with pytest.raises(ValueError, match="nothing to say"):
         await render_to_file(tmp_path / "empty.mp4", default_template, WarpEngine(), piper_tts, "   ")
     assert not (tmp_path / "empty.mp4").exists()
+
+
+async def test_a_cancelled_render_waits_for_its_encoder_before_closing(
+    tmp_path: Path, default_template: Template, piper_tts: TextToSpeech, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelling a render (its client went away) abandons the await on an encoder call that is still
+    running in a thread; closing the container under that call crashed the process inside FFmpeg."""
+    from avatar_rtc.render import offline
+
+    in_write = asyncio.Event()
+    real_write = offline.Mp4Writer._write
+    loop = asyncio.get_running_loop()
+
+    def slow_write(self: offline.Mp4Writer, image: np.ndarray, pcm: np.ndarray) -> None:
+        loop.call_soon_threadsafe(in_write.set)
+        real_write(self, image, pcm)
+        time.sleep(0.3)  # the encoder is busy when the cancellation arrives
+
+    closes: list[float] = []
+    real_abort = offline.Mp4Writer.abort
+
+    def timed_abort(self: offline.Mp4Writer) -> None:
+        real_abort(self)
+        closes.append(time.monotonic())
+
+    monkeypatch.setattr(offline.Mp4Writer, "_write", slow_write)
+    monkeypatch.setattr(offline.Mp4Writer, "abort", timed_abort)
+    output = tmp_path / "cancelled.mp4"
+    task = asyncio.ensure_future(render_to_file(output, default_template, WarpEngine(), piper_tts, TEXT))
+    await in_write.wait()
+    cancelled_at = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert closes and closes[0] - cancelled_at >= 0.2, "the container was closed while a write was running"
+    assert not output.exists()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,11 @@ def decode_audio(
 
 
 class Mp4Writer:
-    """H.264 + AAC into an MP4 file, one video frame and its audio samples at a time."""
+    """H.264 + AAC into an MP4 file, one video frame and its audio samples at a time.
+
+    Calls run in worker threads, and a cancelled render abandons its ``await`` while the thread is still
+    encoding: every call holds one lock, so :meth:`abort` waits for that write instead of freeing the
+    container under it (which crashes the process inside FFmpeg)."""
 
     def __init__(
         self, path: str | os.PathLike[str], size: tuple[int, int], fps: int, sample_rate: int
@@ -117,8 +122,16 @@ class Mp4Writer:
         self._sample_rate = sample_rate
         self._frames = 0
         self._samples = 0
+        self._lock = threading.Lock()
+        self._closed = False
 
     def write(self, image_bgr: np.ndarray, pcm: np.ndarray) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the MP4 writer is closed")
+            self._write(image_bgr, pcm)
+
+    def _write(self, image_bgr: np.ndarray, pcm: np.ndarray) -> None:
         frame = av.VideoFrame.from_ndarray(image_bgr, format="bgr24")
         frame.pts = self._frames
         self._frames += 1
@@ -133,13 +146,20 @@ class Mp4Writer:
                 self._container.mux(packet)
 
     def close(self) -> None:
-        for stream in (self._video, self._audio):
-            for packet in stream.encode(None):
-                self._container.mux(packet)
-        self._container.close()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for stream in (self._video, self._audio):
+                for packet in stream.encode(None):
+                    self._container.mux(packet)
+            self._container.close()
 
     def abort(self) -> None:
-        self._container.close()
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._container.close()
 
 
 @dataclass(frozen=True)
