@@ -46,8 +46,9 @@ class MuseTalkSettings(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # torch.compile for the UNet and VAE decoder; reduce-overhead adds CUDA graphs. Every batch size up
     # to max_batch (rounded up to a power of two) is compiled when the server starts, which takes
-    # minutes: measure with scripts/bench_musetalk.py --compile first.
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    # minutes: measure with scripts/bench_musetalk.py --compile first. cuda-graphs: CUDA graphs alone
+    # (dynamo's cudagraphs backend, no code generation), ready in seconds; CUDA only.
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune", "cuda-graphs"] = "off"
     max_batch: int = Field(16, ge=1, le=64)
     max_wait_ms: int = Field(8, ge=0, le=200)
     session_batch: int = Field(8, ge=1, le=32)

@@ -15,7 +15,9 @@ take minutes each).
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -57,6 +59,21 @@ def build_pipeline(device: str, dtype_name: str = "auto") -> MuseTalkPipeline:
     return MuseTalkPipeline(models, FeatureWindowing())
 
 
+def synthetic_jobs(pipeline: MuseTalkPipeline, count: int, seed: int = 0) -> list[FaceJob]:
+    """``count`` frames' inputs as a live renderer hands them over: template latents and the audio
+    features for the frame's time, from 4 s of noise (the weights are random: content does not matter,
+    only shapes and work)."""
+    models = pipeline.models
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(8, 8, 32, 32, generator=generator).to(models.device, models.dtype)
+    audio = (np.random.default_rng(seed).standard_normal(16000 * 4) * 3000).astype(np.int16)
+    jobs = []
+    for i in range(count):
+        window, lo, hi = pipeline.windowing.window(audio, 0.5 + 0.04 * (i % 64))
+        jobs.append(FaceJob(latents[i % len(latents)], window, (lo, hi)))
+    return jobs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="auto")
@@ -65,6 +82,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4,8,16,32")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=60.0)
+    parser.add_argument("--json", type=Path, default=None, help="append one JSON object per batch size")
     args = parser.parse_args()
     cv2.setNumThreads(1)
     torch.manual_seed(0)
@@ -91,19 +109,13 @@ def main() -> None:
     )
 
     rng = np.random.default_rng(0)
-    latents = torch.randn(8, 8, 32, 32).to(models.device, models.dtype)
-    audio = (rng.standard_normal(16000 * 4) * 3000).astype(np.int16)
     frame = rng.integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
     mask = np.zeros((256, 256), np.uint8)
     mask[128:, 30:226] = 255
     plan = build_blend_plan((1920, 1080), (730, 300, 1185, 878), cv2.GaussianBlur(mask, (41, 41), 0))
 
     def jobs(batch: int) -> list[FaceJob]:
-        out = []
-        for i in range(batch):
-            window, lo, hi = windowing.window(audio, 0.5 + 0.04 * i)
-            out.append(FaceJob(latents[i % len(latents)], window, (lo, hi)))
-        return out
+        return synthetic_jobs(pipeline, batch)
 
     pipeline.render(jobs(1))  # warm-up
     header = f"{'batch':>5} {'frames/s':>9} {'ms/frame':>9} | {'features':>9} {'UNet':>9} {'VAE dec':>9} {'composite':>9}  (ms per frame)"
@@ -137,8 +149,25 @@ def main() -> None:
         total_ms = wall * per + composite_ms
         print(
             f"{batch:>5} {1e3 / total_ms:>9.2f} {total_ms:>9.1f} | {times.features * per:>9.1f} {times.unet * per:>9.1f} "
-            f"{times.vae * per:>9.1f} {composite_ms:>9.2f}  ({iterations} it, {wall / iterations:.2f} s per batch)"
+            f"{times.vae * per:>9.1f} {composite_ms:>9.2f}  ({iterations} it, {wall / iterations:.2f} s per batch)",
+            flush=True,
         )
+        if args.json is not None:
+            row = {
+                "batch": batch,
+                "device": device_name,
+                "dtype": str(models.dtype).removeprefix("torch."),
+                "compile": args.compile,
+                "fps": 1e3 / total_ms,
+                "ms_per_frame": total_ms,
+                "features_ms": times.features * per,
+                "unet_ms": times.unet * per,
+                "vae_ms": times.vae * per,
+                "composite_ms": composite_ms,
+                "batch_ms": wall / iterations * 1e3,
+            }
+            with args.json.open("a") as f:
+                f.write(json.dumps(row) + "\n")
         if wall / iterations > args.budget_s:
             remaining = [str(b) for b in batches if b > batch]
             if remaining:
