@@ -130,7 +130,6 @@ def build_renderer(settings: Settings) -> RendererEngine:
                 max_wait_s=mt.max_wait_ms / 1000,
                 session_batch=mt.session_batch,
                 latency_budget_s=mt.latency_budget_ms / 1000,
-                feature_left_context_steps=mt.feature_left_context_steps,
                 feature_right_context_steps=mt.feature_right_context_steps,
                 fallback=warp,
             )

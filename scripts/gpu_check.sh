@@ -102,14 +102,15 @@ batches = rows("batches.jsonl")
 if batches:
     device = batches[0]["device"]
     print(f"\n### Per batch size ({device}, {batches[0]['dtype']}; ms per frame)\n")
-    print("| batch | mode | frames/s | ms/frame | features | UNet | VAE decode | composite (1080p, 1 CPU thread) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| batch | mode | frames/s | ms/frame | UNet | VAE decode | composite (1080p, 1 CPU thread) |")
+    print("|---|---|---|---|---|---|---|")
     for r in sorted(batches, key=lambda r: (r["batch"], r["compile"])):
         mode = "eager" if r["compile"] == "off" else r["compile"]
         print(
-            f"| {r['batch']} | {mode} | {r['fps']:.0f} | {r['ms_per_frame']:.2f} | {r['features_ms']:.2f} | "
+            f"| {r['batch']} | {mode} | {r['fps']:.0f} | {r['ms_per_frame']:.2f} | "
             f"{r['unet_ms']:.2f} | {r['vae_ms']:.2f} | {r['composite_ms']:.2f} |"
         )
+    print(f"\nfeatures: {batches[0]['features_ms_per_answer']:.1f} ms per answer update (one 30 s whisper segment)")
 sessions = rows("sessions.jsonl")
 if sessions:
     print(f"\n### Concurrent sessions at 25 fps ({sessions[0]['device']}, {sessions[0]['dtype']}, one batching worker)\n")

@@ -1,6 +1,6 @@
-"""MuseTalk v1.5 path on CPU with tiny models in the official layout: loading and key checks, feature
-windowing and streaming, the compositor, cross-session batching, the renderer behind the seam, and the
-adaptive quality policy."""
+"""MuseTalk v1.5 path on CPU with tiny models in the official layout: loading and key checks, audio
+features and template latents against upstream's computation, the compositor, cross-session batching,
+the renderer behind the seam, and the adaptive quality policy."""
 
 from __future__ import annotations
 
@@ -144,66 +144,146 @@ def test_upstream_windowing_uses_documented_indices() -> None:
     assert not tokens[1][:10].any() and tokens[1][10:].all()
 
 
-def test_streaming_windows_pick_the_documented_steps() -> None:
-    """The per-frame windows, cut to the frame's steps, give exactly upstream's padded steps [2f, 2f+10),
-    zeros outside the utterance included."""
+@pytest.fixture(scope="module")
+def upstream_tokens(models_dir: Path) -> Any:
+    """Upstream's per-frame features for a whole clip, computed the way its AudioProcessor does, from
+    transformers' own pieces: the feature extractor on each <= 30 s segment (it pads to 30 s and
+    normalises the padded segment), WhisperModel's encoder with hidden states over all positions, the
+    five states stacked, trimmed to floor(seconds * 50), 4 zero steps in front and 12 behind, frame f
+    taking steps [2f, 2f + 10)."""
     import torch
+    from transformers import WhisperFeatureExtractor, WhisperModel
 
-    from avatar_rtc.render.musetalk.features import FeatureWindowing, select_frame_steps, window_frames
+    extractor = WhisperFeatureExtractor.from_pretrained(str(models_dir / "whisper"))
+    whisper = WhisperModel.from_pretrained(str(models_dir / "whisper")).eval()
 
-    windowing = FeatureWindowing(left_context_steps=6, right_context_steps=3)
-    seconds = 0.9
-    pcm = np.ones(int(seconds * SAMPLE_RATE), np.int16)
-    total_steps = int(seconds * 50)
-    width = 2
-    codes = np.arange(1, total_steps * 5 * width + 1, dtype=np.float32).reshape(total_steps, 5, width)
-    frames = int(seconds * 25)
-    expected = window_frames(codes, frames)
-    for f in range(frames):
-        _, lo, hi = windowing.window(pcm, f / 25)
-        first = windowing.first_step(f / 25)
-        # What an encoder that reproduced its input step codes would give over this window.
-        window_states = np.zeros((windowing.window_steps, 5, width), np.float32)
-        for j in range(windowing.window_steps):
-            if 0 <= first + j < total_steps:
-                window_states[j] = codes[first + j]
-        tokens = select_frame_steps(
-            torch.from_numpy(window_states)[None], torch.tensor([[lo, hi]]), windowing.left_context_steps
+    def tokens(pcm: np.ndarray) -> np.ndarray:
+        audio = pcm.astype(np.float32) / 32768.0
+        segment = 30 * SAMPLE_RATE
+        parts = []
+        for lo in range(0, len(audio), segment):
+            mel = extractor(audio[lo : lo + segment], sampling_rate=SAMPLE_RATE, return_tensors="pt")
+            with torch.no_grad():
+                hidden = whisper.encoder(mel.input_features, output_hidden_states=True).hidden_states
+            parts.append(torch.stack(hidden, dim=2)[0])
+        states = torch.cat(parts)[: int(np.floor(len(audio) / SAMPLE_RATE * 50))].numpy()
+        padded = np.concatenate([np.zeros((4, *states.shape[1:])), states, np.zeros((12, *states.shape[1:]))])
+        frames = int(np.floor(len(audio) / SAMPLE_RATE * 25))
+        return np.stack([padded[2 * f : 2 * f + 10].reshape(50, -1) for f in range(frames)]).astype(
+            np.float32
         )
-        np.testing.assert_array_equal(tokens[0].numpy(), expected[f])
+
+    return tokens
 
 
-def test_streamed_features_equal_whole_file_features(engine: Any, template: Template) -> None:
-    from avatar_rtc.render.musetalk.renderer import MuseTalkFrameJob, MuseTalkRenderer
+def _relative_error(mine: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.linalg.norm(mine - reference) / np.linalg.norm(reference))
+
+
+def _drain(renderer: Any) -> dict[int, np.ndarray]:
+    """Every frame the renderer is ready to make now, with the tokens it would make it from."""
+    tokens: dict[int, np.ndarray] = {}
+    while jobs := renderer._ready_jobs():
+        for job, row in zip(jobs, renderer.frame_tokens(jobs), strict=True):
+            assert job.index not in tokens
+            tokens[job.index] = row.float().numpy()
+    return tokens
+
+
+def test_features_of_a_clip_handed_over_whole_are_upstreams(
+    engine: Any, template: Template, upstream_tokens: Any
+) -> None:
+    """A clip pushed whole (as the speaker hands over a sentence) gets exactly upstream's features, 30 s
+    segments included. The windowed features this replaced were 1.1 apart (relative L2)."""
+    from avatar_rtc.render.musetalk.renderer import MuseTalkRenderer
 
     renderer = MuseTalkRenderer(engine, template, engine.template_faces(template))
-    audio = _speech(1.7, seed=3)
+    audio = _speech(31.0, seed=3)  # past whisper's 30 s: two segments, frames straddling the seam
     start = 0.4  # frame 10
-    rng = np.random.default_rng(1)
-    jobs: list[MuseTalkFrameJob] = []
+    renderer.push_audio(audio, start)
+    renderer.flush()
+    tokens = _drain(renderer)
+    assert sorted(tokens) == list(range(10, 10 + int(np.ceil(31.0 * 25))))
+    reference = upstream_tokens(audio)
+    mine = np.stack([tokens[10 + f] for f in range(len(reference))])
+    error = _relative_error(mine, reference)
+    seam = slice(30 * 25 - 3, 30 * 25 + 3)
+    seam_error = _relative_error(mine[seam], reference[seam])
+    print(f"\nclip handed over whole: relative L2 {error:.2e} (30 s seam {seam_error:.2e}) against upstream")
+    assert error <= 1e-4 and seam_error <= 1e-4  # the issue's target is 0.01
+    assert mine.shape == (len(reference), 50, TINY_FEATURE_WIDTH)
+
+
+def test_sentences_of_one_answer_keep_their_context(
+    engine: Any, template: Template, upstream_tokens: Any
+) -> None:
+    """Sentences pushed back to back (flushed after each, as the speaker does) are one answer: each
+    sentence's frames get upstream's features of the answer up to that sentence, and frames already made
+    are never remade. Against features of the whole answer at once, the error left (later sentences'
+    audio is not known yet) is printed and bounded, and is smaller than treating each sentence alone."""
+    from avatar_rtc.render.musetalk.renderer import MuseTalkRenderer
+
+    renderer = MuseTalkRenderer(engine, template, engine.template_faces(template))
+    sentences = [_speech(1.32, seed=1), _speech(0.88, seed=2) // 2, _speech(1.6, seed=3)]
+    start = 0.2
+    made: dict[int, np.ndarray] = {}
+    so_far = np.zeros(0, np.int16)
+    for sentence in sentences:
+        renderer.push_audio(sentence, start + len(so_far) / SAMPLE_RATE)
+        renderer.flush()
+        first = 5 + len(so_far) * 25 // SAMPLE_RATE
+        so_far = np.concatenate([so_far, sentence])
+        new = _drain(renderer)
+        assert sorted(new) == list(range(first, 5 + len(so_far) * 25 // SAMPLE_RATE))
+        assert not set(new) & set(made)  # made once, never again
+        made.update(new)
+        # Exactly upstream's features of the answer so far, for this sentence's frames.
+        reference = upstream_tokens(so_far)
+        mine = np.stack([new[i] for i in sorted(new)])
+        assert _relative_error(mine, reference[first - 5 :]) <= 1e-4
+    assert renderer._answer.features.encodes == len(sentences)  # one encoder run per sentence
+
+    whole = upstream_tokens(so_far)
+    mine = np.stack([made[5 + f] for f in range(len(whole))])
+    alone = np.concatenate([upstream_tokens(s) for s in sentences])  # each sentence its own clip
+    error, alone_error = _relative_error(mine, whole), _relative_error(alone, whole)
+    print(
+        f"\nanswer of 3 sentences against the whole answer: relative L2 {error:.3f} with context, "
+        f"{alone_error:.3f} with each sentence alone"
+    )
+    assert error < alone_error
+    assert error <= 0.2  # measured 0.113 on the tiny random whisper (seeded)
+
+
+def test_audio_arriving_piecemeal_is_a_measured_approximation(
+    engine: Any, template: Template, upstream_tokens: Any
+) -> None:
+    """A stream that arrives in small pieces: each frame waits lookahead_s of audio and gets upstream's
+    features of the audio so far. Its error against the whole clip is printed and bounded."""
+    from avatar_rtc.render.musetalk.renderer import MuseTalkRenderer
+
+    renderer = MuseTalkRenderer(engine, template, engine.template_faces(template))
+    # Louder as it goes, as speech often is after a quiet start: the log-mel floor (max - 8) of the audio
+    # so far moves as louder audio arrives, which is most of this approximation's error here.
+    audio = (_speech(3.0, seed=4) * np.linspace(0.05, 1.0, 3 * SAMPLE_RATE)).astype(np.int16)
+    rng = np.random.default_rng(2)
+    made: dict[int, np.ndarray] = {}
     lo = 0
     while lo < len(audio):
-        n = int(rng.integers(40, 3000))
-        renderer.push_audio(audio[lo : lo + n], start + lo / SAMPLE_RATE)
+        n = int(rng.integers(160, 4000))
+        renderer.push_audio(audio[lo : lo + n], lo / SAMPLE_RATE)
         lo += n
-        while batch := renderer._ready_jobs():
-            jobs.extend(batch)  # type: ignore[arg-type]
+        made.update(_drain(renderer))
     renderer.flush()
-    while batch := renderer._ready_jobs():
-        jobs.extend(batch)  # type: ignore[arg-type]
-    assert [job.index for job in jobs] == list(range(10, 10 + int(np.ceil(1.7 * 25))))
-
-    offsets = [job.index / 25 - start for job in jobs]
-    whole_windows, whole_valid = engine.windowing.windows(audio, offsets)
-    streamed_windows = np.stack([job.audio for job in jobs])
-    streamed_valid = np.array([job.valid for job in jobs])
-    np.testing.assert_array_equal(streamed_windows, whole_windows)
-    np.testing.assert_array_equal(streamed_valid, whole_valid)
-    streamed = engine.pipeline.tokens(streamed_windows, streamed_valid).numpy()
-    whole = engine.pipeline.tokens(whole_windows, whole_valid).numpy()
-    np.testing.assert_array_equal(streamed, whole)
-    assert streamed.shape == (len(jobs), 50, TINY_FEATURE_WIDTH)
-    assert not streamed[-1, -5:].any()  # the last frame's last step lies past the audio: zero, as upstream
+    made.update(_drain(renderer))
+    reference = upstream_tokens(audio)
+    mine = np.stack([made[f] for f in range(len(reference))])
+    error = _relative_error(mine, reference)
+    print(
+        f"\npiecemeal stream (lookahead {renderer.lookahead_s * 1e3:.0f} ms): relative L2 {error:.2e} "
+        "against the whole clip"
+    )
+    assert error <= 0.02  # measured 4.4e-3 on the tiny random whisper (seeded)
 
 
 def test_lookahead_is_explicit_and_what_frames_wait_for(engine: Any, template: Template) -> None:
@@ -211,7 +291,7 @@ def test_lookahead_is_explicit_and_what_frames_wait_for(engine: Any, template: T
 
     renderer = MuseTalkRenderer(engine, template, engine.template_faces(template))
     assert renderer.lookahead_s >= 0.12  # the frame's own steps reach 120 ms past it
-    assert renderer.lookahead_s == pytest.approx((6 + engine.windowing.right_context_steps + 0.5) / 50)
+    assert renderer.lookahead_s == pytest.approx((6 + 4 + 0.5) / 50)  # the engine's 4 steps of right context
     chunk = 80  # 5 ms
     audio = _speech(1.0)
     waited: dict[int, float] = {}
@@ -299,15 +379,16 @@ def test_three_sessions_in_one_batch_equal_each_alone(engine: Any, template: Tem
     from avatar_rtc.render.musetalk.pipeline import FaceJob
 
     faces = engine.template_faces(template)
-    windowing = engine.windowing
     jobs = [
-        FaceJob(faces.latents[index], *_window(windowing, _speech(1.0, seed), offset))
+        FaceJob(faces.latents[index], _tokens(engine, _speech(1.0, seed), offset))
         for index, seed, offset in ((0, 1, 0.2), (7, 2, 0.5), (20, 3, 0.32))
     ]
     pipeline = engine.pipeline
-    together = pipeline.generate(torch.stack([j.latents for j in jobs]), pipeline.tokens(*_stack(jobs)))
+    together = pipeline.generate(
+        torch.stack([j.latents for j in jobs]), torch.stack([j.tokens for j in jobs])
+    )
     for i, job in enumerate(jobs):
-        alone = pipeline.generate(job.latents[None], pipeline.tokens(*_stack([job])))
+        alone = pipeline.generate(job.latents[None], job.tokens[None])
         # fp32 kernels pick batch-size-dependent algorithms, so "equal" is to float rounding: 0.05 of
         # 255 (measured ~0.01), far below one uint8 step.
         torch.testing.assert_close(together[i : i + 1], alone, atol=0.05, rtol=0)
@@ -334,11 +415,11 @@ def test_half_precision_as_on_a_gpu_matches_fp32(engine: Any, models_dir: Path, 
     from avatar_rtc.render.musetalk.models import load_models
     from avatar_rtc.render.musetalk.pipeline import FaceJob, MuseTalkPipeline
 
-    half = MuseTalkPipeline(load_models(models_dir, device="cpu", dtype="float16"), engine.windowing)
+    half = MuseTalkPipeline(load_models(models_dir, device="cpu", dtype="float16"))
     assert half.models.dtype == torch.float16
     faces = engine.template_faces(template)
     jobs = [
-        FaceJob(faces.latents[index], *_window(engine.windowing, _speech(1.0, seed), offset))
+        FaceJob(faces.latents[index], _tokens(engine, _speech(1.0, seed), offset))
         for index, seed, offset in ((0, 1, 0.2), (9, 2, 0.44))
     ]
     full_faces = np.stack(engine.pipeline.render(jobs)).astype(int)
@@ -403,8 +484,7 @@ def test_compiled_engine_warms_every_batch_size_then_never_recompiles(
 
         faces = engine.template_faces(template)
         jobs = [
-            FaceJob(faces.latents[i * 5], *_window(engine.windowing, _speech(1.0, i), 0.2 + 0.1 * i))
-            for i in range(3)
+            FaceJob(faces.latents[i * 5], _tokens(engine, _speech(1.0, i), 0.2 + 0.1 * i)) for i in range(3)
         ]
         for batch in (jobs, jobs[:2], jobs[:1]):  # 3 pads to 4; 2 and 1 are buckets themselves
             together = compiled.pipeline.render(batch)
@@ -442,7 +522,7 @@ def test_a_failing_compiler_leaves_the_engine_running_uncompiled(
         assert "no working C++ compiler" in caplog.text
         assert compiled.pipeline.buckets == () and compiled.pipeline.compile_mode is None
         faces = engine.template_faces(template)
-        job = FaceJob(faces.latents[0], *_window(engine.windowing, _speech(1.0), 0.3))
+        job = FaceJob(faces.latents[0], _tokens(engine, _speech(1.0), 0.3))
         assert np.array_equal(compiled.pipeline.render([job])[0], engine.pipeline.render([job])[0])
     finally:
         compiled.close()
@@ -466,13 +546,11 @@ def test_worker_runs_calls_on_its_own_thread() -> None:
         worker.run_on_worker(lambda: None)
 
 
-def _window(windowing: Any, pcm: np.ndarray, offset: float) -> tuple[np.ndarray, tuple[int, int]]:
-    window, lo, hi = windowing.window(pcm, offset)
-    return window, (lo, hi)
+def _tokens(engine: Any, pcm: np.ndarray, offset: float) -> Any:
+    """The (50, D) tokens of the frame ``offset`` seconds into the clip ``pcm``."""
+    from avatar_rtc.render.musetalk.features import ClipFeatures
 
-
-def _stack(jobs: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-    return np.stack([j.window for j in jobs]), np.array([j.valid for j in jobs])
+    return ClipFeatures(engine.pipeline.features).frame_tokens(pcm, [offset])[0]
 
 
 def test_worker_waits_for_a_batch_only_while_deadlines_allow() -> None:
@@ -667,3 +745,31 @@ async def test_a_failed_forward_shows_the_idle_frame_and_keeps_going(engine: Any
     assert [f.index for f in frames] == list(range(10))
     for frame in frames:
         assert np.array_equal(frame.image, template.frames[template.loop_index(frame.index)])
+
+
+def test_template_latents_are_upstreams_from_a_contiguous_nchw_batch(engine: Any, template: Template) -> None:
+    """Template latents against upstream's preprocessing (x / 255, the lower half zeroed, (x - 0.5) / 0.5,
+    one contiguous NCHW image) through the same VAE encoder, taking the distribution's mean where upstream
+    samples it. A channels-last view (a permute without .contiguous()) changes the encoder's GroupNorm
+    numerics: up to 8e-4 relative error even on the tiny VAE, 6.5e-3 on the real one."""
+    import torch
+
+    from avatar_rtc.render.musetalk.models import VAE_SCALING
+    from avatar_rtc.render.musetalk.prepare import face_box, face_crop
+
+    crops = np.stack(
+        [face_crop(template.frames[i], face_box(template.landmarks[i], template.size)) for i in (0, 11)]
+    )
+    mine = engine.pipeline.encode_faces(crops)
+    vae = engine.models.vae
+    errors = []
+    for crop, latents in zip(crops, mine, strict=True):
+        image = torch.from_numpy(crop.transpose(2, 0, 1).astype(np.float32) / 255.0)
+        masked = image.clone()
+        masked[:, 128:, :] = 0
+        for half, pixels in ((latents[:4], masked), (latents[4:], image)):
+            with torch.no_grad():
+                reference = vae.encode(((pixels - 0.5) / 0.5)[None]).latent_dist.mean[0] * VAE_SCALING
+            errors.append(_relative_error(half, reference.numpy()))
+    print(f"\ntemplate latents against upstream's preprocessing: relative L2 up to {max(errors):.1e}")
+    assert max(errors) <= 1e-5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import TypeVar
@@ -15,6 +16,7 @@ from avatar_rtc.render.base import Renderer
 from avatar_rtc.rtc.playout import Playout, SpokenSentence, Utterance
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class StageTimeoutError(RuntimeError):
@@ -95,11 +97,21 @@ class Speaker:
         render_pcm = resample_pcm(pcm, rate, render_rate)
         want = len(playout_pcm) // self._ratio
         render_pcm = np.pad(render_pcm, (0, max(0, want - len(render_pcm))))[:want]
+        first_start = 0.0
         for lo in range(0, len(playout_pcm), self._piece):
             piece = playout_pcm[lo : lo + self._piece]
             start = await self.playout.schedule_audio(piece, utterance)
-            r_lo = lo // self._ratio
-            self.renderer.push_audio(render_pcm[r_lo : r_lo + len(piece) // self._ratio], start)
+            if lo == 0:
+                # The renderer gets the chunk (a whole sentence from our TTS engines) at once: MuseTalk's
+                # features of a frame depend on all of its clip, so they are exact only for audio handed
+                # over whole. The playout places the later pieces right after it while speech is queued.
+                first_start = start
+                self.renderer.push_audio(render_pcm, start)
+            elif abs(start - (first_start + lo / out_rate)) > 0.5 / out_rate:
+                log.warning(
+                    "speech piece placed %.3f s late: the face runs ahead of the voice",
+                    start - first_start - lo / out_rate,
+                )
             if lo == 0:
                 # Known as soon as the chunk's first piece is placed, so a cut while later pieces wait
                 # for room still tells how much of this sentence was heard.

@@ -1,22 +1,25 @@
-"""Whisper audio features for MuseTalk, computed frame by frame as audio arrives.
+"""Whisper audio features for MuseTalk, computed the way upstream computes them for a file.
 
-Upstream runs whisper-tiny's encoder once over a whole file (30 s at a time, zero-padded), stacks the
-five hidden states to (T, 5, 384) at 50 steps/s, pads 4 zero steps in front and 12 behind, and gives
-frame f the padded steps [2f, 2f + 10) (:func:`window_frames`, the reference).
+Upstream (``AudioProcessor``) cuts a file into 30 s segments, lets Whisper's feature extractor pad each
+one to 30 s and normalise its log-mel over the padded segment (floor at max - 8, then (x + 4) / 4), and
+runs whisper-tiny's encoder over all 1,500 positions of each segment (absolute positions, attention
+across the whole segment). The five hidden states are stacked to (T, 5, D) at 50 steps/s, trimmed to
+floor(seconds * 50), padded with 4 zero steps in front and 12 behind, and frame f takes the padded
+steps [2f, 2f + 10) (:func:`window_frames`). The UNet was trained on exactly these features.
 
-A stream cannot wait for the whole file, and the encoder attends across its whole input, so here each
-frame's steps come from the encoder run over a fixed window of audio around the frame
-(:class:`FeatureWindowing`): ``left_context_steps`` before the frame's 10 steps and
-``right_context_steps`` after them. A frame therefore needs audio up to 6 + right_context steps past its
-own time (``lookahead_s``: 200 ms by default). Steps outside the utterance are zero, as upstream pads them.
-Because a frame's tokens depend only on the audio in its window, the streamed features equal the ones
-computed from the whole utterance at once, however the audio was chunked.
+Because the encoder attends across the whole segment, a frame's features depend on all the audio of
+its segment, not only on the ±120 ms around it. :class:`ClipFeatures` therefore computes them over a
+clip's audio *so far*: for a clip handed over whole (a TTS sentence, an uploaded recording) they are
+upstream's features of that clip; for an answer made of several sentences they are upstream's features
+of the answer up to the sentence just received, so later sentences see the earlier ones as context.
+Frames already rendered are never recomputed. Audio that truly arrives piecemeal gets the same
+computation over what has arrived when a frame is due (``lookahead_s`` after it): a stated
+approximation, measured against the whole-clip features in tests/test_musetalk.py.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,98 +35,55 @@ BACK_PAD_STEPS = 12  # ... and after the last: 3 frames x 2 steps of right conte
 FRAME_STEPS = 10  # steps per frame window
 HIDDEN_STATES = 5  # embedding output + 4 encoder layers (the last after the final layer norm)
 TOKENS_PER_FRAME = FRAME_STEPS * HIDDEN_STATES
-UPSTREAM_CHUNK_S = 30  # whisper's window; upstream encodes longer audio in 30 s pieces
+SEGMENT_SECONDS = 30  # whisper's window; upstream encodes longer audio in 30 s segments
+SEGMENT_SAMPLES = SEGMENT_SECONDS * SAMPLE_RATE
 
 
-def frame_start_step(frame: int, fps: int) -> int:
-    """First padded step of frame ``frame``'s window (2f at 25 fps; the nearest step at other rates)."""
-    return math.floor(frame * STEPS_PER_SECOND / fps + 0.5)
+def frame_start_step(offset_s: float) -> int:
+    """First padded step of the window of the frame ``offset_s`` into its clip (2f at 25 fps)."""
+    return math.floor(offset_s * STEPS_PER_SECOND + 0.5)
+
+
+def lookahead_s(right_context_steps: int = 0) -> float:
+    """Audio a frame of a piecemeal stream waits for after its own time: its window's last step ends
+    6 steps (120 ms) after it, ``right_context_steps`` more give the encoder some of what follows, and
+    half a step covers rounding the frame time to a step."""
+    return (FRAME_STEPS - FRONT_PAD_STEPS + right_context_steps + 0.5) / STEPS_PER_SECOND
+
+
+def step_count(samples: int) -> int:
+    """Upstream's trim: floor(seconds * 50) feature steps for ``samples`` of audio."""
+    return samples // SAMPLES_PER_STEP
 
 
 def window_frames(states: np.ndarray, n_frames: int, fps: int = 25) -> np.ndarray:
     """Upstream's windowing: (T, 5, D) states -> (n_frames, 50, D) tokens, time-major (step, then state)."""
-    steps, n_states, width = states.shape
-    front = np.zeros((FRONT_PAD_STEPS, n_states, width), states.dtype)
-    back = np.zeros((BACK_PAD_STEPS, n_states, width), states.dtype)
-    padded = np.concatenate([front, states, back])
-    tokens = np.empty((n_frames, FRAME_STEPS * n_states, width), states.dtype)
-    for frame in range(n_frames):
-        start = frame_start_step(frame, fps)
-        window = padded[start : start + FRAME_STEPS]
-        if len(window) != FRAME_STEPS:
-            raise ValueError(f"frame {frame} lies beyond {steps} feature steps")
-        tokens[frame] = window.reshape(-1, width)
-    return tokens
+    padded = pad_steps(torch.from_numpy(states))
+    starts = [frame_start_step(frame / fps) for frame in range(n_frames)]
+    if starts and starts[-1] + FRAME_STEPS > padded.shape[0]:
+        raise ValueError(f"frame {n_frames - 1} lies beyond {states.shape[0]} feature steps")
+    return select_windows(padded, starts).numpy()
 
 
-@dataclass(frozen=True)
-class FeatureWindowing:
-    """The audio window each frame's features are computed from (see the module docstring)."""
-
-    left_context_steps: int = 20
-    right_context_steps: int = 4
-
-    @property
-    def window_steps(self) -> int:
-        return self.left_context_steps + FRAME_STEPS + self.right_context_steps
-
-    @property
-    def window_samples(self) -> int:
-        return self.window_steps * SAMPLES_PER_STEP
-
-    @property
-    def before_s(self) -> float:
-        """Audio a window holds before its frame's own time."""
-        return (FRONT_PAD_STEPS + self.left_context_steps) / STEPS_PER_SECOND
-
-    @property
-    def lookahead_s(self) -> float:
-        """Audio a frame needs after its own time: its last step ends 6 steps (120 ms) after it, the
-        encoder's right context follows, and half a step covers rounding the frame time to a step."""
-        after_steps = FRAME_STEPS - FRONT_PAD_STEPS + self.right_context_steps + 0.5
-        return after_steps / STEPS_PER_SECOND
-
-    def first_step(self, offset_s: float) -> int:
-        """Utterance step where the window of the frame at ``offset_s`` into the utterance begins."""
-        padded_start = math.floor(offset_s * STEPS_PER_SECOND + 0.5)
-        return padded_start - FRONT_PAD_STEPS - self.left_context_steps
-
-    def window(self, pcm: np.ndarray, offset_s: float) -> tuple[np.ndarray, int, int]:
-        """The window for the frame at ``offset_s`` into an utterance whose audio so far is ``pcm``
-        (int16 or float32 in [-1, 1]): float32 samples (zero outside the audio) and the range of window
-        steps [lo, hi) that lie inside the utterance's complete steps."""
-        first = self.first_step(offset_s)
-        lo = first * SAMPLES_PER_STEP
-        window = np.zeros(self.window_samples, np.float32)
-        src_lo, src_hi = max(lo, 0), min(lo + self.window_samples, len(pcm))
-        if src_hi > src_lo:
-            chunk = pcm[src_lo:src_hi]
-            if chunk.dtype == np.int16:
-                chunk = chunk.astype(np.float32) * (1.0 / 32768.0)
-            window[src_lo - lo : src_hi - lo] = chunk
-        complete_steps = len(pcm) // SAMPLES_PER_STEP
-        valid_lo = min(max(-first, 0), self.window_steps)
-        valid_hi = min(max(complete_steps - first, 0), self.window_steps)
-        return window, valid_lo, valid_hi
-
-    def windows(self, pcm: np.ndarray, offsets_s: list[float]) -> tuple[np.ndarray, np.ndarray]:
-        """Windows for many frames of one complete utterance: (F, samples) audio, (F, 2) valid ranges."""
-        parts = [self.window(pcm, offset) for offset in offsets_s]
-        audio = np.stack([p[0] for p in parts]) if parts else np.zeros((0, self.window_samples), np.float32)
-        valid = np.array([(p[1], p[2]) for p in parts], np.int64).reshape(-1, 2)
-        return audio, valid
+def pad_steps(states: torch.Tensor) -> torch.Tensor:
+    """(T, 5, D) -> (4 + T + 12, 5, D): upstream's zero steps around the trimmed states."""
+    front = states.new_zeros((FRONT_PAD_STEPS, *states.shape[1:]))
+    back = states.new_zeros((BACK_PAD_STEPS, *states.shape[1:]))
+    return torch.cat([front, states, back])
 
 
-def select_frame_steps(states: torch.Tensor, valid: torch.Tensor, left_context_steps: int) -> torch.Tensor:
-    """(B, W, 5, D) window states -> (B, 50, D): the frame's 10 steps after the left context, time-major,
-    zero where a step lies outside the window's valid range [valid[:, 0], valid[:, 1])."""
-    left = left_context_steps
-    frame_states = states[:, left : left + FRAME_STEPS]
-    steps = torch.arange(left, left + FRAME_STEPS, device=states.device)
-    valid = valid.to(states.device)
-    inside = (steps[None, :] >= valid[:, :1]) & (steps[None, :] < valid[:, 1:])
-    frame_states = frame_states * inside[:, :, None, None].to(states.dtype)
-    return frame_states.reshape(states.shape[0], FRAME_STEPS * states.shape[2], states.shape[-1])
+def select_windows(padded: torch.Tensor, starts: list[int]) -> torch.Tensor:
+    """Frame tokens (F, 50, D) from padded states (P, 5, D): steps [start, start + 10) of each frame,
+    time-major; steps past the end of ``padded`` are zero (a frame whose window reaches past the audio
+    known so far)."""
+    steps, states, width = padded.shape
+    needed = max((start + FRAME_STEPS for start in starts), default=0)
+    if needed > steps:
+        padded = torch.cat([padded, padded.new_zeros((needed - steps, states, width))])
+    index = torch.tensor(starts, device=padded.device)[:, None] + torch.arange(
+        FRAME_STEPS, device=padded.device
+    )
+    return padded[index].reshape(len(starts), FRAME_STEPS * states, width)
 
 
 def positional_encoding(length: int, width: int) -> torch.Tensor:
@@ -136,16 +96,27 @@ def positional_encoding(length: int, width: int) -> torch.Tensor:
     return encoding
 
 
-class WhisperFeatures:
-    """Whisper's log-mel front end and encoder hidden states, batched, on the models' device."""
+def as_float_audio(pcm: np.ndarray) -> np.ndarray:
+    """int16 or float samples -> float32 in [-1, 1] (int16 / 32768, as soundfile and librosa read it)."""
+    if pcm.dtype == np.int16:
+        return pcm.astype(np.float32) * (1.0 / 32768.0)
+    return pcm.astype(np.float32, copy=False)
 
-    def __init__(self, models: MuseTalkModels, windowing: FeatureWindowing | None = None) -> None:
+
+class WhisperFeatures:
+    """Whisper's log-mel front end and encoder hidden states on the models' device: upstream's features
+    for whole 30 s segments."""
+
+    def __init__(self, models: MuseTalkModels) -> None:
         self.models = models
-        self.windowing = windowing or FeatureWindowing()
         self._window = torch.hann_window(models.n_fft, periodic=True, device=models.device)
-        encoder: nn.Module = models.whisper
-        self._encoder = encoder
-        self.max_steps = int(encoder.config.max_source_positions)
+        self._encoder: nn.Module = models.whisper
+        self.positions = int(models.whisper.config.max_source_positions)
+        mel_frames = self.positions * self._encoder.conv1.stride[0] * self._encoder.conv2.stride[0]
+        if mel_frames * models.hop_length != SEGMENT_SAMPLES:
+            raise ValueError(
+                f"whisper's {self.positions} positions do not cover {SEGMENT_SECONDS} s of audio"
+            )
 
     def log_mel(self, audio: torch.Tensor) -> torch.Tensor:
         """(B, S) float32 samples -> (B, n_mels, S // hop) Whisper log-mel, each row normalised alone.
@@ -168,43 +139,78 @@ class WhisperFeatures:
         return (torch.maximum(log_spec, floor) + 4.0) / 4.0
 
     @torch.inference_mode()
-    def hidden_states(self, audio: torch.Tensor) -> torch.Tensor:
-        """(B, S) samples (S a multiple of 320) -> (B, S // 320, 5, D) stacked encoder hidden states."""
-        if audio.shape[-1] % SAMPLES_PER_STEP:
-            raise ValueError(f"audio length {audio.shape[-1]} is not a whole number of 20 ms steps")
+    def segment_states(self, audio: np.ndarray) -> torch.Tensor:
+        """Upstream's states for one segment of at most 30 s (float32 samples): zero-padded to 30 s,
+        normalised over the padded segment, encoded at all positions -> (1500, 5, D) in the models'
+        dtype on their device (untrimmed: the caller trims to the clip's length)."""
+        if len(audio) > SEGMENT_SAMPLES:
+            raise ValueError(f"a segment holds at most {SEGMENT_SECONDS} s of audio")
+        padded = torch.zeros(1, SEGMENT_SAMPLES, device=self.models.device)
+        padded[0, : len(audio)] = torch.from_numpy(np.ascontiguousarray(audio)).to(self.models.device)
+        mel = self.log_mel(padded).to(self.models.dtype)
         encoder = self._encoder
-        mel = self.log_mel(audio.to(self.models.device)).to(self.models.dtype)
-        # transformers' forward insists on exactly 30 s of input; the layers themselves do not, so run
-        # them directly over the window (positions from 0, as for audio at the start of a file).
+        # The encoder's own layers, as its forward with output_hidden_states runs them: the embedding
+        # output, then each layer's, the last after the final layer norm.
         x = nn.functional.gelu(encoder.conv1(mel))
         x = nn.functional.gelu(encoder.conv2(x)).permute(0, 2, 1)
-        steps = x.shape[1]
-        if steps > self.max_steps:
-            raise ValueError(f"{steps} steps exceed whisper's {self.max_steps} positions")
-        hidden = x + encoder.embed_positions.weight[:steps]
+        hidden = x + encoder.embed_positions.weight[: x.shape[1]]
         states = [hidden]
         for layer in encoder.layers:
             output = layer(hidden, None)
             hidden = output[0] if isinstance(output, tuple) else output
             states.append(hidden)
         states[-1] = encoder.layer_norm(hidden)
-        return torch.stack(states, dim=2)
+        return torch.stack(states, dim=2)[0]
 
-    def frame_tokens(self, windows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Per-frame tokens (B, 50, D) from :class:`FeatureWindowing` windows (B, S) and their valid step
-        ranges (B, 2): the frame's 10 steps x 5 states, zero for steps outside the utterance."""
-        return select_frame_steps(self.hidden_states(windows), valid, self.windowing.left_context_steps)
+    def clip_states(self, pcm: np.ndarray) -> torch.Tensor:
+        """Upstream's states for a whole clip: (floor(seconds * 50), 5, D)."""
+        return ClipFeatures(self).states(pcm)
 
-    def whole_file_states(self, pcm: np.ndarray) -> np.ndarray:
-        """Upstream's features for a whole recording: (floor(seconds * 50), 5, D) float32, encoded 30 s
-        at a time with each piece zero-padded to the full window."""
-        audio = pcm.astype(np.float32) / 32768.0 if pcm.dtype == np.int16 else pcm.astype(np.float32)
-        chunk = self.max_steps * SAMPLES_PER_STEP
-        pieces = []
-        for lo in range(0, max(len(audio), 1), chunk):
-            padded = np.zeros(chunk, np.float32)
-            part = audio[lo : lo + chunk]
-            padded[: len(part)] = part
-            pieces.append(self.hidden_states(torch.from_numpy(padded)[None])[0].float().cpu().numpy())
-        states = np.concatenate(pieces)
-        return states[: len(audio) * STEPS_PER_SECOND // SAMPLE_RATE]
+    def clip_tokens(self, pcm: np.ndarray, fps: int = 25) -> torch.Tensor:
+        """Upstream's per-frame tokens for a whole clip: (floor(seconds * fps), 50, D)."""
+        n_frames = len(pcm) * fps // SAMPLE_RATE
+        return ClipFeatures(self).frame_tokens(pcm, [frame / fps for frame in range(n_frames)])
+
+
+class ClipFeatures:
+    """Upstream's features of one clip whose audio grows (an answer, sentence by sentence).
+
+    Complete 30 s segments are encoded once; the last, partial segment again whenever frames are asked
+    for with more audio than it was encoded with. Callers ask only for frames not yet rendered, so a
+    frame's features come from the clip as it stood when the frame was generated.
+    """
+
+    def __init__(self, features: WhisperFeatures) -> None:
+        self.features = features
+        self._complete: list[torch.Tensor] = []  # states of the segments that are full
+        self._partial: tuple[int, torch.Tensor] | None = None  # (samples encoded, states)
+        self.encodes = 0  # encoder runs so far (the bench and tests read it)
+
+    def states(self, pcm: np.ndarray) -> torch.Tensor:
+        """(floor(len(pcm) / 320), 5, D) states of the clip whose audio so far is ``pcm``."""
+        audio = as_float_audio(pcm)
+        while len(self._complete) < len(audio) // SEGMENT_SAMPLES:
+            lo = len(self._complete) * SEGMENT_SAMPLES
+            self._complete.append(self._encode(audio[lo : lo + SEGMENT_SAMPLES]))
+            self._partial = None
+        rest = audio[len(self._complete) * SEGMENT_SAMPLES :]
+        parts = list(self._complete)
+        if len(rest):
+            if self._partial is None or self._partial[0] != len(rest):
+                self._partial = (len(rest), self._encode(rest))
+            parts.append(self._partial[1])
+        if not parts:
+            width = self.features.models.feature_width
+            empty = torch.zeros((0, HIDDEN_STATES, width), device=self.features.models.device)
+            return empty.to(self.features.models.dtype)
+        return torch.cat(parts)[: step_count(len(audio))]
+
+    def frame_tokens(self, pcm: np.ndarray, offsets_s: list[float]) -> torch.Tensor:
+        """(F, 50, D) tokens of the frames ``offsets_s`` seconds into the clip whose audio so far is
+        ``pcm``: upstream's window of padded steps, zero where it reaches past the audio."""
+        padded = pad_steps(self.states(pcm))
+        return select_windows(padded, [frame_start_step(offset) for offset in offsets_s])
+
+    def _encode(self, audio: np.ndarray) -> torch.Tensor:
+        self.encodes += 1
+        return self.features.segment_states(audio)

@@ -1,4 +1,4 @@
-"""One MuseTalk step for a batch of frames: audio windows -> tokens -> UNet at t=0 -> VAE decode -> faces."""
+"""One MuseTalk step for a batch of frames: tokens + template latents -> UNet at t=0 -> VAE decode -> face."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from avatar_rtc.render.musetalk.features import FeatureWindowing, WhisperFeatures, positional_encoding
+from avatar_rtc.render.musetalk.features import WhisperFeatures, positional_encoding
 from avatar_rtc.render.musetalk.models import VAE_SCALING, MuseTalkModels
 
 FACE_SIZE = 256
@@ -47,33 +47,30 @@ def pad_batch(tensor: torch.Tensor, size: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class FaceJob:
-    """One frame to generate: which cached template latents, and the audio window around the frame."""
+    """One frame to generate: which cached template latents, and the frame's audio tokens."""
 
     latents: torch.Tensor  # (8, 32, 32) on the models' device, [masked target, reference]
-    window: np.ndarray  # float32 samples, FeatureWindowing.window_samples long
-    valid: tuple[int, int]  # window steps inside the utterance
+    tokens: torch.Tensor  # (50, D) whisper tokens (features.ClipFeatures), no positional encoding yet
 
 
 @dataclass
 class StageTimes:
     """Seconds spent per stage, summed over calls (the bench reads them)."""
 
-    features: float = 0.0
     unet: float = 0.0
     vae: float = 0.0
     frames: int = 0
     batches: int = 0
 
     def reset(self) -> None:
-        self.features = self.unet = self.vae = 0.0
+        self.unet = self.vae = 0.0
         self.frames = self.batches = 0
 
 
 class MuseTalkPipeline:
-    def __init__(self, models: MuseTalkModels, windowing: FeatureWindowing | None = None) -> None:
+    def __init__(self, models: MuseTalkModels) -> None:
         self.models = models
-        self.features = WhisperFeatures(models, windowing)
-        self.windowing = self.features.windowing
+        self.features = WhisperFeatures(models)
         width = models.feature_width
         self._positions = positional_encoding(50, width).to(models.device, models.dtype)
         self.times = StageTimes()
@@ -122,12 +119,17 @@ class MuseTalkPipeline:
     @torch.inference_mode()
     def encode_faces(self, faces_rgb: np.ndarray, batch: int = 8) -> np.ndarray:
         """Template latents (N, 8, 32, 32) float32 from (N, 256, 256, 3) uint8 RGB face crops: the lower
-        half masked, then both copies through the VAE encoder (distribution mean, x 0.18215)."""
+        half masked, then both copies through the VAE encoder, x 0.18215.
+
+        The latent distribution's mean, where upstream draws a sample from it: the same template frame
+        always gives the same latents, so they can be cached and compared."""
         models = self.models
         out = []
         for lo in range(0, len(faces_rgb), batch):
             pixels = torch.from_numpy(np.ascontiguousarray(faces_rgb[lo : lo + batch])).to(models.device)
-            pixels = pixels.permute(0, 3, 1, 2).to(models.dtype)
+            # Contiguous NCHW: a permuted (channels-last) view changes the encoder's GroupNorm numerics on
+            # CPU enough to move the masked half-image's latents by 0.65 %.
+            pixels = pixels.permute(0, 3, 1, 2).contiguous().to(models.dtype)
             masked = pixels.clone()
             masked[:, :, FACE_SIZE // 2 :, :] = 0
             both = torch.cat([masked, pixels]) / 127.5 - 1.0
@@ -135,12 +137,6 @@ class MuseTalkPipeline:
             n = pixels.shape[0]
             out.append(torch.cat([latents[:n], latents[n:]], dim=1).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 8, LATENT_SIZE, LATENT_SIZE), np.float32)
-
-    @torch.inference_mode()
-    def tokens(self, windows: np.ndarray, valid: np.ndarray) -> torch.Tensor:
-        """(B, 50, D) audio tokens, positional encoding not yet added."""
-        audio = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(self.models.device)
-        return self.features.frame_tokens(audio, torch.from_numpy(np.asarray(valid, np.int64)))
 
     @torch.inference_mode()
     def generate(self, latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -171,12 +167,7 @@ class MuseTalkPipeline:
     @torch.inference_mode()
     def render(self, jobs: Sequence[FaceJob]) -> list[np.ndarray]:
         """The batched forward the worker runs: one face per job, (256, 256, 3) uint8 BGR."""
-        start = time.perf_counter()
-        windows = np.stack([job.window for job in jobs])
-        valid = np.array([job.valid for job in jobs], np.int64)
-        tokens = self.tokens(windows, valid)
-        self._sync()
-        self.times.features += time.perf_counter() - start
+        tokens = torch.stack([job.tokens for job in jobs])
         latents = torch.stack([job.latents for job in jobs])
         faces = self.generate(latents, tokens)
         # Round, then BGR (the project's image order) on the device: one small copy back per batch.

@@ -2,10 +2,13 @@
 device, template data cached per template), one light renderer per session.
 
 A session's frames follow the same streaming rules as the warp renderer (:class:`StreamingRenderer`):
-a frame is generated once ``lookahead_s`` of audio after it is known (feature right-context, see
-:mod:`.features`) or its utterance is flushed. Its audio window goes to the shared worker with the
-frame's deadline; the worker batches frames of all sessions into one UNet + VAE forward; the generated
-face comes back to this session alone and is composited on the CPU (:mod:`avatar_rtc.avatar.blend`).
+a frame is generated once ``lookahead_s`` of audio after it is known or its audio is flushed. Its
+whisper tokens are upstream's features of the answer so far (:class:`ClipFeatures`): audio that
+continues where the last audio ended, flushed or not, belongs to the same answer, so a sentence sees
+the sentences before it. A frame is generated once and never changed; its tokens and the cached
+template latents go to the shared worker with the frame's deadline; the worker batches frames of all
+sessions into one UNet + VAE forward; the generated face comes back to this session alone and is
+composited on the CPU (:mod:`avatar_rtc.avatar.blend`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from avatar_rtc.render.stream import FrameJob, StreamingRenderer, _Segment
 if TYPE_CHECKING:
     import torch
 
+    from avatar_rtc.render.musetalk.features import ClipFeatures
     from avatar_rtc.render.musetalk.models import MuseTalkModels
     from avatar_rtc.render.musetalk.pipeline import FaceJob, MuseTalkPipeline
 
@@ -46,11 +50,44 @@ def quality_event(level: str, renderer: str) -> dict[str, Any]:
     return {"type": "quality", "level": level, "renderer": renderer}
 
 
+class Answer:
+    """Continuous speech: audio pushed without a gap since the last break, and its whisper features.
+
+    Appended to on the event loop, read by the session's render thread: the lock guards the chunks."""
+
+    def __init__(self, start: float, sample_rate: int, features: ClipFeatures) -> None:
+        self.start = start
+        self.sample_rate = sample_rate
+        self.features = features
+        self.samples = 0
+        self._chunks: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    @property
+    def end(self) -> float:
+        return self.start + self.samples / self.sample_rate
+
+    def append(self, pcm: np.ndarray) -> None:
+        with self._lock:
+            self._chunks.append(pcm)
+            self.samples += len(pcm)
+
+    def audio(self, samples: int) -> np.ndarray:
+        """The first ``samples`` samples (int16)."""
+        with self._lock:
+            if len(self._chunks) > 1:
+                self._chunks = [np.concatenate(self._chunks)]
+            whole = self._chunks[0] if self._chunks else np.zeros(0, np.int16)
+        return whole[:samples]
+
+
 @dataclass(frozen=True)
 class MuseTalkFrameJob(FrameJob):
-    """A frame job whose ``audio`` is the feature window (see FeatureWindowing.window)."""
+    """A frame job: its features are the answer's, computed over the audio known when the job was made
+    (``audio`` is unused)."""
 
-    valid: tuple[int, int] = (0, 0)
+    answer: Answer | None = None
+    known_samples: int = 0
 
 
 class TemplateFaces:
@@ -72,13 +109,11 @@ class MuseTalkRenderer(StreamingRenderer):
 
     def __init__(self, engine: MuseTalkEngine, template: Template, faces: TemplateFaces) -> None:
         super().__init__(template)
-        windowing = engine.windowing
         self.engine = engine
         self.faces = faces
-        self.windowing = windowing
-        self.lookahead_s = windowing.lookahead_s
-        self.window_before_s = windowing.before_s
+        self.lookahead_s = engine.lookahead_s
         self.max_batch = engine.session_batch
+        self._answer: Answer | None = None
         # Set by the session: media time now (MediaClock.now; called from worker threads), so frames carry
         # their real deadlines, and where to send events. Without a clock a frame is due
         # ``engine.latency_budget_s`` after its submission.
@@ -101,12 +136,46 @@ class MuseTalkRenderer(StreamingRenderer):
         worker = self.engine.worker
         return worker.wait_s + worker.expected_forward_s(worker.max_batch)
 
+    def push_audio(self, pcm: np.ndarray, media_time: float) -> None:
+        super().push_audio(pcm, media_time)  # checks the samples, schedules the frames
+        from avatar_rtc.render.musetalk.features import ClipFeatures
+
+        answer = self._answer
+        # Contiguous audio continues the answer even after a flush (the next sentence of the same
+        # reply): its frames then see the sentences before it, as upstream's would in one file.
+        if answer is None or abs(answer.end - media_time) > 0.5 / self.sample_rate:
+            answer = self._answer = Answer(
+                media_time, self.sample_rate, ClipFeatures(self.engine.pipeline.features)
+            )
+        answer.append(pcm)
+
     def _job(self, seg: _Segment, index: int) -> MuseTalkFrameJob:
-        window, valid_lo, valid_hi = self.windowing.window(seg.pcm(), index / self.fps - seg.start)
-        return MuseTalkFrameJob(index, self.template.loop_index(index), window, (valid_lo, valid_hi))
+        answer = self._answer
+        assert answer is not None  # a segment exists only after audio was pushed
+        no_audio = np.zeros(0, np.float32)
+        return MuseTalkFrameJob(index, self.template.loop_index(index), no_audio, answer, answer.samples)
+
+    def frame_tokens(self, jobs: Sequence[FrameJob]) -> list[torch.Tensor]:
+        """Each job's (50, D) tokens: upstream's features of its answer as far as it was known when the
+        job was made (one encoder run for the jobs of one batch)."""
+        tokens: list[torch.Tensor | None] = [None] * len(jobs)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for position, job in enumerate(jobs):
+            assert isinstance(job, MuseTalkFrameJob) and job.answer is not None
+            groups.setdefault((id(job.answer), job.known_samples), []).append(position)
+        for positions in groups.values():
+            first = jobs[positions[0]]
+            assert isinstance(first, MuseTalkFrameJob) and first.answer is not None
+            answer = first.answer
+            offsets = [jobs[p].index / self.fps - answer.start for p in positions]
+            batch = answer.features.frame_tokens(answer.audio(first.known_samples), offsets)
+            for p, row in zip(positions, batch, strict=True):
+                tokens[p] = row
+        return [t for t in tokens if t is not None]
 
     def clear(self) -> None:
         super().clear()
+        self._answer = None
         with self._lock:
             in_flight, self._in_flight = self._in_flight, set()
         for future in in_flight:
@@ -120,35 +189,37 @@ class MuseTalkRenderer(StreamingRenderer):
 
     def render_batch(self, jobs: Sequence[FrameJob]) -> list[np.ndarray]:
         half_rate = self.engine.policy.level_index >= HALF_RATE
+        tokens = self.frame_tokens(jobs)
         futures: list[concurrent.futures.Future[np.ndarray] | None] = []
-        for job in jobs:
+        for job, job_tokens in zip(jobs, tokens, strict=True):
             if half_rate and job.index % 2 == 1:
                 futures.append(None)  # repeats the frame before it
                 continue
-            futures.append(self._submit(job))
+            futures.append(self._submit(job, job_tokens))
         images: list[np.ndarray] = []
-        for job, future in zip(jobs, futures, strict=True):
-            image = self._image(job, future)
+        for job, job_tokens, future in zip(jobs, tokens, futures, strict=True):
+            image = self._image(job, job_tokens, future)
             self._last_image = (job.index, image)
             images.append(image)
         return images
 
-    def _submit(self, job: FrameJob) -> concurrent.futures.Future[np.ndarray]:
+    def _submit(self, job: FrameJob, tokens: torch.Tensor) -> concurrent.futures.Future[np.ndarray]:
         from avatar_rtc.render.musetalk.pipeline import FaceJob
 
-        assert isinstance(job, MuseTalkFrameJob)
-        face_job = FaceJob(self.faces.latents[job.template_index], job.audio, job.valid)
+        face_job = FaceJob(self.faces.latents[job.template_index], tokens)
         future = self.engine.worker.submit(face_job, self._deadline(job.index))
         with self._lock:
             self._in_flight.add(future)
         return future
 
-    def _image(self, job: FrameJob, future: concurrent.futures.Future[np.ndarray] | None) -> np.ndarray:
+    def _image(
+        self, job: FrameJob, tokens: torch.Tensor, future: concurrent.futures.Future[np.ndarray] | None
+    ) -> np.ndarray:
         if future is None:
             last = self._last_image
             if last is not None and last[0] == job.index - 1:
                 return last[1]
-            future = self._submit(job)  # nothing to repeat: the utterance started on an odd frame
+            future = self._submit(job, tokens)  # nothing to repeat: the utterance started on an odd frame
         try:
             face = future.result()
         except concurrent.futures.CancelledError:
@@ -230,7 +301,6 @@ class MuseTalkEngine:
         max_wait_s: float = 0.008,
         session_batch: int = 8,
         latency_budget_s: float = 0.3,
-        feature_left_context_steps: int = 20,
         feature_right_context_steps: int = 4,
         policy: QualityPolicy | None = None,
         fallback: RendererEngine | None = None,
@@ -240,16 +310,16 @@ class MuseTalkEngine:
         if models is None:
             layout.require_files(Path(models_dir))
         layout.require_packages()
-        from avatar_rtc.render.musetalk.features import FeatureWindowing
+        from avatar_rtc.render.musetalk.features import lookahead_s
         from avatar_rtc.render.musetalk.models import load_models
         from avatar_rtc.render.musetalk.pipeline import MuseTalkPipeline
 
         self.models = models if models is not None else load_models(Path(models_dir), device, dtype)
-        windowing = FeatureWindowing(feature_left_context_steps, feature_right_context_steps)
-        self.pipeline: MuseTalkPipeline = MuseTalkPipeline(self.models, windowing)
+        self.pipeline: MuseTalkPipeline = MuseTalkPipeline(self.models)
         if compile_mode != "off":
             self.pipeline.compile(compile_mode, max_batch)
-        self.windowing = self.pipeline.windowing
+        # Only audio that arrives piecemeal waits for it: a sentence handed over whole is flushed.
+        self.lookahead_s = lookahead_s(feature_right_context_steps)
         self.session_batch = session_batch
         self.latency_budget_s = latency_budget_s
         self.policy = policy or QualityPolicy()
@@ -274,11 +344,10 @@ class MuseTalkEngine:
 
         from avatar_rtc.render.musetalk.pipeline import LATENT_SIZE, FaceJob
 
-        windowing = self.windowing
+        on_device = {"device": self.models.device, "dtype": self.models.dtype}
         silence = FaceJob(
-            torch.zeros(8, LATENT_SIZE, LATENT_SIZE, device=self.models.device, dtype=self.models.dtype),
-            np.zeros(windowing.window_samples, np.float32),
-            (0, windowing.window_steps),
+            torch.zeros(8, LATENT_SIZE, LATENT_SIZE, **on_device),  # type: ignore[arg-type]
+            torch.zeros(50, self.models.feature_width, **on_device),  # type: ignore[arg-type]
         )
         started = time.perf_counter()
         mode = self.pipeline.compile_mode
