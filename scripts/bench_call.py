@@ -102,7 +102,9 @@ async def run_calls(
         rss = proc_rss_mb(pid)
         stats = []
         for r in receivers:
-            async with http.get(f"{url}/api/sessions/{r.session_id}/stats", headers=r.session_headers) as resp:
+            async with http.get(
+                f"{url}/api/sessions/{r.session_id}/stats", headers=r.session_headers
+            ) as resp:
                 stats.append(await resp.json())
     for r, sent_at in sends:
         d = first_speech_delay(r, sent_at)
