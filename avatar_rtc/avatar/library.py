@@ -329,10 +329,11 @@ class TemplateLibrary:
             if replaced:
                 raise TemplateCacheError(f"template {template_id!r} is being prepared again")
             self.store.add_extras(template_id, extras, based_on=manifest)
-        except TemplateCacheError as exc:
-            # Extras for frames that are no longer the cached ones: good for whoever holds those frames
-            # now, not for the cache (the new version gets its own).
-            log.warning("%s: renderer data for %r not stored", exc, template_id)
+        except (TemplateCacheError, OSError) as exc:
+            # Replaced meanwhile (extras for frames that are no longer the cached ones), or the disk
+            # refused the write (the cache is left as it was): good for whoever holds these frames now,
+            # not for the cache.
+            log.warning("renderer data for template %r not stored: %s", template_id, exc)
             return completed
         with self._lock:
             if self._ram.get(template_id) is template:
