@@ -54,6 +54,9 @@ class MuseTalkSettings(BaseModel):
     session_batch: int = Field(8, ge=1, le=32)
     # The deadline of a frame when its renderer has no media clock (offline rendering).
     latency_budget_ms: int = Field(300, ge=10, le=5000)
+    # Device memory for templates' latents (the GPU tier): about 32 KiB per frame in float32, 16 in
+    # float16. Least recently used templates leave first; the ones live calls show never do.
+    vram_budget_mb: float = Field(2048, gt=0)
     # For audio that arrives piecemeal (not a sentence at a time): how many 20 ms steps past a frame's
     # own window it waits for, so the encoder sees some of what follows (lookahead 120 ms + 20 ms each).
     feature_right_context_steps: int = Field(4, ge=0, le=50)

@@ -130,6 +130,7 @@ def build_renderer(settings: Settings) -> RendererEngine:
                 max_wait_s=mt.max_wait_ms / 1000,
                 session_batch=mt.session_batch,
                 latency_budget_s=mt.latency_budget_ms / 1000,
+                vram_budget_mb=mt.vram_budget_mb,
                 feature_right_context_steps=mt.feature_right_context_steps,
                 fallback=warp,
             )
@@ -162,11 +163,11 @@ def build_library(settings: Settings, renderer: RendererEngine) -> TemplateLibra
     from avatar_rtc.avatar.library import library_from_settings
 
     library = library_from_settings(settings, renderer)
-    default = library.ensure_default()
-    # A renderer with per-template data (MuseTalk's latents) computes it now, not on the first call.
-    template_faces = getattr(renderer, "template_faces", None)
-    if template_faces is not None:
-        template_faces(default)
+    library.ensure_default()
+    # A renderer with per-template data (MuseTalk's latents) gets it for the default template now, not on
+    # the first call: computed and cached once if the template was prepared without it, then warmed.
+    library.complete_extras(library.default_id)
+    library.warm(library.default_id)
     return library
 
 

@@ -49,6 +49,14 @@ def engine(models_dir: Path) -> Iterator[Any]:
     engine.close()
 
 
+@pytest.fixture(scope="module")
+def ready_template(engine: Any, template: Template) -> Template:
+    """``template`` with its MuseTalk extras, as preparation (or the library's completion) stores them."""
+    import dataclasses
+
+    return dataclasses.replace(template, extras=engine.template_extras(template))
+
+
 def _speech(seconds: float, seed: int = 0) -> np.ndarray:
     """Syllable-like bursts of a harmonic buzz: int16 mono at 16 kHz."""
     rng = np.random.default_rng(seed)
@@ -360,14 +368,14 @@ def test_template_data_box_crop_and_mask(template: Template) -> None:
 def test_template_data_round_trips_through_the_store(engine: Any, template: Template, tmp_path: Path) -> None:
     from avatar_rtc.render.musetalk.prepare import has_current_data, musetalk_template_data
 
-    data = musetalk_template_data(template, engine.pipeline)
+    data = musetalk_template_data(template, engine.pipeline, engine.latents_key)
     assert data["musetalk_latents"].shape == (template.frame_count, 8, 32, 32)
     stored = Template(template.id, template.fps, template.frames, template.landmarks, extras=data)
     store = TemplateStore(tmp_path)
     store.save(stored)
     loaded = store.load(template.id)
-    assert has_current_data(loaded, engine.models.vae_id)
-    assert not has_current_data(loaded, "0" * 16)  # another VAE: recompute
+    assert has_current_data(loaded, engine.latents_key)
+    assert not has_current_data(loaded, "0" * 32)  # another VAE or dtype: recompute
     faces = engine.template_faces(loaded)
     np.testing.assert_array_equal(faces.latents.numpy(), data["musetalk_latents"])
 
@@ -648,10 +656,10 @@ async def _collect(renderer: Any, audio: np.ndarray, start: float, piece: int = 
     return frames
 
 
-async def test_engine_renders_speech_into_the_face_region(engine: Any, template: Template) -> None:
+async def test_engine_renders_speech_into_the_face_region(engine: Any, ready_template: Template) -> None:
     from avatar_rtc.render.base import Renderer
 
-    renderer = engine.open(template)
+    renderer = engine.open(ready_template)
     assert isinstance(renderer, Renderer) and engine.name == "musetalk"
     assert renderer.sample_rate == 16000 and renderer.lookahead_s >= 0.12
     events: list[dict[str, Any]] = []
@@ -663,10 +671,10 @@ async def test_engine_renders_speech_into_the_face_region(engine: Any, template:
     frames = await _collect(renderer, _speech(2.0), start=0.2)
     indices = [f.index for f in frames]
     assert indices == list(range(5, 5 + 50))
-    faces = engine.template_faces(template)
+    faces = engine.template_faces(ready_template)
     for frame in frames[::10]:
-        tpl_index = template.loop_index(frame.index)
-        original = template.frames[tpl_index]
+        tpl_index = ready_template.loop_index(frame.index)
+        original = ready_template.frames[tpl_index]
         plan = faces.plans[tpl_index]
         assert frame.image.shape == original.shape and frame.image.dtype == np.uint8
         changed = (frame.image != original).any(axis=2)
@@ -677,8 +685,8 @@ async def test_engine_renders_speech_into_the_face_region(engine: Any, template:
     assert events == [{"type": "quality", "level": "full", "renderer": "musetalk"}]
 
 
-async def test_clear_drops_pending_frames(engine: Any, template: Template) -> None:
-    renderer = engine.open(template)
+async def test_clear_drops_pending_frames(engine: Any, ready_template: Template) -> None:
+    renderer = engine.open(ready_template)
     renderer.push_audio(_speech(2.0), 0.0)
     renderer.clear()
     frames = await _collect(renderer, _speech(0.4), start=5.0)
@@ -686,14 +694,14 @@ async def test_clear_drops_pending_frames(engine: Any, template: Template) -> No
 
 
 async def test_degraded_levels_halve_the_rate_then_send_new_sessions_to_the_cpu(
-    models_dir: Path, template: Template
+    models_dir: Path, ready_template: Template
 ) -> None:
     from avatar_rtc.render.musetalk.renderer import CpuFallbackRenderer, MuseTalkEngine, MuseTalkRenderer
 
     policy = QualityPolicy()
     degraded = MuseTalkEngine(models_dir, device="cpu", policy=policy)
     try:
-        running = degraded.open(template)
+        running = degraded.open(ready_template)
         assert isinstance(running, MuseTalkRenderer)
         policy.level_index = QUALITY_LEVELS.index("half_rate")
         events: list[dict[str, Any]] = []
@@ -707,7 +715,7 @@ async def test_degraded_levels_halve_the_rate_then_send_new_sessions_to_the_cpu(
 
         policy.level_index = QUALITY_LEVELS.index("cpu_fallback")
         assert running.quality_level == "half_rate"  # running sessions keep going on the GPU
-        newcomer = degraded.open(template)
+        newcomer = degraded.open(ready_template)
         assert isinstance(newcomer, CpuFallbackRenderer) and newcomer.quality_level == "cpu_fallback"
         newcomer.emit_event = events.append
         frames = await _collect(newcomer, _speech(0.4), start=0.0)
@@ -733,18 +741,20 @@ def test_worker_thread_is_one_per_engine(engine: Any) -> None:
     assert names.count(f"musetalk-{engine.models.device}") >= 1
 
 
-async def test_a_failed_forward_shows_the_idle_frame_and_keeps_going(engine: Any, template: Template) -> None:
+async def test_a_failed_forward_shows_the_idle_frame_and_keeps_going(
+    engine: Any, ready_template: Template
+) -> None:
     def failing(items: Any) -> Any:
         raise RuntimeError("CUDA out of memory (simulated)")
 
     forward, engine.worker.forward = engine.worker.forward, failing
     try:
-        frames = await _collect(engine.open(template), _speech(0.4), start=0.0)
+        frames = await _collect(engine.open(ready_template), _speech(0.4), start=0.0)
     finally:
         engine.worker.forward = forward
     assert [f.index for f in frames] == list(range(10))
     for frame in frames:
-        assert np.array_equal(frame.image, template.frames[template.loop_index(frame.index)])
+        assert np.array_equal(frame.image, ready_template.frames[ready_template.loop_index(frame.index)])
 
 
 def test_template_latents_are_upstreams_from_a_contiguous_nchw_batch(engine: Any, template: Template) -> None:

@@ -59,12 +59,18 @@ def tiny_musetalk(tmp_path_factory: pytest.TempPathFactory):
     engine.close()
 
 
-async def test_a_call_on_the_musetalk_renderer(make_server, tiny_musetalk, default_template) -> None:
+async def test_a_call_on_the_musetalk_renderer(
+    make_server, tiny_musetalk, default_template, tmp_path
+) -> None:
+    from musetalk_library import musetalk_library
+
     from avatar_rtc.render.musetalk import MuseTalkEngine
 
     assert isinstance(tiny_musetalk, MuseTalkEngine)
-    await asyncio.to_thread(tiny_musetalk.template_faces, default_template)
-    server = await make_server(renderer=tiny_musetalk)
+    # Wired as the server wires it: the library's engine is the renderer, the default template's data
+    # computed and cached before the first call.
+    library = await asyncio.to_thread(musetalk_library, tmp_path, tiny_musetalk, [default_template])
+    server = await make_server(renderer=tiny_musetalk, library=library)
     receiver = CallReceiver()
     async with aiohttp.ClientSession() as http:
         await receiver.connect_http(server.url, http)

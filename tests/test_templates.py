@@ -130,7 +130,7 @@ def test_video_template_has_a_manifest_and_per_frame_data(prepared: tuple[Templa
     manifest = json.loads((library.store.path("moving") / "manifest.json").read_text())
     assert manifest["format_version"] >= 2 and manifest["frame_count"] == 75 and manifest["fps"] == FPS
     assert len(manifest["source_sha256"]) == 64
-    assert manifest["settings"]["frame_size"] == 512 and manifest["settings"]["renderer"] == ""
+    assert manifest["settings"]["frame_size"] == 512 and "renderer" not in manifest["settings"]
     assert manifest["info"] == {"name": "Moving face", "welcome": "Hello!", "language": None}
     for name in ("frames.npy", "landmarks.npy", "extra_crop_boxes.npy", "extra_lower_face_mask.npy"):
         entry = manifest["files"][name]
@@ -356,6 +356,7 @@ def test_outdated_cache_is_reported(tmp_path: Path, prepared: tuple[TemplateLibr
 # -- the RAM tier -------------------------------------------------------------------------------------------
 class RecordingEngine:
     name = "recording"
+    extras_keys: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self.warmed: list[str] = []
@@ -366,6 +367,12 @@ class RecordingEngine:
 
     def evict(self, template_id: str) -> None:
         self.evicted.append(template_id)
+
+    def template_extras(self, template: Template, progress: object = None) -> dict[str, np.ndarray]:
+        return {}
+
+    def has_extras(self, template: Template) -> bool:
+        return True
 
 
 def test_lru_keeps_to_its_budget_and_never_evicts_pinned(tmp_path: Path) -> None:

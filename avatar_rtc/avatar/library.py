@@ -6,8 +6,12 @@ holds more than its budget: a template that cannot fit next to the pinned ones i
 :class:`TemplateBudgetError` rather than squeezed in. :meth:`TemplateLibrary.get_warm` answers without
 any I/O, which is what a mid-call switch needs to show the new face within a frame or two.
 
-Renderer engines may take part through two optional methods: ``warm(template)`` (move its per-frame
-data to the GPU, build rigs, ...) and ``evict(template_id)`` (drop that again when RAM lets it go).
+The renderer engine takes part through :class:`~avatar_rtc.avatar.engine.TemplateEngine`: ``warm(template)``
+(move its per-frame data to the GPU, build rigs, ...), ``evict(template_id)`` (drop that again when RAM
+lets it go), and its extras: a template prepared before the engine was enabled (or for other weights)
+lacks them, and :meth:`TemplateLibrary.complete_extras_async` computes them on one background thread,
+stores them in the cache (atomically, next to the frames) and replaces the RAM copy, so no later process
+computes them again.
 Preparation (:meth:`TemplateLibrary.prepare`) runs one at a time and is a cache hit when the same file
 was prepared under the same id with the same settings.
 """
@@ -15,6 +19,8 @@ was prepared under the same id with the same settings.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import dataclasses
 import logging
 import os
 import threading
@@ -24,11 +30,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from avatar_rtc.avatar.engine import ExtrasProgress, TemplateEngine
 from avatar_rtc.avatar.store import (
     INFO_KEYS,
     OutdatedTemplateError,
     TemplateCacheError,
     TemplateStore,
+    same_settings,
     settings_record,
     validate_template_id,
 )
@@ -132,7 +140,7 @@ class TemplateLibrary:
         self,
         store: TemplateStore | str | os.PathLike[str],
         ram_budget_bytes: int,
-        engine: object | None = None,
+        engine: TemplateEngine | None = None,
         prepare_settings: PrepareSettings | None = None,
         default_id: str = "default",
     ) -> None:
@@ -151,6 +159,10 @@ class TemplateLibrary:
         self._broken: dict[str, str] = {}  # id -> why its last load failed
         self._load_locks = _Locks()
         self._prepare_lock = threading.Lock()
+        # Renderer extras being computed: id -> (the job, its progress listeners). One thread of its own,
+        # so a long VAE encode takes no thread from the default executor (codecs, ASR, TTS use it).
+        self._completing: dict[str, tuple[concurrent.futures.Future[Template], list[ExtrasProgress]]] = {}
+        self._extras_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.store.remove_stale()
 
     @property
@@ -215,9 +227,8 @@ class TemplateLibrary:
         """Bring a template into RAM and into the renderer's own tier (if it has one), ready to switch
         to. Raises :class:`TemplateBudgetError` if it cannot be kept in RAM. Blocking."""
         template = self._obtain(template_id, pin=False, must_fit=True)
-        warm_engine = getattr(self.engine, "warm", None)
-        if warm_engine is not None:
-            warm_engine(template)
+        if self.engine is not None:
+            self.engine.warm(template)
         return template
 
     async def warm_async(self, template_id: str) -> Template:
@@ -283,10 +294,9 @@ class TemplateLibrary:
         if self._ram.pop(template_id, None) is None:
             return
         del self._ram_sizes[template_id]
-        evict = getattr(self.engine, "evict", None)
-        if evict is not None:
+        if self.engine is not None:
             try:
-                evict(template_id)
+                self.engine.evict(template_id)
             except Exception:
                 log.exception("renderer engine failed to evict template %r", template_id)
 
@@ -296,6 +306,93 @@ class TemplateLibrary:
             f"template {template_id!r} needs {template_bytes(template) / 2**20:.0f} MiB of RAM; the budget "
             f"is {self.ram_budget / 2**20:.0f} MiB and live calls pin {pinned / 2**20:.0f} MiB"
         )
+
+    # -- renderer extras ----------------------------------------------------------------------------------
+    def needs_extras(self, template: Template) -> bool:
+        """Whether ``template`` lacks the engine's current extras (cheap: safe on the event loop)."""
+        return self.engine is not None and not self.engine.has_extras(template)
+
+    def complete_extras(self, template_id: str, progress: ExtrasProgress | None = None) -> Template:
+        """The template with the engine's extras, computed and stored in the cache if it lacks them (or
+        has them for other weights); the RAM copy is replaced. Blocking and heavy (seconds on a GPU)."""
+        manifest = self.store.read_manifest(validate_template_id(template_id))
+        template = self.get(template_id)
+        engine = self.engine
+        if engine is None or engine.has_extras(template):
+            return template
+        started = time.perf_counter()
+        extras = engine.template_extras(template, progress)
+        completed = dataclasses.replace(template, extras={**template.extras, **extras})
+        with self._lock:
+            replaced = template_id in self._preparing
+        try:
+            if replaced:
+                raise TemplateCacheError(f"template {template_id!r} is being prepared again")
+            self.store.add_extras(template_id, extras, based_on=manifest)
+        except (TemplateCacheError, OSError) as exc:
+            # Replaced meanwhile (extras for frames that are no longer the cached ones), or the disk
+            # refused the write (the cache is left as it was): good for whoever holds these frames now,
+            # not for the cache.
+            log.warning("renderer data for template %r not stored: %s", template_id, exc)
+            return completed
+        with self._lock:
+            if self._ram.get(template_id) is template:
+                self._ram[template_id] = completed
+                self._ram_sizes[template_id] = template_bytes(completed)
+            self._broken.pop(template_id, None)
+        log.info(
+            "template %r: %s data for %d frames computed and cached in %.1f s",
+            template_id,
+            engine.name,
+            template.frame_count,
+            time.perf_counter() - started,
+        )
+        return completed
+
+    async def complete_extras_async(
+        self, template_id: str, progress: ExtrasProgress | None = None
+    ) -> Template:
+        """:meth:`complete_extras` on the library's extras thread, one job per template however many
+        sessions wait for it. ``progress(done, total)`` is called from that thread."""
+        with self._lock:
+            entry = self._completing.get(template_id)
+            if entry is None:
+                if self._extras_executor is None:
+                    self._extras_executor = concurrent.futures.ThreadPoolExecutor(
+                        max_workers=1, thread_name_prefix="template-extras"
+                    )
+                listeners: list[ExtrasProgress] = []
+                job = self._extras_executor.submit(
+                    self.complete_extras,
+                    template_id,
+                    lambda done, total: self._progress(listeners, done, total),
+                )
+                entry = self._completing[template_id] = (job, listeners)
+                job.add_done_callback(lambda _: self._completed(template_id))
+            if progress is not None:
+                entry[1].append(progress)
+        # Shielded: a session that stops waiting (closed, switched away) must not cancel the others' job.
+        return await asyncio.shield(asyncio.wrap_future(entry[0]))
+
+    def _progress(self, listeners: list[ExtrasProgress], done: int, total: int) -> None:
+        with self._lock:
+            current = list(listeners)
+        for listener in current:
+            try:
+                listener(done, total)
+            except Exception:
+                log.exception("a renderer-data progress listener failed")
+
+    def _completed(self, template_id: str) -> None:
+        with self._lock:
+            self._completing.pop(template_id, None)
+
+    def close(self) -> None:
+        """Stop the extras thread (after any job it is running)."""
+        with self._lock:
+            executor, self._extras_executor = self._extras_executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
 
     # -- listing -----------------------------------------------------------------------------------------
     def list(self) -> list[TemplateInfo]:
@@ -437,7 +534,7 @@ class TemplateLibrary:
             progress("hash", 0, 1)
             source_sha256 = file_sha256(source)
             progress("hash", 1, 1)
-            record = settings_record(self.prepare_settings, self.engine)
+            record = settings_record(self.prepare_settings)
             if not force and self._is_cached(template_id, source_sha256, record):
                 if info:
                     self.store.update_info(template_id, dict(info))
@@ -449,7 +546,13 @@ class TemplateLibrary:
             kept_info = self._existing_info(template_id)
             merged = {**kept_info, **(info or {})}
             merged.setdefault("name", template_id)
-            self.store.save(template, source_sha256=source_sha256, settings=record, info=merged)
+            self.store.save(
+                template,
+                source_sha256=source_sha256,
+                settings=record,
+                info=merged,
+                renderer_extras=self.engine.extras_keys if self.engine is not None else (),
+            )
             progress("write", 1, 1)
             with self._lock:
                 self._drop(template_id)
@@ -473,7 +576,9 @@ class TemplateLibrary:
             return False
         try:
             manifest = self.store.read_manifest(template_id)
-            if manifest.get("source_sha256") != source_sha256 or manifest.get("settings") != dict(record):
+            if manifest.get("source_sha256") != source_sha256 or not same_settings(
+                manifest.get("settings"), record
+            ):
                 log.info("template %r: source or settings changed, preparing again", template_id)
                 return False
             template = self.store.load(template_id)
@@ -486,7 +591,7 @@ class TemplateLibrary:
         return True
 
 
-def library_from_settings(settings: Settings, engine: object | None = None) -> TemplateLibrary:
+def library_from_settings(settings: Settings, engine: TemplateEngine | None = None) -> TemplateLibrary:
     """A library configured from the settings tree (``settings.avatar`` and ``settings.media.fps``)."""
     from avatar_rtc.avatar.prepare import PrepareSettings
     from avatar_rtc.avatar.video import MediaLimits

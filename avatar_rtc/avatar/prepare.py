@@ -12,7 +12,7 @@ ahead). Every frame is then cropped to a square around its smoothed face box and
 
 Both add per-frame extras: ``crop_boxes`` (where each frame came from in the source) and
 ``lower_face_mask`` (the feathered region a mouth renderer may repaint), plus whatever the configured
-renderer engine computes in its optional ``template_extras(template)`` hook.
+renderer engine computes in its ``template_extras(template)`` hook (stored in the cache with them).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from avatar_rtc.avatar import face
+from avatar_rtc.avatar.engine import TemplateEngine
 from avatar_rtc.avatar.template import Template
 from avatar_rtc.avatar.video import (
     MediaLimits,
@@ -404,11 +405,10 @@ def _detect_scaled(landmarker: face.FaceLandmarker, image: np.ndarray, max_side:
     return points * np.array([width / small.shape[1], height / small.shape[0]], dtype=np.float32)
 
 
-def _renderer_extras(engine: object | None, template: Template) -> dict[str, np.ndarray]:
-    hook = getattr(engine, "template_extras", None)
-    if hook is None:
-        return {}
-    extras = hook(template)
+def _renderer_extras(
+    engine: TemplateEngine, template: Template, progress: ProgressCallback
+) -> dict[str, np.ndarray]:
+    extras = engine.template_extras(template, lambda done, total: progress("renderer", done, total))
     return {str(name): np.asarray(value) for name, value in dict(extras).items()}
 
 
@@ -501,7 +501,7 @@ def prepare_video(
     template_id: str,
     settings: PrepareSettings = PrepareSettings(),
     progress: ProgressCallback = _no_progress,
-    engine: object | None = None,
+    engine: TemplateEngine | None = None,
     info: SourceInfo | None = None,
     source_name: str | None = None,
 ) -> Template:
@@ -649,12 +649,14 @@ def _decoded_ahead(
         thread.join()
 
 
-def _with_renderer_extras(template: Template, engine: object | None, progress: ProgressCallback) -> Template:
-    if getattr(engine, "template_extras", None) is None:
+def _with_renderer_extras(
+    template: Template, engine: TemplateEngine | None, progress: ProgressCallback
+) -> Template:
+    if engine is None or not engine.extras_keys:
         return template
-    progress("renderer", 0, 1)
-    extras = {**template.extras, **_renderer_extras(engine, template)}
-    progress("renderer", 1, 1)
+    progress("renderer", 0, template.frame_count)
+    extras = {**template.extras, **_renderer_extras(engine, template, progress)}
+    progress("renderer", template.frame_count, template.frame_count)
     return dataclasses.replace(template, extras=extras)
 
 
@@ -663,7 +665,7 @@ def prepare_photo_template(
     template_id: str,
     settings: PrepareSettings = PrepareSettings(),
     progress: ProgressCallback = _no_progress,
-    engine: object | None = None,
+    engine: TemplateEngine | None = None,
     source: str = "photo",
 ) -> Template:
     """A living idle loop from a photo of any framing: cropped on the face like a video frame, then
@@ -697,7 +699,7 @@ def prepare_source(
     template_id: str,
     settings: PrepareSettings = PrepareSettings(),
     progress: ProgressCallback = _no_progress,
-    engine: object | None = None,
+    engine: TemplateEngine | None = None,
     source_name: str | None = None,
 ) -> Template:
     """A template from a photo or video file, whichever ``path`` holds. ``source_name`` is the file
@@ -712,7 +714,9 @@ def prepare_source(
 
 
 def prepare_default(
-    template_id: str = "default", settings: PrepareSettings = PrepareSettings(), engine: object | None = None
+    template_id: str = "default",
+    settings: PrepareSettings = PrepareSettings(),
+    engine: TemplateEngine | None = None,
 ) -> Template:
     """The built-in avatar from the public-domain astronaut photo."""
     import skimage.data

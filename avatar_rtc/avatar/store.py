@@ -4,7 +4,11 @@ Layout: ``<cache_dir>/<id>/manifest.json`` plus ``frames.npy``, ``landmarks.npy`
 ``extra_<name>.npy`` per extras key and a ``thumbnail.jpg``. The manifest records the format version,
 the source file's sha256 and the preparation settings (so a stale cache is recognised), the per-template
 settings (name, welcome line, language), and each file's sha256, size, shape, dtype and what it holds,
-so a truncated or altered file is caught at load rather than rendered.
+so a truncated or altered file is caught at load rather than rendered. Renderer extras (computed by the
+renderer engine, see :class:`avatar_rtc.avatar.engine.TemplateEngine`) are marked ``"renderer": true``:
+they can always be computed again, so a damaged one is dropped at load (and recomputed by the library)
+instead of making the whole template unusable. :meth:`TemplateStore.add_extras` adds them to a cached
+template later without rewriting its frames.
 
 A template is written into a work directory whose name starts with a dot and is moved into place in one
 rename, manifest last: a half-written template is never visible under its id. Work directories left by
@@ -24,7 +28,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +38,7 @@ import numpy as np
 from avatar_rtc.avatar.template import Template
 
 if TYPE_CHECKING:
+    from avatar_rtc.avatar.engine import TemplateEngine
     from avatar_rtc.avatar.prepare import PrepareSettings
 
 FORMAT_VERSION = 2
@@ -221,12 +226,14 @@ class TemplateStore:
         settings: Mapping[str, Any] | None = None,
         info: Mapping[str, Any] | None = None,
         descriptions: Mapping[str, str] | None = None,
+        renderer_extras: Collection[str] = (),
     ) -> Path:
         """Write ``template``, replacing any older version; readers see the old or the new, never half.
 
         ``source_sha256`` and ``settings`` identify what it was prepared from and how (a later
         preparation of the same file with the same settings is a cache hit); ``info`` holds the
-        per-template settings (:data:`INFO_KEYS`); ``descriptions`` says what renderer extras hold.
+        per-template settings (:data:`INFO_KEYS`); ``descriptions`` says what renderer extras hold;
+        ``renderer_extras`` names the extras keys a renderer engine computed (recomputable).
         """
         final = self.path(template.id)
         arrays: dict[str, np.ndarray] = {"frames": template.frames, "landmarks": template.landmarks}
@@ -248,6 +255,8 @@ class TemplateStore:
                 file_name = f"{name}.npy"
                 files[file_name] = _write_array(work / file_name, array)
                 files[file_name]["description"] = described.get(file_name, "renderer data per frame")
+                if name.removeprefix("extra_") in renderer_extras and name.startswith("extra_"):
+                    files[file_name]["renderer"] = True
             thumbnail = _write_bytes(work / THUMBNAIL_NAME, thumbnail_jpeg(template.frames[0]))
             manifest = {
                 "format_version": FORMAT_VERSION,
@@ -290,6 +299,62 @@ class TemplateStore:
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+    def add_extras(
+        self,
+        template_id: str,
+        extras: Mapping[str, np.ndarray],
+        *,
+        based_on: Mapping[str, Any],
+        descriptions: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Add (or replace) renderer extras of a cached template; returns the new manifest.
+
+        As atomic as :meth:`save`, without rewriting the frames: a work directory gets hard links to the
+        files kept (they are never modified in place, only replaced with their directory), the new
+        arrays and a new manifest, and is swapped in with the same renames. ``based_on`` is the manifest
+        the extras were computed from: if the template was replaced since, nothing is written and
+        :class:`TemplateCacheError` says so (the new version will get its own extras).
+        """
+        final = self.path(template_id)
+        manifest = self.read_manifest(template_id)
+        if manifest.get("files") != based_on.get("files") or manifest.get("created") != based_on.get(
+            "created"
+        ):
+            raise TemplateCacheError(f"template {template_id!r} changed while its renderer data was computed")
+        for name in extras:
+            if not _EXTRA_NAME_PATTERN.fullmatch(name):
+                raise ValueError(f"invalid extras key {name!r}: use letters, digits and '_'")
+        replaced = {f"extra_{name}.npy" for name in extras}
+        work = Path(
+            tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-{template_id}-", dir=self.cache_dir)
+        )
+        try:
+            kept = [name for name in manifest["files"] if name not in replaced]
+            thumbnail = (manifest.get("thumbnail") or {}).get("file", THUMBNAIL_NAME)
+            for file_name in [*kept, thumbnail]:
+                source = final / file_name
+                try:
+                    os.link(source, work / file_name)
+                except OSError:  # a file system without hard links: copy instead
+                    shutil.copy2(source, work / file_name)
+            files = {name: manifest["files"][name] for name in kept}
+            for name, array in extras.items():
+                file_name = f"extra_{name}.npy"
+                files[file_name] = _write_array(work / file_name, np.asarray(array))
+                files[file_name]["description"] = (descriptions or {}).get(name, "renderer data per frame")
+                files[file_name]["renderer"] = True
+            updated = {
+                **manifest,
+                "files": files,
+                "extras_added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            _write_json(work / MANIFEST_NAME, updated)
+            self._install(work, final)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        return updated
 
     def delete(self, template_id: str) -> bool:
         """Remove a template; it disappears from its id in one rename. False if there was none."""
@@ -422,7 +487,15 @@ class TemplateStore:
         for file_name, meta in files.items():
             if not file_name.endswith(".npy"):
                 raise TemplateCacheError(f"template {template_id!r}: bad file name {file_name!r} in manifest")
-            arrays[file_name[: -len(".npy")]] = _read_verified_array(directory / file_name, meta, template_id)
+            try:
+                arrays[file_name[: -len(".npy")]] = _read_verified_array(
+                    directory / file_name, meta, template_id
+                )
+            except TemplateCacheError as exc:
+                if not meta.get("renderer"):
+                    raise
+                # Never half-read: the template loads without it, and the renderer computes it again.
+                log.warning("%s; loading without it, the renderer will compute it again", exc)
         extras = {name[len("extra_") :]: value for name, value in arrays.items() if name.startswith("extra_")}
         try:
             template = Template(
@@ -443,7 +516,7 @@ class TemplateStore:
         self,
         template_id: str = "default",
         settings: PrepareSettings | None = None,
-        engine: object | None = None,
+        engine: TemplateEngine | None = None,
     ) -> Template:
         """The built-in avatar (the public-domain astronaut photo), prepared and cached on first use.
 
@@ -457,7 +530,9 @@ class TemplateStore:
         settings = settings or PrepareSettings()
         if self.exists(template_id):
             try:
-                if self.read_manifest(template_id).get("settings") != settings_record(settings, engine):
+                if not same_settings(
+                    self.read_manifest(template_id).get("settings"), settings_record(settings)
+                ):
                     raise TemplateCacheError("prepared with other settings")
                 return self.load(template_id)
             except TemplateCacheError as exc:
@@ -466,15 +541,23 @@ class TemplateStore:
         self.save(
             template,
             source_sha256=DEFAULT_SOURCE_SHA256,
-            settings=settings_record(settings, engine),
+            settings=settings_record(settings),
             info={"name": "Astronaut (default)"},
+            renderer_extras=engine.extras_keys if engine is not None else (),
         )
         return template
 
 
-def settings_record(settings: PrepareSettings, engine: object | None) -> dict[str, Any]:
-    """What a manifest records about how a template was prepared: the settings that shape it, and the
-    renderer whose per-frame data it holds (only one that adds any: the warp renderer stores none, so
-    its templates stay valid for any renderer)."""
-    renderer = str(getattr(engine, "name", "")) if getattr(engine, "template_extras", None) else ""
-    return {**settings.fingerprint(), "renderer": renderer}
+def settings_record(settings: PrepareSettings) -> dict[str, Any]:
+    """What a manifest records about how a template was prepared: the settings that shape it. The
+    renderer is not among them: its extras are completed on demand (see ``TemplateLibrary``), so a
+    template prepared under one renderer stays valid for any other."""
+    return dict(settings.fingerprint())
+
+
+def same_settings(stored: object, record: Mapping[str, Any]) -> bool:
+    """Whether a manifest's settings equal ``record``; the ``renderer`` key older manifests carry is not
+    a preparation setting any more, so it is ignored."""
+    if not isinstance(stored, Mapping):
+        return False
+    return {key: value for key, value in stored.items() if key != "renderer"} == dict(record)

@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from avatar_rtc.avatar.engine import TemplateEngine
 from avatar_rtc.avatar.template import Template
 
 
@@ -17,6 +18,20 @@ class RenderedFrame:
 
     index: int
     image: np.ndarray
+
+
+@dataclass(frozen=True)
+class TierStats:
+    """An engine's per-template tier (device memory), as /metrics exports it."""
+
+    bytes: int = 0  # held now (on CPU devices: the tensors' size)
+    budget_bytes: int = 0  # 0: the engine keeps nothing per template on a device
+    templates: int = 0
+    pinned: int = 0  # templates in use by a session, never evicted
+    loads: int = 0  # templates brought into the tier
+    hits: int = 0  # opens and warms that found the template there
+    evictions: int = 0
+    extras_computed: int = 0  # templates whose per-frame data this process had to compute
 
 
 @runtime_checkable
@@ -45,10 +60,16 @@ class Renderer(Protocol):
     async def aclose(self) -> None: ...
 
 
-class RendererEngine(Protocol):
-    """The process-wide part of a renderer (models, worker threads), shared by every session."""
-
-    name: str
+class RendererEngine(TemplateEngine, Protocol):
+    """The process-wide part of a renderer (models, worker threads, its template tier), shared by every
+    session. Besides the template tier (:class:`TemplateEngine`):"""
 
     def open(self, template: Template) -> Renderer:
-        """A renderer for one session, bound to ``template``."""
+        """A renderer for one session, bound to ``template``. Runs on the event loop, so it must be
+        cheap: call :meth:`warm` off the loop first. A template without this engine's extras gets a
+        light stand-in renderer until they are computed."""
+
+    def tier_stats(self) -> TierStats: ...
+
+    def close(self) -> None:
+        """Stop the engine's threads (server shutdown)."""

@@ -13,6 +13,7 @@ with av.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 import threading
@@ -203,6 +204,12 @@ async def render_to_file(
     # No lead and no bound on how far ahead speech is queued: nothing plays in real time here, and the
     # clock never runs ahead of the audio the speaker has placed.
     playout = Playout(clock.now, template, fps=fps, sample_rate=sample_rate, lead_s=0.0, max_ahead_s=1e9)
+    if not engine.has_extras(template):
+        # Nothing waits on this file in real time: compute the renderer's data rather than render on
+        # the stand-in renderer a live call would get meanwhile.
+        extras = await asyncio.to_thread(engine.template_extras, template)
+        template = dataclasses.replace(template, extras={**template.extras, **extras})
+    await asyncio.to_thread(engine.warm, template)
     renderer = engine.open(template)
     speaker = Speaker(speech, playout, renderer)
     utterance = Utterance(text)

@@ -59,7 +59,8 @@ class StreamingRenderer:
     """Base class for renderers that draw each frame from a window of audio around its time.
 
     Subclasses set ``window_before_s`` and ``lookahead_s`` and implement :meth:`render_batch`, which runs
-    in a worker thread.
+    in a worker thread, or override :meth:`render_jobs` (a renderer whose work happens elsewhere awaits
+    it there rather than holding a thread while it waits).
     """
 
     sample_rate = 16000
@@ -143,13 +144,16 @@ class StreamingRenderer:
                 await self._changed.wait()
                 continue
             generation = self._generation
-            images = await asyncio.to_thread(self.render_batch, jobs)
+            images = await self.render_jobs(jobs)
             if generation != self._generation:
                 continue  # cleared while rendering: these frames belong to speech nobody will hear
             for job, image in zip(jobs, images, strict=True):
                 yield RenderedFrame(job.index, image)
                 if generation != self._generation:
                     break
+
+    async def render_jobs(self, jobs: Sequence[FrameJob]) -> list[np.ndarray]:
+        return await asyncio.to_thread(self.render_batch, jobs)
 
     def render_batch(self, jobs: Sequence[FrameJob]) -> list[np.ndarray]:
         raise NotImplementedError

@@ -18,7 +18,9 @@ import cv2
 import numpy as np
 
 from avatar_rtc.avatar import face
+from avatar_rtc.avatar.engine import ExtrasProgress
 from avatar_rtc.avatar.template import Template
+from avatar_rtc.render.base import TierStats
 from avatar_rtc.render.mouth_shape import mouth_shape
 from avatar_rtc.render.stream import FrameJob, StreamingRenderer
 
@@ -373,13 +375,19 @@ class WarpRenderer(StreamingRenderer):
 
 
 class WarpEngine:
-    """Process-wide part of the warp renderer: rigs cached per template, shared across sessions."""
+    """Process-wide part of the warp renderer: rigs cached per template, shared across sessions.
+
+    It stores no extras and keeps nothing on a device; its rig cache follows the library's RAM tier
+    (``evict``) and is bounded on its own too, least recently used first (rigs rebuild cheaply).
+    """
 
     name = "warp"
+    extras_keys: tuple[str, ...] = ()
 
-    def __init__(self) -> None:
+    def __init__(self, max_templates: int = 32) -> None:
+        self.max_templates = max_templates
         self._lock = threading.Lock()
-        self._rigs: dict[str, _TemplateRigs] = {}
+        self._rigs: OrderedDict[str, _TemplateRigs] = OrderedDict()
 
     def rigs(self, template: Template) -> _TemplateRigs:
         with self._lock:
@@ -391,7 +399,32 @@ class WarpEngine:
             ):
                 entry = _TemplateRigs(template)
                 self._rigs[template.id] = entry
+            self._rigs.move_to_end(template.id)
+            while len(self._rigs) > self.max_templates:
+                self._rigs.popitem(last=False)  # sessions keep their own reference to their rigs
             return entry
+
+    def template_extras(
+        self, template: Template, progress: ExtrasProgress | None = None
+    ) -> dict[str, np.ndarray]:
+        return {}
+
+    def has_extras(self, template: Template) -> bool:
+        return True
+
+    def warm(self, template: Template) -> None:
+        self.rigs(template)
+
+    def evict(self, template_id: str) -> None:
+        with self._lock:
+            self._rigs.pop(template_id, None)
+
+    def tier_stats(self) -> TierStats:
+        with self._lock:
+            return TierStats(templates=len(self._rigs))
+
+    def close(self) -> None:
+        pass
 
     def open(self, template: Template) -> WarpRenderer:
         return WarpRenderer(template, self.rigs(template))

@@ -38,7 +38,14 @@ class SessionManager:
         self._reserved += 1
         try:
             template = await self.library.acquire_async(self.library.default_id)
-            session = Session(self.deps, template, self.library, on_closed=self._forget, record=record)
+            try:
+                # The renderer's device data (MuseTalk's latents) is loaded off the event loop, so the
+                # session's own open() is cheap.
+                await asyncio.to_thread(self.deps.renderer.warm, template)
+                session = Session(self.deps, template, self.library, on_closed=self._forget, record=record)
+            except BaseException:
+                self.library.release(template.id)
+                raise
             # Before accept(): the session's tasks and its peer connection's inherit the id for logs.
             observability.bind_session(session.id)
             self.sessions[session.id] = session

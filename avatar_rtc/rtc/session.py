@@ -129,7 +129,11 @@ class Session:
         self.library = library
         self.language = deps.settings.conversation.language
         self.template_id = template.id  # acquired (pinned) in the library by whoever made the session
+        self._state_changed = asyncio.Event()  # set on every conversation state event
         self.renderer = self._open_renderer(template)
+        # A template prepared before the renderer was enabled lacks its data: the call starts on the
+        # engine's light renderer and the data is completed in the background (see _complete_template).
+        self._incomplete_template: str | None = template.id if library.needs_extras(template) else None
         self._pump_task: asyncio.Task[None] | None = None
         self._switch_lock = asyncio.Lock()
         talk = deps.settings.conversation
@@ -191,6 +195,8 @@ class Session:
         self._pump_task = self._spawn(self._pump_frames(self.renderer))
         self._spawn(self._watch_connection())
         self.conversation.start()
+        if self._incomplete_template is not None:
+            self._spawn(self._complete_template(self._incomplete_template))
         return self.pc.localDescription
 
     def key_matches(self, presented: str | None) -> bool:
@@ -289,6 +295,8 @@ class Session:
 
     def send_event(self, event: dict[str, Any]) -> None:
         observability.observe_event(event)
+        if event.get("type") == "state":
+            self._state_changed.set()
         channel = self.channel
         if channel is not None and channel.readyState == "open":
             channel.send(json.dumps(event))
@@ -339,13 +347,15 @@ class Session:
                 raise SessionError(f"no template {template_id!r}") from None
             except Exception as error:  # corrupt cache, over the RAM budget, ...
                 raise SessionError(f"template {template_id!r} cannot be used: {error}") from None
-            info = self.library.info(template_id)
-            language = info.language or self.deps.settings.conversation.language
             try:
-                renderer = self._open_renderer(template)
+                # Loading the renderer's device data (MuseTalk latents) is blocking work: off the loop.
+                await asyncio.to_thread(self.deps.renderer.warm, template)
+                info = self.library.info(template_id)
+                language = info.language or self.deps.settings.conversation.language
                 speech = None
                 if language != self.language and self.deps.speech_for_language is not None:
                     speech = await asyncio.to_thread(self.deps.speech_for_language, language)
+                renderer = self._open_renderer(template)
             except Exception:
                 self.library.release(template_id)
                 raise
@@ -353,16 +363,12 @@ class Session:
             if speech is not None:
                 self.conversation.set_speech_engines(*speech)
                 self.language = language
-            old_renderer, old_pump, old_id = self.renderer, self._pump_task, self.template_id
-            self.renderer, self.template_id = renderer, template_id
-            self.conversation.set_renderer(renderer)
-            # From the next video frame on, idle frames come from the new template.
-            self.playout.set_template(template)
-            self._pump_task = self._spawn(self._pump_frames(renderer))
-            if old_pump is not None:
-                old_pump.cancel()
-            await old_renderer.aclose()
+            old_id = self.template_id
+            self.template_id = template_id
+            await self._install_renderer(renderer, template)
             self.library.release(old_id)
+            if self.library.needs_extras(template):
+                self._spawn(self._complete_template(template_id))
             switch_ms = round((time.monotonic() - started) * 1000, 1)
             self.send_event(
                 {"type": "template", "id": template_id, "switch_ms": switch_ms, "language": self.language}
@@ -370,6 +376,78 @@ class Session:
             if info.welcome:
                 self.conversation.say(info.welcome)
             return switch_ms
+
+    async def _install_renderer(self, renderer: Renderer, template: Template) -> None:
+        """Show ``template`` through ``renderer`` from the next frame on; the old renderer is closed."""
+        old_renderer, old_pump = self.renderer, self._pump_task
+        self.renderer = renderer
+        self.conversation.set_renderer(renderer)
+        # From the next video frame on, idle frames come from the new template.
+        self.playout.set_template(template)
+        self._pump_task = self._spawn(self._pump_frames(renderer))
+        if old_pump is not None:
+            old_pump.cancel()
+        await old_renderer.aclose()
+
+    async def _complete_template(self, template_id: str) -> None:
+        """Have the library compute the renderer's data this template lacks (on its own thread, cached
+        for every later call), reporting progress as ``template_data`` events; then move this call from
+        the light renderer to the real one at the next moment the avatar is not speaking."""
+        loop = asyncio.get_running_loop()
+        engine = self.deps.renderer
+        last_tenth = -1
+
+        def report(done: int, total: int) -> None:  # on the loop
+            nonlocal last_tenth
+            tenth = 10 * done // max(total, 1)
+            if tenth != last_tenth:  # a few events, not one per frame
+                last_tenth = tenth
+                self.send_event(
+                    {
+                        "type": "template_data",
+                        "id": template_id,
+                        "renderer": engine.name,
+                        "state": "preparing",
+                        "done": done,
+                        "total": total,
+                    }
+                )
+
+        def progress(done: int, total: int) -> None:  # on the library's extras thread
+            loop.call_soon_threadsafe(report, done, total)
+
+        log.info(
+            "session %s: template %r lacks %s data; computing it in the background",
+            self.id,
+            template_id,
+            engine.name,
+        )
+        try:
+            template = await self.library.complete_extras_async(template_id, progress)
+            # Switching mid-sentence would drop the sentence's frames: wait for the avatar to finish.
+            while self.template_id == template_id and self.state == "speaking":
+                self._state_changed.clear()
+                await self._state_changed.wait()
+            async with self._switch_lock:
+                if self.template_id != template_id:
+                    return  # the caller switched away meanwhile
+                await asyncio.to_thread(engine.warm, template)
+                await self._install_renderer(self._open_renderer(template), template)
+        except Exception as error:
+            log.exception("session %s: completing template %r failed", self.id, template_id)
+            self.send_event(
+                {
+                    "type": "template_data",
+                    "id": template_id,
+                    "renderer": engine.name,
+                    "state": "failed",
+                    "message": str(error),
+                }
+            )
+            return
+        self.send_event(
+            {"type": "template_data", "id": template_id, "renderer": engine.name, "state": "ready"}
+        )
 
     async def _listen(self, track: MediaStreamTrack) -> None:
         """The caller's microphone, resampled to 16 kHz, into VAD (and from there ASR and barge-in)."""

@@ -156,9 +156,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 async def _close_sessions(app: web.Application) -> None:
     services = app[SERVICES]
     await services.sessions.close_all()
-    close_engine = getattr(services.sessions.deps.renderer, "close", None)
-    if close_engine is not None:
-        close_engine()  # a renderer's worker threads (MuseTalk) stop with the server
+    services.sessions.deps.renderer.close()  # a renderer's worker threads (MuseTalk) stop with the server
+    services.library.close()
 
 
 def server_options(settings: Settings) -> dict[str, Any]:
@@ -186,11 +185,13 @@ def create_app(services: Services) -> web.Application:
     )
     app[SERVICES] = services
     app[security.ACCESS_POLICY_KEY] = policy
+    renderer = services.sessions.deps.renderer
     if settings.observability.metrics_enabled:
         observability.setup_metrics(
             app,
             lambda: list(services.sessions.sessions.values()),
             session_ids=settings.observability.session_metrics,
+            renderer=lambda: (renderer.name, renderer.tier_stats()),
         )
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)

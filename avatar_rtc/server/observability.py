@@ -128,6 +128,54 @@ def _counter_family(name: str, help_text: str, labels: list[str]) -> Metric:
     return CounterMetricFamily(name, help_text, labels=labels)
 
 
+class TierStatsLike(Protocol):
+    """What the metrics read from a renderer engine's template tier (render.base.TierStats)."""
+
+    bytes: int
+    budget_bytes: int
+    templates: int
+    pinned: int
+    loads: int
+    hits: int
+    evictions: int
+    extras_computed: int
+
+
+TierSource = Callable[[], tuple[str, TierStatsLike]]  # (engine name, its stats now)
+
+# (metric suffix, TierStats attribute, help, kind)
+_TIER_SERIES = (
+    ("bytes", "bytes", "Device memory held by templates' renderer data (CPU: the tensors' size)", "gauge"),
+    ("budget_bytes", "budget_bytes", "The renderer's device memory budget for templates", "gauge"),
+    ("templates", "templates", "Templates in the renderer's tier", "gauge"),
+    ("pinned", "pinned", "Templates pinned in the tier by live calls", "gauge"),
+    ("loads", "loads", "Templates brought into the renderer's tier", "counter"),
+    ("hits", "hits", "Opens and warms that found the template in the tier", "counter"),
+    ("evictions", "evictions", "Templates evicted from the renderer's tier", "counter"),
+    ("extras_computed", "extras_computed", "Templates whose renderer data this process computed", "counter"),
+)
+
+
+class _RendererTierCollector:
+    """The renderer engine's template tier (the GPU tier), read at scrape time."""
+
+    def __init__(self) -> None:
+        self.sources: list[TierSource] = []
+
+    def collect(self) -> Iterator[Metric]:
+        readings = [source() for source in list(self.sources)]
+        for suffix, attribute, help_text, kind in _TIER_SERIES:
+            name = f"avatar_renderer_tier_{suffix}"
+            family: Metric = (
+                GaugeMetricFamily(name, help_text, labels=["renderer"])
+                if kind == "gauge"
+                else CounterMetricFamily(name, help_text, labels=["renderer"])
+            )
+            for renderer, stats in readings:
+                family.add_metric([renderer], getattr(stats, attribute))  # type: ignore[attr-defined]
+            yield family
+
+
 class _GpuCollector:
     """GPU memory per device, when torch is already loaded (importing it here would cost seconds)."""
 
@@ -161,6 +209,8 @@ class Metrics:
         self.sessions = _SessionsCollector()
         self.registry.register(self.sessions)
         self.registry.register(_GpuCollector())
+        self.renderer_tiers = _RendererTierCollector()
+        self.registry.register(self.renderer_tiers)
         self.turn_stage_seconds = Histogram(
             "avatar_turn_stage_seconds",
             "Time from a turn's origin to each stage, by stage and turn kind",
@@ -212,6 +262,16 @@ class Metrics:
         def unwatch() -> None:
             if source in self.sessions.sources:
                 self.sessions.sources.remove(source)
+
+        return unwatch
+
+    def watch_renderer(self, source: TierSource) -> Callable[[], None]:
+        """Export the template tier of the renderer engine ``source`` reads; call the result to stop."""
+        self.renderer_tiers.sources.append(source)
+
+        def unwatch() -> None:
+            if source in self.renderer_tiers.sources:
+                self.renderer_tiers.sources.remove(source)
 
         return unwatch
 
@@ -272,15 +332,23 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 def setup_metrics(
-    app: web.Application, sessions: SessionSource, metrics: Metrics = METRICS, session_ids: bool = False
+    app: web.Application,
+    sessions: SessionSource,
+    metrics: Metrics = METRICS,
+    session_ids: bool = False,
+    renderer: TierSource | None = None,
 ) -> None:
-    """Add ``GET /metrics`` to ``app`` and export the sessions ``sessions`` returns while it runs."""
+    """Add ``GET /metrics`` to ``app`` and export the sessions ``sessions`` returns (and the renderer's
+    template tier ``renderer`` reads) while it runs."""
     app[METRICS_KEY] = metrics
     metrics.sessions.session_ids = session_ids
-    unwatch = metrics.watch_sessions(sessions)
+    unwatchers = [metrics.watch_sessions(sessions)]
+    if renderer is not None:
+        unwatchers.append(metrics.watch_renderer(renderer))
 
     async def stop_watching(_: web.Application) -> None:
-        unwatch()
+        for unwatch in unwatchers:
+            unwatch()
 
     app.on_cleanup.append(stop_watching)
     app.router.add_get("/metrics", metrics_handler)

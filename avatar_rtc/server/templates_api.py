@@ -375,6 +375,9 @@ async def render(request: web.Request) -> web.StreamResponse:
             except TemplateBudgetError as exc:
                 raise ApiError(503, str(exc)) from None
             acquired = template_id
+            if api.library.needs_extras(template):
+                # Computed once, on the library's extras thread, and cached for every later use.
+                template = await api.library.complete_extras_async(template_id)
             from avatar_rtc.render.offline import AudioClipSpeech, decode_audio, render_to_file
 
             speech: Any = api.tts

@@ -10,11 +10,17 @@
   BiSeNet; here the lower face is the polygon of the jaw outline below the nose, kept inside the box and
   below half the crop height, pulled in a little and Gaussian-feathered (kernel 0.1 x crop width).
 - ``musetalk_latents`` (N, 8, 32, 32) float32: VAE latents of the masked and the reference face crop.
-- ``musetalk_vae`` (16,) uint8: which VAE made the latents (a different VAE means computing them again).
+- ``musetalk_vae`` (16,) uint8: which VAE, in which dtype, made the latents (:func:`latents_key`); other
+  weights or another dtype mean computing them again.
+
+The engine computes them through its ``template_extras`` hook (at preparation, or in the background
+for a template prepared before MuseTalk was enabled) and the template cache stores them: no process
+computes them twice.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import cv2
@@ -31,6 +37,14 @@ EXTRA_MARGIN_PX = 10  # v1.5: the box reaches this far below the chin
 CROP_EXPAND = 1.5
 NOSE_BRIDGE_LOWER = 5  # face mesh point for the 68-point landmark 29
 KEYS = ("musetalk_bbox", "musetalk_crop", "musetalk_mask", "musetalk_latents", "musetalk_vae")
+DESCRIPTIONS = {
+    "musetalk_bbox": "MuseTalk face box per frame, (N, 4) int32 x0 y0 x1 y1",
+    "musetalk_crop": "MuseTalk blend crop per frame, (N, 4) int32 x0 y0 x1 y1 (may reach past the frame)",
+    "musetalk_mask": "MuseTalk feathered blend mask over the box, (N, 256, 256) uint8",
+    "musetalk_latents": "VAE latents of the masked and the reference face crop, (N, 8, 32, 32) float32",
+    "musetalk_vae": "which VAE weights and dtype made the latents (sha256 prefix)",
+}
+ENCODE_BATCH = 8
 
 # The mesh points standing in for the 68-point set (outline, brows, eyes, nose, lips).
 _BOX_POINTS = np.array(
@@ -110,8 +124,15 @@ def face_crop(frame: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     return cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
 
 
-def vae_id_array(vae_id: str) -> np.ndarray:
-    return np.frombuffer(bytes.fromhex(vae_id[:32].ljust(32, "0")), np.uint8).copy()
+def latents_key(vae_id: str, dtype: str) -> str:
+    """What the latents depend on besides the frames: the VAE's weights and the dtype it ran in."""
+    import hashlib
+
+    return hashlib.sha256(f"{vae_id}/{dtype}".encode()).hexdigest()[:32]
+
+
+def vae_id_array(key: str) -> np.ndarray:
+    return np.frombuffer(bytes.fromhex(key[:32].ljust(32, "0")), np.uint8).copy()
 
 
 def geometry(template: Template) -> dict[str, np.ndarray]:
@@ -130,19 +151,35 @@ def geometry(template: Template) -> dict[str, np.ndarray]:
     return {"musetalk_bbox": boxes, "musetalk_crop": crops, "musetalk_mask": masks}
 
 
-def musetalk_template_data(template: Template, pipeline: MuseTalkPipeline) -> dict[str, np.ndarray]:
-    """All of MuseTalk's per-frame data for ``template`` (see the module docstring), ready for extras."""
+def musetalk_template_data(
+    template: Template,
+    pipeline: MuseTalkPipeline,
+    key: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """All of MuseTalk's per-frame data for ``template`` (see the module docstring), ready for extras;
+    ``key`` is :func:`latents_key` of the pipeline's VAE and dtype. Blocking: seconds on a GPU."""
     data = geometry(template)
-    faces = np.stack(
-        [face_crop(template.frames[i], tuple(data["musetalk_bbox"][i])) for i in range(template.frame_count)]
-    )
-    data["musetalk_latents"] = pipeline.encode_faces(faces)
-    data["musetalk_vae"] = vae_id_array(pipeline.models.vae_id)
+    n = template.frame_count
+    latents = []
+    for lo in range(0, n, ENCODE_BATCH):
+        faces = np.stack(
+            [
+                face_crop(template.frames[i], tuple(data["musetalk_bbox"][i]))
+                for i in range(lo, min(lo + ENCODE_BATCH, n))
+            ]
+        )
+        latents.append(pipeline.encode_faces(faces, batch=ENCODE_BATCH))
+        if progress is not None:
+            progress(min(lo + ENCODE_BATCH, n), n)
+    data["musetalk_latents"] = np.concatenate(latents)
+    data["musetalk_vae"] = vae_id_array(key)
     return data
 
 
-def has_current_data(template: Template, vae_id: str) -> bool:
-    """Whether ``template.extras`` already holds complete MuseTalk data made with this VAE."""
+def has_current_data(template: Template, key: str) -> bool:
+    """Whether ``template.extras`` already holds complete MuseTalk data made with the VAE and dtype
+    ``key`` (:func:`latents_key`) names."""
     extras = template.extras
     if any(key not in extras for key in KEYS):
         return False
@@ -151,5 +188,5 @@ def has_current_data(template: Template, vae_id: str) -> bool:
         extras["musetalk_latents"].shape[0] == n
         and extras["musetalk_bbox"].shape == (n, 4)
         and extras["musetalk_mask"].shape == (n, FACE_SIZE, FACE_SIZE)
-        and np.array_equal(extras["musetalk_vae"], vae_id_array(vae_id))
+        and np.array_equal(extras["musetalk_vae"], vae_id_array(key))
     )

@@ -1,5 +1,5 @@
 """The MuseTalk renderer behind the common seam: one engine per process (models, one batching worker per
-device, template data cached per template), one light renderer per session.
+device, template latents in a device tier under a budget), one light renderer per session.
 
 A session's frames follow the same streaming rules as the warp renderer (:class:`StreamingRenderer`):
 a frame is generated once ``lookahead_s`` of audio after it is known or its audio is flushed. Its
@@ -8,12 +8,23 @@ continues where the last audio ended, flushed or not, belongs to the same answer
 the sentences before it. A frame is generated once and never changed; its tokens and the cached
 template latents go to the shared worker with the frame's deadline; the worker batches frames of all
 sessions into one UNet + VAE forward; the generated face comes back to this session alone and is
-composited on the CPU (:mod:`avatar_rtc.avatar.blend`).
+composited on the CPU (:mod:`avatar_rtc.avatar.blend`). The session's frame loop awaits the worker's
+futures (``asyncio.wrap_future``): no thread waits on them; the features and the compositing run in
+worker threads.
+
+Template data (boxes, masks, VAE latents) is the engine's ``template_extras``: computed at preparation
+or, for a template prepared before MuseTalk was enabled, in the background by the template library,
+and stored in the template cache. The engine never computes it on the event loop: a template without
+it gets the warp renderer (quality level ``preparing``) until it is there. ``warm`` moves a template's
+latents into the device tier (:class:`~avatar_rtc.render.device_tier.DeviceTier`: a VRAM budget, least
+recently used out first, pinned while a session shows it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -25,10 +36,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from avatar_rtc.avatar.blend import BlendPlans, build_blend_plan, composite
+from avatar_rtc.avatar.engine import ExtrasProgress
 from avatar_rtc.avatar.template import Template
-from avatar_rtc.render.base import RenderedFrame, Renderer, RendererEngine
+from avatar_rtc.render.base import RenderedFrame, Renderer, RendererEngine, TierStats
 from avatar_rtc.render.batching import QUALITY_LEVELS, BatchingWorker, QualityPolicy
+from avatar_rtc.render.device_tier import DeviceTier
 from avatar_rtc.render.musetalk import layout
+from avatar_rtc.render.musetalk.prepare import KEYS, has_current_data, latents_key, musetalk_template_data
 from avatar_rtc.render.stream import FrameJob, StreamingRenderer, _Segment
 
 if TYPE_CHECKING:
@@ -103,6 +117,11 @@ class TemplateFaces:
             template.size, lambda i: build_blend_plan(template.size, tuple(boxes[i]), masks[i])
         )
 
+    @property
+    def nbytes(self) -> int:
+        """What this entry holds on the device (the blend plans live in RAM, built as frames need them)."""
+        return int(self.latents.element_size() * self.latents.nelement())
+
 
 class MuseTalkRenderer(StreamingRenderer):
     """One session's MuseTalk renderer."""
@@ -123,6 +142,8 @@ class MuseTalkRenderer(StreamingRenderer):
         self._last_image: tuple[int, np.ndarray] | None = None
         self._in_flight: set[concurrent.futures.Future[np.ndarray]] = set()
         self._lock = threading.Lock()
+        self._pinned = True
+        engine.tier.pin(template.id)  # the latents this session renders from stay on the device
 
     @property
     def quality_level(self) -> str:
@@ -187,21 +208,32 @@ class MuseTalkRenderer(StreamingRenderer):
             return time.monotonic() + self.engine.latency_budget_s
         return time.monotonic() + (index / self.fps - self.media_clock())
 
-    def render_batch(self, jobs: Sequence[FrameJob]) -> list[np.ndarray]:
+    async def render_jobs(self, jobs: Sequence[FrameJob]) -> list[np.ndarray]:
+        """Submit the batch to the shared worker, await its futures on the loop (no thread blocks on
+        them), then composite in a worker thread."""
         half_rate = self.engine.policy.level_index >= HALF_RATE
-        tokens = self.frame_tokens(jobs)
+        # The whisper encoder runs over the answer so far: seconds of CPU, never on the event loop.
+        tokens = await asyncio.to_thread(self.frame_tokens, jobs)
         futures: list[concurrent.futures.Future[np.ndarray] | None] = []
+        previous = self._last_image[0] if self._last_image is not None else None
         for job, job_tokens in zip(jobs, tokens, strict=True):
-            if half_rate and job.index % 2 == 1:
-                futures.append(None)  # repeats the frame before it
-                continue
-            futures.append(self._submit(job, job_tokens))
-        images: list[np.ndarray] = []
-        for job, job_tokens, future in zip(jobs, tokens, futures, strict=True):
-            image = self._image(job, job_tokens, future)
-            self._last_image = (job.index, image)
-            images.append(image)
-        return images
+            # At half rate odd frames repeat the frame before; an utterance starting on one renders it.
+            repeat = half_rate and job.index % 2 == 1 and previous == job.index - 1
+            futures.append(None if repeat else self._submit(job, job_tokens))
+            previous = job.index
+        submitted = [future for future in futures if future is not None]
+        try:
+            if submitted:
+                await asyncio.wait([asyncio.wrap_future(future) for future in submitted])
+        except asyncio.CancelledError:
+            for future in submitted:
+                future.cancel()  # abandoned: not rendered if the worker has not taken it yet
+            raise
+        finally:
+            with self._lock:
+                self._in_flight.difference_update(submitted)
+        faces = [self._face(job, future) for job, future in zip(jobs, futures, strict=True)]
+        return await asyncio.to_thread(self._composite, jobs, faces)
 
     def _submit(self, job: FrameJob, tokens: torch.Tensor) -> concurrent.futures.Future[np.ndarray]:
         from avatar_rtc.render.musetalk.pipeline import FaceJob
@@ -212,28 +244,47 @@ class MuseTalkRenderer(StreamingRenderer):
             self._in_flight.add(future)
         return future
 
-    def _image(
-        self, job: FrameJob, tokens: torch.Tensor, future: concurrent.futures.Future[np.ndarray] | None
-    ) -> np.ndarray:
+    def _face(
+        self, job: FrameJob, future: concurrent.futures.Future[np.ndarray] | None
+    ) -> np.ndarray | bool | None:
+        """The generated face; True to repeat the previous image; None for the template frame."""
         if future is None:
-            last = self._last_image
-            if last is not None and last[0] == job.index - 1:
-                return last[1]
-            future = self._submit(job, tokens)  # nothing to repeat: the utterance started on an odd frame
-        try:
-            face = future.result()
-        except concurrent.futures.CancelledError:
-            # Cleared while waiting: StreamingRenderer.frames drops this batch, any image will do.
-            return self.template.frames[job.template_index]
-        except Exception:
+            return True
+        if future.cancelled():
+            return None  # cleared while waiting: StreamingRenderer.frames drops this batch
+        error = future.exception()
+        if error is not None:
             # A failed forward (out of device memory, say) costs this frame its mouth movement, not the
             # session its video: the idle frame goes out on time instead.
-            log.exception("musetalk forward failed; showing the template frame for frame %d", job.index)
-            return self.template.frames[job.template_index]
-        finally:
-            with self._lock:
-                self._in_flight.discard(future)
-        return composite(self.template.frames[job.template_index], face, self.faces.plans[job.template_index])
+            log.error(
+                "musetalk forward failed; showing the template frame for frame %d",
+                job.index,
+                exc_info=error,
+            )
+            return None
+        return future.result()
+
+    def _composite(
+        self, jobs: Sequence[FrameJob], faces: Sequence[np.ndarray | bool | None]
+    ) -> list[np.ndarray]:
+        images: list[np.ndarray] = []
+        for job, face in zip(jobs, faces, strict=True):
+            frame = self.template.frames[job.template_index]
+            if face is True and self._last_image is not None:
+                image = self._last_image[1]
+            elif isinstance(face, np.ndarray):
+                image = composite(frame, face, self.faces.plans[job.template_index])
+            else:
+                image = frame
+            self._last_image = (job.index, image)
+            images.append(image)
+        return images
+
+    async def aclose(self) -> None:
+        if self._pinned:
+            self._pinned = False
+            self.engine.tier.unpin(self.template.id)
+        await super().aclose()
 
     def _report_level(self) -> None:
         level = self.quality_level
@@ -249,11 +300,11 @@ class MuseTalkRenderer(StreamingRenderer):
 
 
 class CpuFallbackRenderer:
-    """The light CPU renderer, given to new sessions while the MuseTalk worker is overloaded."""
+    """The light CPU renderer, given to new sessions while the MuseTalk worker is overloaded
+    (``cpu_fallback``), or while their template's MuseTalk data is being computed (``preparing``)."""
 
-    quality_level = "cpu_fallback"
-
-    def __init__(self, inner: Renderer) -> None:
+    def __init__(self, inner: Renderer, quality_level: str = "cpu_fallback") -> None:
+        self.quality_level = quality_level
         self.inner = inner
         self.template = inner.template
         self.sample_rate = inner.sample_rate
@@ -282,13 +333,14 @@ class CpuFallbackRenderer:
 
 
 class MuseTalkEngine:
-    """Process-wide MuseTalk: the models, one batching worker for the device, template data per template.
+    """Process-wide MuseTalk: the models, one batching worker for the device, the template tier.
 
     Raises :class:`MuseTalkUnavailableError` (missing files listed with the fetch command, or a bad weights
     file, or missing packages) so the server can fall back to the warp renderer.
     """
 
     name = "musetalk"
+    extras_keys = KEYS
 
     def __init__(
         self,
@@ -301,6 +353,7 @@ class MuseTalkEngine:
         max_wait_s: float = 0.008,
         session_batch: int = 8,
         latency_budget_s: float = 0.3,
+        vram_budget_mb: float = 2048,
         feature_right_context_steps: int = 4,
         policy: QualityPolicy | None = None,
         fallback: RendererEngine | None = None,
@@ -332,7 +385,12 @@ class MuseTalkEngine:
             name=f"musetalk-{self.models.device}",
         )
         self._fallback = fallback
-        self._faces: dict[str, TemplateFaces] = {}
+        dtype_name = str(self.models.dtype).removeprefix("torch.")
+        self.latents_key = latents_key(self.models.vae_id, dtype_name)
+        self.tier: DeviceTier[TemplateFaces] = DeviceTier(
+            max(int(vram_budget_mb * 2**20), 1), name=f"musetalk-{self.models.device}"
+        )
+        self._extras_computed = 0
         self._lock = threading.Lock()
         if compile_mode != "off":
             self._warm_up()
@@ -364,37 +422,72 @@ class MuseTalkEngine:
             time.perf_counter() - started,
         )
 
-    def template_faces(self, template: Template) -> TemplateFaces:
-        """The template's MuseTalk data: from its extras when present and made with this VAE, else
-        computed now (VAE-encoding every frame) and cached for the engine's lifetime."""
+    # -- the template tier ------------------------------------------------------------------------------
+    def has_extras(self, template: Template) -> bool:
+        return has_current_data(template, self.latents_key)
+
+    def template_extras(
+        self, template: Template, progress: ExtrasProgress | None = None
+    ) -> dict[str, np.ndarray]:
+        """Boxes, masks and VAE latents of every frame (VAE-encoding each one: blocking, heavy). The
+        encodes run on the calling thread, beside the worker's forwards: both are mostly device time."""
+        started = time.perf_counter()
+        data = musetalk_template_data(template, self.pipeline, self.latents_key, progress)
+        with self._lock:
+            self._extras_computed += 1
+        log.info(
+            "musetalk data for template %r: %d frames in %.1f s",
+            template.id,
+            template.frame_count,
+            time.perf_counter() - started,
+        )
+        return data
+
+    def warm(self, template: Template) -> None:
+        if self.has_extras(template):
+            self._faces(template)
+        else:
+            self.fallback().warm(template)  # what open() will give it meanwhile
+
+    def evict(self, template_id: str) -> None:
+        self.tier.evict(template_id)
+        self.fallback().evict(template_id)
+
+    def tier_stats(self) -> TierStats:
+        with self._lock:
+            computed = self._extras_computed
+        return self.tier.stats(computed)
+
+    def _faces(self, template: Template) -> TemplateFaces:
+        """The template's entry in the device tier, uploading its stored latents if it is not there."""
         import torch
 
-        from avatar_rtc.render.musetalk.prepare import has_current_data, musetalk_template_data
+        cached = self.tier.get(template.id, lambda faces: faces.template.frames is template.frames)
+        if cached is not None:
+            return cached
+        latents = np.ascontiguousarray(template.extras["musetalk_latents"])
+        on_device = torch.from_numpy(latents).to(self.models.device, self.models.dtype)
+        return self.tier.admit(template.id, TemplateFaces(template, template.extras, on_device))
 
-        with self._lock:
-            cached = self._faces.get(template.id)
-            if cached is not None and cached.template.frames is template.frames:
+    def template_faces(self, template: Template) -> TemplateFaces:
+        """The template's device data, computing its extras first if it lacks them (blocking: for
+        offline rendering, benchmarks and tests; sessions get them from the library's cache)."""
+        if not self.has_extras(template):
+            cached = self.tier.get(template.id, lambda faces: faces.template.frames is template.frames)
+            if cached is not None:
                 return cached
-            if has_current_data(template, self.models.vae_id):
-                data = dict(template.extras)
-            else:
-                started = time.perf_counter()
-                data = musetalk_template_data(template, self.pipeline)
-                log.info(
-                    "musetalk data for template %r: %d frames in %.1f s",
-                    template.id,
-                    template.frame_count,
-                    time.perf_counter() - started,
-                )
-            latents = torch.from_numpy(data["musetalk_latents"]).to(self.models.device, self.models.dtype)
-            faces = TemplateFaces(template, data, latents)
-            self._faces[template.id] = faces
-            return faces
+            extras = self.template_extras(template)
+            template = dataclasses.replace(template, extras={**template.extras, **extras})
+        return self._faces(template)
 
     def open(self, template: Template) -> Renderer:
         if self.policy.level_index >= CPU_FALLBACK:
             return CpuFallbackRenderer(self.fallback().open(template))
-        return MuseTalkRenderer(self, template, self.template_faces(template))
+        if not self.has_extras(template):
+            # Never computed here (open runs on the event loop): the library completes the template in
+            # the background, and the session shows it on the light renderer meanwhile.
+            return CpuFallbackRenderer(self.fallback().open(template), "preparing")
+        return MuseTalkRenderer(self, template, self._faces(template))
 
     def fallback(self) -> RendererEngine:
         if self._fallback is None:
