@@ -332,7 +332,10 @@ def test_metrics_report_the_renderer_tier(engine: Any, base: Template) -> None:
 SWITCHES = 50
 # Warm-up: the RAM tier fills (about ten of these templates) and the allocator settles.
 BASELINE_AFTER = 20
-RSS_SLACK_MB = 40
+# RSS moves by tens of MB on its own here (allocator arenas, aiortc's frames, other work on the
+# machine: +34 to +72 MB seen with the limits in place); unbounded caches grew +433 MB over the same
+# switches. Medians of the last and the baseline readings, so one transient peak does not count.
+RSS_SLACK_MB = 120
 
 
 @pytest.mark.slow
@@ -386,7 +389,7 @@ async def test_fifty_musetalk_template_switches_keep_memory_flat(
         await receiver.close()
         await server.stop()
         tiered.close()
-    growth = max(rss[BASELINE_AFTER:]) - rss[BASELINE_AFTER - 1]
+    growth = float(np.median(rss[-5:]) - np.median(rss[BASELINE_AFTER - 5 : BASELINE_AFTER]))
     print(
         f"{SWITCHES} switches: RSS {rss[0]:.0f} -> {rss[BASELINE_AFTER - 1]:.0f} (after {BASELINE_AFTER}) -> "
         f"{rss[-1]:.0f} MB, growth after warm-up {growth:.1f} MB; tier (templates, bytes) "
