@@ -60,6 +60,11 @@ class MuseTalkSettings(BaseModel):
     # For audio that arrives piecemeal (not a sentence at a time): how many 20 ms steps past a frame's
     # own window it waits for, so the encoder sees some of what follows (lookahead 120 ms + 20 ms each).
     feature_right_context_steps: int = Field(4, ge=0, le=50)
+    # Upstream's bbox_shift, in template pixels: moves the face box's nose point down (up if negative),
+    # and the box's top twice as far. v1.5 uses 0; a positive shift generates less of the face above
+    # the mouth (more mouth opening, as upstream's BBOX_SHIFT notes describe). Changing it recomputes
+    # the templates' MuseTalk data.
+    bbox_shift: int = Field(0, ge=-64, le=64)
 
 
 class RendererSettings(BaseModel):

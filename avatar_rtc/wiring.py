@@ -132,6 +132,7 @@ def build_renderer(settings: Settings) -> RendererEngine:
                 latency_budget_s=mt.latency_budget_ms / 1000,
                 vram_budget_mb=mt.vram_budget_mb,
                 feature_right_context_steps=mt.feature_right_context_steps,
+                bbox_shift=mt.bbox_shift,
                 fallback=warp,
             )
         except MuseTalkUnavailableError as error:

@@ -2,16 +2,21 @@
 
 - ``musetalk_bbox`` (N, 4) int32 x0, y0, x1, y1: upstream's face box. Its 68-point rule maps onto the
   face mesh as: x from the outline/brows/eyes/nose/lips extremes; nose point = 68-point 29, the lower
-  nose bridge (mesh 5); bottom = the lowest of those points (the chin) + 10 px (v1.5's extra margin);
-  top = nose_y - (bottom_before_margin - nose_y).
+  nose bridge (mesh 5, checked: see :func:`nose_point_29`), moved down by ``bbox_shift`` px; bottom =
+  the lowest of those points (the chin) + 10 px (v1.5's extra margin); top = nose_y - (chin_y - nose_y).
 - ``musetalk_crop`` (N, 4) int32: the blend crop, a square centred on the box, half-side
   int(max(w, h) // 2 * 1.5), as upstream (unclipped; it can reach past the frame).
-- ``musetalk_mask`` (N, 256, 256) uint8: the blend mask over the box. Upstream parses the face with
-  BiSeNet; here the lower face is the polygon of the jaw outline below the nose, kept inside the box and
-  below half the crop height, pulled in a little and Gaussian-feathered (kernel 0.1 x crop width).
+- ``musetalk_mask`` (N, 256, 256) uint8: the blend mask over the box, v1.5's "jaw" region from the
+  landmarks (:func:`jaw_region_mask`). Upstream parses the face with BiSeNet and takes the skin grown
+  by a cone-shaped kernel, its sides (beyond the central 31 % of the crop) eroded back, the nose left
+  out, mouth and lips in; then only the part inside the box and below half the crop, feathered
+  (kernel 0.1 x crop width). Here the skin is the face outline below the nose; the central band keeps
+  room below the chin, to the box's bottom (the 10 px margin v1.5 added for it), where the generated
+  jaw opens; the cheeks are pulled in so the feather ends on skin, not on what is behind the face.
 - ``musetalk_latents`` (N, 8, 32, 32) float32: VAE latents of the masked and the reference face crop.
-- ``musetalk_vae`` (16,) uint8: which VAE, in which dtype, made the latents (:func:`latents_key`); other
-  weights or another dtype mean computing them again.
+- ``musetalk_vae`` (16,) uint8: which VAE, in which dtype, with which face geometry (``bbox_shift``,
+  :data:`GEOMETRY_VERSION`), made the latents (:func:`latents_key`); any change means computing them
+  again.
 
 The engine computes them through its ``template_extras`` hook (at preparation, or in the background
 for a template prepared before MuseTalk was enabled) and the template cache stores them: no process
@@ -35,14 +40,24 @@ if TYPE_CHECKING:
 FACE_SIZE = 256
 EXTRA_MARGIN_PX = 10  # v1.5: the box reaches this far below the chin
 CROP_EXPAND = 1.5
-NOSE_BRIDGE_LOWER = 5  # face mesh point for the 68-point landmark 29
+NOSE_BRIDGE_LOWER = 5  # face mesh point for the 68-point landmark 29 (see nose_point_29)
+# Mesh points at the two ends of the 68-point nose bridge: 27, the nasion (between the eyes), and 30,
+# the nose tip. The 68-point convention spaces 27..30 evenly along the bridge, so 29 lies two thirds
+# of the way down.
+NASION, NOSE_TIP_POINT = 168, 1
+# Bumped when the box or mask rule changes: cached latents made under an older rule are recomputed.
+GEOMETRY_VERSION = 2
+# v1.5's jaw mode, in fractions of the crop (its parsing runs at 512 x 512): the central band that
+# keeps the grown skin (160 px), and how far the cheeks beside it are eroded (35 px ellipse, twice).
+JAW_CENTRAL_BAND = 160 / 512
+CHEEK_EROSION = 35 / 512
 KEYS = ("musetalk_bbox", "musetalk_crop", "musetalk_mask", "musetalk_latents", "musetalk_vae")
 DESCRIPTIONS = {
     "musetalk_bbox": "MuseTalk face box per frame, (N, 4) int32 x0 y0 x1 y1",
     "musetalk_crop": "MuseTalk blend crop per frame, (N, 4) int32 x0 y0 x1 y1 (may reach past the frame)",
     "musetalk_mask": "MuseTalk feathered blend mask over the box, (N, 256, 256) uint8",
     "musetalk_latents": "VAE latents of the masked and the reference face crop, (N, 8, 32, 32) float32",
-    "musetalk_vae": "which VAE weights and dtype made the latents (sha256 prefix)",
+    "musetalk_vae": "which VAE weights, dtype and face geometry made the latents (sha256 prefix)",
 }
 ENCODE_BATCH = 8
 
@@ -69,11 +84,23 @@ _BOX_POINTS = np.array(
 )
 
 
-def face_box(landmarks: np.ndarray, frame_size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Upstream's face box for one frame's (478, 2) landmarks, clipped to the frame (width, height)."""
+def nose_point_29(landmarks: np.ndarray) -> np.ndarray:
+    """Where the 68-point convention puts landmark 29: two thirds of the way from the nasion to the
+    nose tip. Mesh point 5 (:data:`NOSE_BRIDGE_LOWER`) stands in for it; on the default avatar they are
+    0.2 % of the face's height apart (``scripts/musetalk_face_pictures.py`` draws both)."""
+    return landmarks[NASION] + (landmarks[NOSE_TIP_POINT] - landmarks[NASION]) * (2 / 3)
+
+
+def face_box(
+    landmarks: np.ndarray, frame_size: tuple[int, int], bbox_shift: int = 0
+) -> tuple[int, int, int, int]:
+    """Upstream's face box for one frame's (478, 2) landmarks, clipped to the frame (width, height).
+    ``bbox_shift`` moves the nose point down (up if negative) by that many pixels, as upstream's
+    setting of that name does: the box's top moves twice as far, so more (or less) of the face above
+    the mouth is generated."""
     width, height = frame_size
     points = landmarks[_BOX_POINTS].astype(np.float64)
-    nose_y = float(landmarks[NOSE_BRIDGE_LOWER, 1])
+    nose_y = float(landmarks[NOSE_BRIDGE_LOWER, 1]) + bbox_shift
     chin_y = float(points[:, 1].max())
     x0, x1 = int(points[:, 0].min()), int(points[:, 0].max())
     y0 = int(nose_y - (chin_y - nose_y))
@@ -91,30 +118,46 @@ def crop_box(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     return centre_x - half, centre_y - half, centre_x + half, centre_y + half
 
 
-def lower_face_mask(
+def jaw_region_mask(
     landmarks: np.ndarray, box: tuple[int, int, int, int], crop: tuple[int, int, int, int]
 ) -> np.ndarray:
-    """The feathered blend mask over ``box``, resampled to (256, 256) uint8."""
+    """v1.5's "jaw" blend region for one frame (see the module docstring), over ``box``, resampled to
+    (256, 256) uint8."""
     cx0, cy0, cx1, cy1 = crop
     crop_w, crop_h = cx1 - cx0, cy1 - cy0
+    bx0, by0, bx1, by1 = (v - o for v, o in zip(box, (cx0, cy0, cx0, cy0), strict=True))
     # Drawn in crop coordinates, so the blur sees the same surroundings upstream's does.
     outline = landmarks[list(face.JAW_CONTOUR)].astype(np.float64) - (cx0, cy0)
-    mask = np.zeros((crop_h, crop_w), np.uint8)
-    cv2.fillPoly(mask, [np.round(outline).astype(np.int32)], 255)
+    skin = np.zeros((crop_h, crop_w), np.uint8)
+    cv2.fillPoly(skin, [np.round(outline).astype(np.int32)], 255)
+    # Room for the opening jaw: the skin grown straight down as far as the box reaches (its bottom is
+    # the chin plus v1.5's extra margin, which exists for this), kept only in the central band.
+    chin_y = int(np.ceil(outline[:, 1].max()))
+    room = max(by1 - chin_y, 0)
+    if room:
+        down = np.ones((room + 1, 1), np.uint8)
+        # Anchored at its last row: each pixel takes the skin from up to ``room`` rows above it.
+        grown = cv2.dilate(skin, down, anchor=(0, room))
+    else:
+        grown = skin
+    centre_x = float(landmarks[face.CHIN, 0] - cx0)
+    half_band = JAW_CENTRAL_BAND * crop_w / 2
+    band = np.zeros_like(skin)
+    band[:, max(int(centre_x - half_band), 0) : max(int(np.ceil(centre_x + half_band)), 0)] = 1
+    # Beside the band the cheeks are pulled in, so the feather fades out on skin rather than on the
+    # background behind the jaw line.
+    width = max(int(CHEEK_EROSION * crop_w), 1) | 1
+    cheeks = cv2.erode(skin, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (width, 3)), iterations=2)
+    mask = np.where(band == 1, grown, cheeks)
     # Below the nose only, and below half the crop (upstream's upper boundary ratio 0.5).
     cut = max(int(np.ceil(landmarks[face.NOSE_BOTTOM, 1] - cy0)), crop_h // 2)
     mask[:cut] = 0
-    bx0, by0, bx1, by1 = box
     inside = np.zeros_like(mask)
-    inside[max(by0 - cy0, 0) : by1 - cy0, max(bx0 - cx0, 0) : bx1 - cx0] = 1
+    inside[max(by0, 0) : by1, max(bx0, 0) : bx1] = 1
     mask *= inside
-    # Pull the edge in, so the feather fades out on skin rather than on the background behind the jaw.
-    shrink = max(int(0.02 * crop_w), 1)
-    mask = cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * shrink + 1, 2 * shrink + 1)))
     kernel = int(0.1 * crop_w) // 2 * 2 + 1
     mask = cv2.GaussianBlur(mask, (kernel, kernel), 0)
-    in_box = mask[by0 - cy0 : by1 - cy0, bx0 - cx0 : bx1 - cx0]
-    return cv2.resize(in_box, (FACE_SIZE, FACE_SIZE), interpolation=cv2.INTER_AREA)
+    return cv2.resize(mask[by0:by1, bx0:bx1], (FACE_SIZE, FACE_SIZE), interpolation=cv2.INTER_AREA)
 
 
 def face_crop(frame: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -124,18 +167,19 @@ def face_crop(frame: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     return cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
 
 
-def latents_key(vae_id: str, dtype: str) -> str:
-    """What the latents depend on besides the frames: the VAE's weights and the dtype it ran in."""
+def latents_key(vae_id: str, dtype: str, bbox_shift: int = 0) -> str:
+    """What the data depends on besides the frames: the VAE's weights, the dtype it ran in, and the face
+    geometry (the box rule's ``bbox_shift`` and :data:`GEOMETRY_VERSION`)."""
     import hashlib
 
-    return hashlib.sha256(f"{vae_id}/{dtype}".encode()).hexdigest()[:32]
+    return hashlib.sha256(f"{vae_id}/{dtype}/{bbox_shift}/{GEOMETRY_VERSION}".encode()).hexdigest()[:32]
 
 
 def vae_id_array(key: str) -> np.ndarray:
     return np.frombuffer(bytes.fromhex(key[:32].ljust(32, "0")), np.uint8).copy()
 
 
-def geometry(template: Template) -> dict[str, np.ndarray]:
+def geometry(template: Template, bbox_shift: int = 0) -> dict[str, np.ndarray]:
     """Box, crop and mask for every frame: everything but the latents (no models needed)."""
     size = template.size
     boxes = np.zeros((template.frame_count, 4), np.int32)
@@ -144,10 +188,10 @@ def geometry(template: Template) -> dict[str, np.ndarray]:
     for index in range(template.frame_count):
         landmarks = template.landmarks[index]
         # Every frame gets its own row, so a bad frame cannot shift later frames' latents (an upstream bug).
-        box = face_box(landmarks, size)
+        box = face_box(landmarks, size, bbox_shift)
         crop = crop_box(box)
         boxes[index], crops[index] = box, crop
-        masks[index] = lower_face_mask(landmarks, box, crop)
+        masks[index] = jaw_region_mask(landmarks, box, crop)
     return {"musetalk_bbox": boxes, "musetalk_crop": crops, "musetalk_mask": masks}
 
 
@@ -156,10 +200,12 @@ def musetalk_template_data(
     pipeline: MuseTalkPipeline,
     key: str,
     progress: Callable[[int, int], None] | None = None,
+    bbox_shift: int = 0,
 ) -> dict[str, np.ndarray]:
     """All of MuseTalk's per-frame data for ``template`` (see the module docstring), ready for extras;
-    ``key`` is :func:`latents_key` of the pipeline's VAE and dtype. Blocking: seconds on a GPU."""
-    data = geometry(template)
+    ``key`` is :func:`latents_key` of the pipeline's VAE and dtype and of ``bbox_shift``. Blocking:
+    seconds on a GPU."""
+    data = geometry(template, bbox_shift)
     n = template.frame_count
     latents = []
     for lo in range(0, n, ENCODE_BATCH):

@@ -355,6 +355,7 @@ class MuseTalkEngine:
         latency_budget_s: float = 0.3,
         vram_budget_mb: float = 2048,
         feature_right_context_steps: int = 4,
+        bbox_shift: int = 0,
         policy: QualityPolicy | None = None,
         fallback: RendererEngine | None = None,
         models: MuseTalkModels | None = None,
@@ -386,7 +387,8 @@ class MuseTalkEngine:
         )
         self._fallback = fallback
         dtype_name = str(self.models.dtype).removeprefix("torch.")
-        self.latents_key = latents_key(self.models.vae_id, dtype_name)
+        self.bbox_shift = bbox_shift
+        self.latents_key = latents_key(self.models.vae_id, dtype_name, bbox_shift)
         self.tier: DeviceTier[TemplateFaces] = DeviceTier(
             max(int(vram_budget_mb * 2**20), 1), name=f"musetalk-{self.models.device}"
         )
@@ -432,7 +434,7 @@ class MuseTalkEngine:
         """Boxes, masks and VAE latents of every frame (VAE-encoding each one: blocking, heavy). The
         encodes run on the calling thread, beside the worker's forwards: both are mostly device time."""
         started = time.perf_counter()
-        data = musetalk_template_data(template, self.pipeline, self.latents_key, progress)
+        data = musetalk_template_data(template, self.pipeline, self.latents_key, progress, self.bbox_shift)
         with self._lock:
             self._extras_computed += 1
         log.info(
