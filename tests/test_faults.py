@@ -25,6 +25,16 @@ from avatar_rtc.testing.receiver import CallReceiver
 pytestmark = pytest.mark.slow
 
 STALL_TIMEOUT_S = 1.5
+# A raising back-end must fail its turn with its own error, not by a timeout: the model's first token
+# can take over 1.5 s on a busy machine (another session's history is being read), so the raise
+# variants run with a stage timeout that only a real stall would reach.
+RAISE_TIMEOUT_S = 15.0
+
+
+def _stage_timeout(mode: str) -> float:
+    return STALL_TIMEOUT_S if mode == "hang" else RAISE_TIMEOUT_S
+
+
 TWO_SENTENCES = "This first sentence is fine. The second one is where it breaks."
 FAILING_TEXT_MARK = "breaks"
 HANG_S = 60.0  # far past the stall timeout: only the product's timeout can end it
@@ -84,14 +94,17 @@ class FaultyLLM:
 
 
 class FaultyRenderer:
-    def __init__(self, real: Renderer, cue: Cue) -> None:
-        self.real, self.cue = real, cue
+    """``armed``: this renderer raises on its second push when cued (the victim's, not a bystander's:
+    the speaker hands over a sentence, or a first clause, per push, so both sessions push twice)."""
+
+    def __init__(self, real: Renderer, cue: Cue, armed: bool = True) -> None:
+        self.real, self.cue, self.armed = real, cue, armed
         self.template, self.sample_rate, self.lookahead_s = real.template, real.sample_rate, real.lookahead_s
         self._pushes = 0
 
     def push_audio(self, pcm: np.ndarray, media_time: float) -> None:
         self._pushes += 1
-        if self._pushes > 1 and self.cue.mode == "raise":
+        if self.armed and self._pushes > 1 and self.cue.mode == "raise":
             self.cue.take()
             raise RuntimeError("renderer exploded")
         self.real.push_audio(pcm, media_time)
@@ -114,15 +127,19 @@ class FaultyRenderer:
         await self.real.aclose()
 
 
-class FaultyRendererEngine:
+class FaultyRendererEngine(WarpEngine):
+    """The warp engine in every respect of the engine protocol, but its renderers misbehave on cue."""
+
     name = "faulty-warp"
 
     def __init__(self, cue: Cue) -> None:
-        self.real, self.cue = WarpEngine(), cue
+        super().__init__()
+        self.cue = cue
         self.opened: list[FaultyRenderer] = []
 
     def open(self, template: Template) -> Renderer:
-        renderer = FaultyRenderer(self.real.open(template), self.cue)
+        # The first session opened is the victim (it connects first).
+        renderer = FaultyRenderer(super().open(template), self.cue, armed=not self.opened)
         self.opened.append(renderer)
         return renderer
 
@@ -172,10 +189,13 @@ async def _fault_and_recover(server: Any, cue: Cue, mode: str, kind: str) -> dic
 
 
 def _check(result: dict[str, Any], stage_words: str) -> None:
+    print(f"bystander p99 video gap {result['bystander_p99_gap_ms']:.1f} ms")
     assert stage_words in result["error"]["message"], result["error"]
     assert result["after"]["interrupted"] is False and result["after"]["frames"] > 0
     assert result["bystander"]["interrupted"] is False
-    assert result["bystander_p99_gap_ms"] < 120, result["bystander_p99_gap_ms"]
+    # A bystander held up by the fault would stall for the stage timeout (1.5 s) or more. Its normal p99
+    # gap on these 2 cores, two calls talking: 65-143 ms measured (unchanged code, 2026-12-01).
+    assert result["bystander_p99_gap_ms"] < 200, result["bystander_p99_gap_ms"]
     assert result["sessions_alive"] == 2
 
 
@@ -183,7 +203,10 @@ def _check(result: dict[str, Any], stage_words: str) -> None:
 async def test_tts_fault_mid_utterance(make_server, piper_tts, mode: str) -> None:
     cue = Cue()
     server = await make_server(
-        tts=FaultyTTS(piper_tts, cue), settings={"conversation": {"stage_timeout_s": STALL_TIMEOUT_S}}
+        tts=FaultyTTS(piper_tts, cue),
+        settings={
+            "conversation": {"stage_timeout_s": STALL_TIMEOUT_S if mode == "hang" else RAISE_TIMEOUT_S}
+        },
     )
     result = await _fault_and_recover(server, cue, mode, "say")
     _check(result, "exploded" if mode == "raise" else "speech synthesis produced nothing")
@@ -193,7 +216,10 @@ async def test_tts_fault_mid_utterance(make_server, piper_tts, mode: str) -> Non
 async def test_llm_fault_mid_answer(make_server, language_model, mode: str) -> None:
     cue = Cue()
     server = await make_server(
-        llm=FaultyLLM(language_model, cue), settings={"conversation": {"stage_timeout_s": STALL_TIMEOUT_S}}
+        llm=FaultyLLM(language_model, cue),
+        settings={
+            "conversation": {"stage_timeout_s": STALL_TIMEOUT_S if mode == "hang" else RAISE_TIMEOUT_S}
+        },
     )
     result = await _fault_and_recover(server, cue, mode, "chat")
     _check(result, "exploded" if mode == "raise" else "the language model produced nothing")
