@@ -416,8 +416,12 @@
     entry.text = text;
     if (message.final) {
       entry.final = true;
-      entry.interrupted =
-        answerCut || entry.interrupted || (Boolean(entry.planned) && text.length < entry.planned.length);
+      // The server says whether the answer was cut; older servers only let the texts be compared.
+      const cut =
+        typeof message.interrupted === "boolean"
+          ? message.interrupted
+          : Boolean(entry.planned) && text.length < entry.planned.length;
+      entry.interrupted = answerCut || entry.interrupted || cut;
       pendingAnswer = null;
       answerCut = false;
     } else {

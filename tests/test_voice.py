@@ -127,6 +127,7 @@ async def test_chat_uses_the_llm_and_history_keeps_the_exchange(server) -> None:
     metrics = await receiver.wait_event(lambda e: e["type"] == "metrics" and e["turn"] == "chat")
     await receiver.close()
     assert answer["text"]
+    assert answer["interrupted"] is False  # the page shows "interrupted" from this flag
     assert metrics["llm_first_token_ms"] is not None and metrics["interrupted"] is False
     history = session.conversation.history.messages()
     assert history[-2] == {"role": "user", "content": "Say hello in three words."}

@@ -115,9 +115,10 @@ class Speaker:
             if lo == 0:
                 # Known as soon as the chunk's first piece is placed, so a cut while later pieces wait
                 # for room still tells how much of this sentence was heard.
-                end = start + len(playout_pcm) / out_rate
+                start_sample = round(start * out_rate)  # the playout places speech on whole samples
+                end_sample = start_sample + len(playout_pcm)
                 spoken = utterance.sentences[-1] if utterance.sentences else None
-                if spoken is not None and spoken.text == sentence and abs(spoken.end_time - start) < 1e-6:
-                    spoken.end_time = end  # a later chunk of the same sentence
+                if spoken is not None and spoken.text == sentence and spoken.end_sample == start_sample:
+                    spoken.end_sample = end_sample  # a later chunk of the same sentence
                 else:
-                    utterance.sentences.append(SpokenSentence(sentence, start, end))
+                    utterance.sentences.append(SpokenSentence(sentence, start_sample, end_sample, out_rate))

@@ -367,7 +367,16 @@ class Conversation:
                 heard = utterance.heard_text()
                 if heard:
                     self.history.add_assistant(heard)
-                self._emit({"type": "transcript", "role": "assistant", "text": heard, "final": True})
+                # The page shows "interrupted" from this flag, not by comparing texts.
+                self._emit(
+                    {
+                        "type": "transcript",
+                        "role": "assistant",
+                        "text": heard,
+                        "final": True,
+                        "interrupted": utterance.interrupted,
+                    }
+                )
                 self._prefill()
 
     def _prefill(self) -> None:

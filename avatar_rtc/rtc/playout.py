@@ -24,11 +24,22 @@ _utterance_ids = itertools.count(1)
 
 @dataclass
 class SpokenSentence:
-    """A sentence as scheduled on the media timeline."""
+    """A sentence as scheduled on the media timeline, in samples of the playout's rate: playback
+    positions are whole samples, and comparing them as sample counts (not as seconds computed two ways)
+    keeps a sentence that played to its last sample from counting as cut by one rounding step."""
 
     text: str
-    start_time: float
-    end_time: float
+    start_sample: int
+    end_sample: int
+    sample_rate: int
+
+    @property
+    def start_time(self) -> float:
+        return self.start_sample / self.sample_rate
+
+    @property
+    def end_time(self) -> float:
+        return self.end_sample / self.sample_rate
 
 
 @dataclass(eq=False)
@@ -58,12 +69,14 @@ class Utterance:
             return ""
         heard: list[str] = []
         for sentence in self.sentences:
-            if sentence.end_time <= self.played_until:
+            # Playback stops on a sample boundary: back to a whole sample index at this rate.
+            played = round(self.played_until * sentence.sample_rate)
+            if sentence.end_sample <= played:
                 heard.append(sentence.text)
                 continue
-            if sentence.start_time < self.played_until:
+            if sentence.start_sample < played:
                 words = sentence.text.split()
-                share = (self.played_until - sentence.start_time) / (sentence.end_time - sentence.start_time)
+                share = (played - sentence.start_sample) / (sentence.end_sample - sentence.start_sample)
                 cut = " ".join(words[: int(len(words) * share)])
                 if cut:
                     heard.append(cut)
