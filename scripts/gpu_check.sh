@@ -85,8 +85,10 @@ def rows(name: str) -> list[dict]:
 
 def status(name: str) -> str:
     path = out / f"{name}.status"
-    code = path.read_text().strip() if path.exists() else "not run"
-    return {"0": "ok", "124": "timed out", "137": "timed out"}.get(code, f"failed ({code})")
+    if not path.exists():
+        return "not run"
+    code = path.read_text().strip()
+    return {"0": "ok", "124": "timed out", "137": "timed out"}.get(code, f"failed (exit {code})")
 
 
 print("\n## GPU check\n")
@@ -107,7 +109,7 @@ if batches:
     for r in sorted(batches, key=lambda r: (r["batch"], r["compile"])):
         mode = "eager" if r["compile"] == "off" else r["compile"]
         print(
-            f"| {r['batch']} | {mode} | {r['fps']:.0f} | {r['ms_per_frame']:.2f} | "
+            f"| {r['batch']} | {mode} | {r['fps']:.1f} | {r['ms_per_frame']:.2f} | "
             f"{r['unet_ms']:.2f} | {r['vae_ms']:.2f} | {r['composite_ms']:.2f} |"
         )
     print(f"\nfeatures: {batches[0]['features_ms_per_answer']:.1f} ms per answer update (one 30 s whisper segment)")
@@ -118,7 +120,7 @@ if sessions:
     print("|---|---|---|---|---|---|---|---|")
     for r in sessions:
         print(
-            f"| {r['sessions']} | {r['aggregate_fps']:.0f} | {r['per_session_fps']:.1f} | {r['p50_ms']:.0f} | "
+            f"| {r['sessions']} | {r['aggregate_fps']:.1f} | {r['per_session_fps']:.1f} | {r['p50_ms']:.0f} | "
             f"{r['p99_ms']:.0f} | {r['late_pct']:.1f} | {r['mean_batch']:.1f} | {r['peak_memory_mib']:.0f} |"
         )
 print(f"\nlogs: {out}")
