@@ -736,9 +736,47 @@ def test_importing_the_package_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_worker_thread_is_one_per_engine(engine: Any) -> None:
-    names = [t.name for t in threading.enumerate() if t.name.startswith("musetalk-")]
-    assert names.count(f"musetalk-{engine.models.device}") >= 1
+async def test_worker_thread_is_one_per_engine(engine: Any, ready_template: Template) -> None:
+    """Sessions share the engine's one batching thread: opening several and rendering with all of them
+    at once starts no thread of their own, and every forward runs on that one thread."""
+
+    def workers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("musetalk-")}
+
+    before = workers()
+    # The engines other tests make (compiled, degraded) are closed by now: only the shared one is left.
+    assert [t.name for t in before] == [f"musetalk-{engine.models.device}"]
+    (worker_thread,) = before
+
+    forward_threads: set[int] = set()
+    forward = engine.worker.forward
+
+    def recording(items: Any) -> Any:
+        forward_threads.add(threading.get_ident())
+        return forward(items)
+
+    seen: list[set[threading.Thread]] = []
+
+    async def watch() -> None:
+        while True:
+            seen.append(workers())
+            await asyncio.sleep(0.01)
+
+    engine.worker.forward = recording
+    watcher = asyncio.create_task(watch())
+    try:
+        renderers = [engine.open(ready_template) for _ in range(3)]
+        seen.append(workers())  # right after opening, before any frame
+        results = await asyncio.gather(
+            *(_collect(r, _speech(0.6, seed=i), start=0.0) for i, r in enumerate(renderers))
+        )
+    finally:
+        watcher.cancel()
+        engine.worker.forward = forward
+    assert all(len(frames) == 15 for frames in results)
+    assert seen and all(threads == before for threads in seen), "a session started a worker thread"
+    assert forward_threads == {worker_thread.ident}, "frames were generated off the engine's worker thread"
+    assert workers() == before
 
 
 async def test_a_failed_forward_shows_the_idle_frame_and_keeps_going(

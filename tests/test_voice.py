@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import json
+from typing import Any
 
 import aiohttp
 import av
@@ -155,7 +156,8 @@ async def test_llm_failing_mid_stream_gives_an_error_after_the_words_already_sai
     async def half_answer(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for word in ("Hello there, ", "I am about to ", "fail."):
+        # One whole sentence, then half of the next: only the first can have been spoken.
+        for word in ("Hello there. ", "I am about to ", "fail"):
             chunk = {"choices": [{"delta": {"content": word}}]}
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
             await asyncio.sleep(0.05)
@@ -170,15 +172,46 @@ async def test_llm_failing_mid_stream_gives_an_error_after_the_words_already_sai
     llm = OpenAICompatibleLLM(f"http://127.0.0.1:{runner.addresses[0][1]}/v1", "test", timeout=2.0)
     server = await make_server(llm=llm)
     receiver = await _join(server)
+    session = server.services.sessions.get(receiver.session_id)
+    asked = len(receiver.events)
     receiver.send({"type": "chat", "text": "Hi"})
-    error = await receiver.wait_event(lambda e: e["type"] == "error", wait_s=10)
-    await receiver.wait_event(lambda e: e["type"] == "state" and e["state"] == "idle", wait_s=10)
+    error = await receiver.wait_event(lambda e: e["type"] == "error", wait_s=15, after=asked)
+    failed = receiver.events.index(error)
+    await receiver.wait_event(
+        lambda e: e["type"] == "state" and e["state"] == "idle", wait_s=10, after=failed
+    )
+    error_at = receiver.event_times[failed]
+    spoken = _audio_between(receiver.received, 0.0, error_at)
+    history = session.conversation.history.messages()
     receiver.send({"type": "say", "text": "Recovered."})
     await receiver.wait_event(lambda e: e["type"] == "metrics" and e["turn"] == "say", wait_s=10)
     await receiver.close()
     await llm.close()
     await runner.cleanup()
+
     assert error["message"]
+    before = receiver.events[asked:failed]
+
+    def first(predicate: Any) -> int:
+        found = next((i for i, e in enumerate(before) if predicate(e)), None)
+        assert found is not None, f"missing before the error: {before}"
+        return found
+
+    # The words were shown, spoken and finished before the error came: transcript, speaking, metrics.
+    shown = first(lambda e: e["type"] == "transcript" and e["role"] == "assistant" and not e["final"])
+    speaking = first(lambda e: e["type"] == "state" and e["state"] == "speaking")
+    metrics = before[first(lambda e: e["type"] == "metrics" and e["turn"] == "chat")]
+    final = before[first(lambda e: e["type"] == "transcript" and e["role"] == "assistant" and e["final"])]
+    assert before[shown]["text"] == "Hello there."
+    assert shown < speaking
+    assert metrics["interrupted"] is False and metrics["speech_ms"] > 300
+    assert _rms(spoken) > 300, "no speech reached the caller before the error"
+    # What was heard, exactly: the whole first sentence, nothing of the one the failure cut off.
+    assert final["text"] == "Hello there." and final["interrupted"] is False
+    assert history[-2:] == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there."},
+    ]
 
 
 async def test_without_asr_voice_reports_an_error_and_text_chat_still_works(make_server) -> None:

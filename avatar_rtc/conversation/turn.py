@@ -356,8 +356,15 @@ class Conversation:
         turn.utterance = utterance
         done = asyncio.Event()
         self._utterance_done[utterance] = done
+        failure: Exception | None = None
         try:
-            await self.speaker.speak(sentences, utterance)
+            try:
+                await self.speaker.speak(sentences, utterance)
+            except Exception as error:
+                # A back-end failing mid-answer (the LLM's stream broke off): the sentences already
+                # queued still play out, so the history and the final transcript hold what the caller
+                # heard, and the error follows the words instead of arriving while they play.
+                failure = error
             await done.wait()
         finally:
             self._utterance_done.pop(utterance, None)
@@ -378,6 +385,8 @@ class Conversation:
                     }
                 )
                 self._prefill()
+        if failure is not None:
+            raise failure
 
     def _prefill(self) -> None:
         """While the caller thinks of a reply, let the model read the conversation so far."""
