@@ -8,7 +8,7 @@ The fakes wrap the real engines and fail on cue. A hang is ended by the product'
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -101,6 +101,13 @@ class FaultyRenderer:
         self.real, self.cue, self.armed = real, cue, armed
         self.template, self.sample_rate, self.lookahead_s = real.template, real.sample_rate, real.lookahead_s
         self._pushes = 0
+
+    @property
+    def quality_level(self) -> str:
+        return self.real.quality_level
+
+    def attach(self, media_clock: Callable[[], float], emit_event: Callable[[dict[str, Any]], None]) -> None:
+        self.real.attach(media_clock, emit_event)
 
     def push_audio(self, pcm: np.ndarray, media_time: float) -> None:
         self._pushes += 1

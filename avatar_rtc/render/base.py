@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from avatar_rtc.avatar.engine import TemplateEngine
 from avatar_rtc.avatar.template import Template
+
+# Where a renderer sends events for its session's caller (the session's data channel).
+EventSink = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,16 @@ class Renderer(Protocol):
     template: Template
     sample_rate: int
     lookahead_s: float
+
+    @property
+    def quality_level(self) -> str:
+        """Its current level (``render.batching.QUALITY_LEVELS``, or ``preparing``); ``full`` for a
+        renderer that never degrades."""
+        ...
+
+    def attach(self, media_clock: Callable[[], float], emit_event: EventSink) -> None:
+        """Bind it to its session: the session's media clock (now, in media seconds; a renderer that
+        batches across sessions schedules frames by it) and where its events for the caller go."""
 
     def push_audio(self, pcm: np.ndarray, media_time: float) -> None: ...
 

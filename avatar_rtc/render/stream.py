@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from avatar_rtc.avatar.template import Template
-from avatar_rtc.render.base import RenderedFrame
+from avatar_rtc.render.base import EventSink, RenderedFrame
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,17 @@ class StreamingRenderer:
         self._changed = asyncio.Event()
         self._generation = 0
         self._closed = False
+        # Set by attach(): media time now (MediaClock.now; may be called from worker threads) and where
+        # events for the caller go. Without a clock a renderer schedules by wall time alone.
+        self.media_clock: Callable[[], float] | None = None
+        self.emit_event: EventSink | None = None
+
+    @property
+    def quality_level(self) -> str:
+        return "full"
+
+    def attach(self, media_clock: Callable[[], float], emit_event: EventSink) -> None:
+        self.media_clock, self.emit_event = media_clock, emit_event
 
     # -- input side -------------------------------------------------------------------------------
     def push_audio(self, pcm: np.ndarray, media_time: float) -> None:

@@ -306,10 +306,7 @@ class Session:
         renderer = self.deps.renderer.open(template)
         # A renderer that batches across sessions (MuseTalk) schedules by this call's media clock and
         # reports its quality level on the data channel.
-        if hasattr(renderer, "media_clock"):
-            renderer.media_clock = self.clock.now
-        if hasattr(renderer, "emit_event"):
-            renderer.emit_event = self.send_event
+        renderer.attach(self.clock.now, self.send_event)
         return renderer
 
     async def _pump_frames(self, renderer: Renderer) -> None:
@@ -480,7 +477,7 @@ class Session:
         if deps.llm is None:
             hello["llm_unavailable"] = deps.llm_unavailable
         hello["renderer"] = deps.renderer.name
-        hello["quality"] = getattr(self.renderer, "quality_level", "full")
+        hello["quality"] = self.renderer.quality_level
         self.send_event(hello)
         self.send_event({"type": "state", "state": self.state})
 

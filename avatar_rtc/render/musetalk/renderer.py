@@ -38,7 +38,7 @@ import numpy as np
 from avatar_rtc.avatar.blend import BlendPlans, build_blend_plan, composite
 from avatar_rtc.avatar.engine import ExtrasProgress
 from avatar_rtc.avatar.template import Template
-from avatar_rtc.render.base import RenderedFrame, Renderer, RendererEngine, TierStats
+from avatar_rtc.render.base import EventSink, RenderedFrame, Renderer, RendererEngine, TierStats
 from avatar_rtc.render.batching import QUALITY_LEVELS, BatchingWorker, QualityPolicy
 from avatar_rtc.render.device_tier import DeviceTier
 from avatar_rtc.render.musetalk import layout
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 
 HALF_RATE = QUALITY_LEVELS.index("half_rate")
 CPU_FALLBACK = QUALITY_LEVELS.index("cpu_fallback")
-EventSink = Callable[[dict[str, Any]], None]
 
 
 def quality_event(level: str, renderer: str) -> dict[str, Any]:
@@ -133,11 +132,8 @@ class MuseTalkRenderer(StreamingRenderer):
         self.lookahead_s = engine.lookahead_s
         self.max_batch = engine.session_batch
         self._answer: Answer | None = None
-        # Set by the session: media time now (MediaClock.now; called from worker threads), so frames carry
-        # their real deadlines, and where to send events. Without a clock a frame is due
+        # media_clock (attach) gives frames their real deadlines; without one a frame is due
         # ``engine.latency_budget_s`` after its submission.
-        self.media_clock: Callable[[], float] | None = None
-        self.emit_event: EventSink | None = None
         self._reported_level: str | None = None
         self._last_image: tuple[int, np.ndarray] | None = None
         self._in_flight: set[concurrent.futures.Future[np.ndarray]] = set()
@@ -304,13 +300,21 @@ class CpuFallbackRenderer:
     (``cpu_fallback``), or while their template's MuseTalk data is being computed (``preparing``)."""
 
     def __init__(self, inner: Renderer, quality_level: str = "cpu_fallback") -> None:
-        self.quality_level = quality_level
+        self._quality_level = quality_level
         self.inner = inner
         self.template = inner.template
         self.sample_rate = inner.sample_rate
         self.lookahead_s = inner.lookahead_s
         self.emit_event: EventSink | None = None
         self._reported = False
+
+    @property
+    def quality_level(self) -> str:
+        return self._quality_level
+
+    def attach(self, media_clock: Callable[[], float], emit_event: EventSink) -> None:
+        self.emit_event = emit_event
+        self.inner.attach(media_clock, emit_event)
 
     def push_audio(self, pcm: np.ndarray, media_time: float) -> None:
         self.inner.push_audio(pcm, media_time)
