@@ -31,10 +31,6 @@ PAGE_TOKEN = "page-token-for-hardening"
 DEEP = "[" * 10_000 + "]" * 10_000
 
 
-def _session_headers(receiver: CallReceiver) -> dict[str, str]:
-    return {"X-Session-Key": getattr(receiver, "session_key", None) or ""}
-
-
 async def _send(http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> tuple[int, Any]:
     async with http.request(method, url, **kwargs) as resp:
         body = await resp.json() if resp.content_type == "application/json" else await resp.read()
@@ -174,7 +170,7 @@ async def test_session_routes_need_the_callers_key(make_server) -> None:
         await asyncio.sleep(0.3)
         assert not any(e.get("type") == "state" and e.get("state") == "speaking" for e in victim.events)
         status, body = await _send(
-            http, "POST", f"{base}/say", json={"text": "Only I can."}, headers=_session_headers(victim)
+            http, "POST", f"{base}/say", json={"text": "Only I can."}, headers=victim.session_headers
         )
         assert status == 202, body
         async with http.get(f"{server.url}/metrics") as resp:
@@ -330,7 +326,7 @@ async def test_deep_json_is_refused_everywhere(make_server) -> None:
                 method,
                 server.url + path,
                 data=DEEP,
-                headers={**json_headers, **_session_headers(receiver)},
+                headers={**json_headers, **receiver.session_headers},
             )
             assert status == 400 and "deeper" in body["error"], (path, status, body)
         receiver.channel.send(DEEP)
