@@ -78,14 +78,15 @@ class RendererSettings(BaseModel):
 class AvatarSettings(BaseModel):
     cache_dir: Path = Path("template_cache")
     default_template: str = "default"
-    # Templates kept in RAM (least recently used go first; one in use by a call never does); about
-    # 20 MiB per second of 512 px video.
+    # Templates kept in RAM (least recently used go first; one in use by a call never does). Frames are
+    # held decoded: per second of video about 20 MiB at 512x512, 66 MiB at 720p, 148 MiB at 1080p.
     ram_budget_mb: int = Field(2048, ge=64)
-    # Limits on what `prepare` and uploads accept, and the prepared frame size.
+    # Limits on what `prepare` and uploads accept, and the largest frame a template keeps: sources keep
+    # their own framing and aspect ratio, scaled down only past this long side (px).
     max_upload_mb: float = Field(100, gt=0)
     max_video_s: float = Field(30.0, gt=0, le=600)
     max_video_pixels: int = Field(3840 * 2160, ge=4096)
-    frame_size: int = Field(512, ge=128, le=1024)
+    max_long_side: int = Field(1280, ge=256, le=1920)
 
 
 class VadSettings(BaseModel):

@@ -130,13 +130,14 @@ def test_video_template_has_a_manifest_and_per_frame_data(prepared: tuple[Templa
     manifest = json.loads((library.store.path("moving") / "manifest.json").read_text())
     assert manifest["format_version"] >= 2 and manifest["frame_count"] == 75 and manifest["fps"] == FPS
     assert len(manifest["source_sha256"]) == 64
-    assert manifest["settings"]["frame_size"] == 512 and "renderer" not in manifest["settings"]
+    assert manifest["settings"]["max_long_side"] == 1280 and "renderer" not in manifest["settings"]
     assert manifest["info"] == {"name": "Moving face", "welcome": "Hello!", "language": None}
     for name in ("frames.npy", "landmarks.npy", "extra_crop_boxes.npy", "extra_lower_face_mask.npy"):
         entry = manifest["files"][name]
         assert len(entry["sha256"]) == 64 and entry["bytes"] > 0 and entry["description"]
     template = library.get("moving")
-    assert template.frames.shape == (75, 512, 512, 3)
+    # The source's own framing and size (640x480 is under the 1280 px bound): not a face crop.
+    assert template.frames.shape == (75, VIDEO_SIZE[1], VIDEO_SIZE[0], 3)
     assert template.landmarks.shape == (75, face.LANDMARK_COUNT, 2)
     assert template.extras["crop_boxes"].shape == (75, 4)
     assert template.extras["lower_face_mask"].shape == (75, 256, 256)
@@ -169,24 +170,28 @@ def test_frames_without_a_face_keep_their_place(prepared: tuple[TemplateLibrary,
     found = template.extras["face_found"]
     assert found[list(COVERED_FRAMES)].sum() == 0, "the covered frames should have no face"
     assert found.sum() == len(found) - len(COVERED_FRAMES)
-    # Interpolated landmarks sit between their neighbours' (in crop coordinates the face barely moves).
+    # Interpolated landmarks glide in a line from the last face seen to the next one.
     nose = template.landmarks[:, face.NOSE_TIP]
-    before, after = nose[COVERED_FRAMES[0] - 1], nose[COVERED_FRAMES[-1] + 1]
+    first, last = COVERED_FRAMES[0] - 1, COVERED_FRAMES[-1] + 1
     for i in COVERED_FRAMES:
-        assert np.linalg.norm(nose[i] - 0.5 * (before + after)) < 4.0
+        expected = nose[first] + (nose[last] - nose[first]) * (i - first) / (last - first)
+        assert np.linalg.norm(nose[i] - expected) < 4.0
     # Each template frame is its own source frame: frame 31 is the black box, its neighbours are not.
     dark = (template.frames.mean(axis=(1, 2, 3)) < 60).nonzero()[0]
     assert set(dark) <= set(COVERED_FRAMES)
 
 
-def test_face_stays_framed_like_the_photo_path(prepared: tuple[TemplateLibrary, float]) -> None:
+def test_face_box_frames_the_face_like_the_photo_path(prepared: tuple[TemplateLibrary, float]) -> None:
     template = prepared[0].get("moving")
     oval = template.landmarks[:, list(face.FACE_OVAL)]
     widths = oval[..., 0].max(axis=1) - oval[..., 0].min(axis=1)
-    assert np.all(np.abs(widths / 512 - 0.42) < 0.03)
+    boxes = template.extras["crop_boxes"]
+    assert np.all(np.abs(widths / (boxes[:, 2] - boxes[:, 0]) - 0.42) < 0.03)
+    # The mask covers the face box, at the face's own resolution.
     mask = template.extras["lower_face_mask"][0]
-    mouth = template.landmarks[0, face.UPPER_LIP_INNER_CENTRE] * 256 / 512
-    eye = template.landmarks[0, face.LEFT_EYE_UPPER_LID] * 256 / 512
+    to_mask = 256 / float(boxes[0, 2] - boxes[0, 0])
+    mouth = (template.landmarks[0, face.UPPER_LIP_INNER_CENTRE] - boxes[0, :2]) * to_mask
+    eye = (template.landmarks[0, face.LEFT_EYE_UPPER_LID] - boxes[0, :2]) * to_mask
     assert mask[int(mouth[1]), int(mouth[0])] > 240, "the mouth is inside the lower-face mask"
     assert mask[int(eye[1]), int(eye[0])] == 0, "the eyes are outside it"
     assert 0 < mask.mean() < 60 and len(np.unique(mask)) > 50, "a feathered region, not a hard cut"
@@ -211,7 +216,7 @@ def test_photo_source_becomes_an_idle_loop(tmp_path: Path) -> None:
     result = library.prepare(path, "photo")
     template = library.get("photo")
     assert result.info.frame_count == template.frame_count == 100
-    assert template.frames.shape[1:] == (512, 512, 3)
+    assert template.frames.shape[1:] == photo.shape, "the whole photo, not a face crop"
     box = template.extras["crop_boxes"][0]
     assert abs(box[0] - 100) < 25 and abs(box[1] - 60) < 25, "the crop box is where the portrait sits"
     assert template.extras["lower_face_mask"].shape == (100, 256, 256)

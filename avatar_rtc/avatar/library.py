@@ -603,7 +603,7 @@ def library_from_settings(settings: Settings, engine: TemplateEngine | None = No
         max_pixels=int(avatar.max_video_pixels),
     )
     prepare_settings = PrepareSettings(
-        fps=int(settings.media.fps), frame_size=avatar.frame_size, limits=limits
+        fps=int(settings.media.fps), max_long_side=avatar.max_long_side, limits=limits
     )
     return TemplateLibrary(
         avatar.cache_dir,

@@ -4,15 +4,19 @@ Photo: a still photo would read as a frozen picture, so the loop adds a slow bre
 affine, periodic over the loop) and natural blinks (the upper lid skin is warped down over the eye).
 Landmarks are detected once on the photo and carried through the same per-frame affine.
 
-Video: frames are resampled to the template fps, the face mesh is tracked frame by frame, frames where
-no face was found get landmarks interpolated from their neighbours (indices never shift), and landmarks
-and crop boxes are smoothed over time with a centred Gaussian (zero lag: an offline clip can look
-ahead). Every frame is then cropped to a square around its smoothed face box and resized to
-``frame_size``, the same framing as the photo path.
+Video: frames are resampled to the template fps, the face mesh is tracked frame by frame (on a scaled-down
+copy: the mesh itself runs on a 192 px face crop), frames where no face was found get landmarks
+interpolated from their neighbours (indices never shift), and landmarks and face boxes are smoothed over
+time with a centred Gaussian (zero lag: an offline clip can look ahead).
 
-Both add per-frame extras: ``crop_boxes`` (where each frame came from in the source) and
-``lower_face_mask`` (the feathered region a mouth renderer may repaint), plus whatever the configured
-renderer engine computes in its ``template_extras(template)`` hook (stored in the cache with them).
+Both keep the source's own framing: the whole picture at its aspect ratio, scaled down only when its long
+side exceeds ``max_long_side`` and given even dimensions (the video codecs want them). A call shows the
+presenter as filmed; the face is only the renderers' working area inside the frame.
+
+Both add per-frame extras: ``crop_boxes`` (the square face working area in the frame, smoothed so it
+glides) and ``lower_face_mask`` (the feathered region a mouth renderer may repaint, over that square),
+plus whatever the configured renderer engine computes in its ``template_extras(template)`` hook (stored
+in the cache with them).
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty, Queue
@@ -340,9 +343,6 @@ def prepare_photo(
 ProgressCallback = Callable[[str, int, int | None], None]
 """Called as ``progress(stage, done, total)``; ``total`` is None while unknown. It may raise to cancel."""
 
-# Decoded source frames are kept for the crop pass up to this many bytes; past it the video is decoded
-# a second time instead, so a long 4K clip cannot exhaust memory.
-_KEEP_DECODED_BYTES = 1536 * 1024 * 1024
 
 
 def _no_progress(stage: str, done: int, total: int | None) -> None:
@@ -355,7 +355,8 @@ class PrepareSettings:
     the manifest and a cached template prepared with other settings is prepared again."""
 
     fps: int = 25
-    frame_size: int = 512
+    # Frames keep the source's framing; a source larger than this (long side, px) is scaled down.
+    max_long_side: int = 1280
     face_fraction: float = 0.42
     mask_size: int = 256
     # Standard deviations (seconds) of the centred Gaussians that smooth the tracked landmarks (light:
@@ -365,8 +366,8 @@ class PrepareSettings:
     # A video with a face in fewer of its frames than this is refused rather than interpolated.
     min_face_fraction: float = 0.5
     # Frames are scaled down to this long side for face tracking: the mesh runs on a 192 px face crop,
-    # so a larger picture only costs time.
-    detect_max_side: int = 960
+    # so a larger picture only costs time (the resize and MediaPipe's own copies of it).
+    detect_max_side: int = 640
     photo_seconds: float = 4.0
     limits: MediaLimits = field(default_factory=MediaLimits)
 
@@ -385,11 +386,33 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def face_masks(landmarks: np.ndarray, image_size: tuple[int, int], mask_size: int) -> np.ndarray:
-    """(N, mask_size, mask_size) uint8 feathered lower-face masks, one per landmark set."""
+def output_size(source_size: tuple[int, int], max_long_side: int) -> tuple[int, int]:
+    """(width, height) of template frames for a source of ``source_size``: its own aspect ratio, scaled
+    down (never up) to ``max_long_side``, each side even (4:2:0 video needs it)."""
+    width, height = source_size
+    if width <= 0 or height <= 0:
+        raise ValueError(f"empty picture {width}x{height}")
+    scale = min(1.0, max_long_side / max(width, height))
+    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+
+
+def fit_frame(image_bgr: np.ndarray, max_long_side: int) -> np.ndarray:
+    """``image_bgr`` at :func:`output_size` (the same array when it already is)."""
+    height, width = image_bgr.shape[:2]
+    size = output_size((width, height), max_long_side)
+    if size == (width, height):
+        return np.ascontiguousarray(image_bgr)
+    return cv2.resize(image_bgr, size, interpolation=cv2.INTER_AREA)
+
+
+def face_box_masks(landmarks: np.ndarray, crop_boxes: np.ndarray, mask_size: int) -> np.ndarray:
+    """(N, mask_size, mask_size) uint8 feathered lower-face masks, each over its frame's square face box
+    (x0, y0, x1, y1 frame pixels): the face's own resolution, whatever the frame's size."""
     masks = np.empty((len(landmarks), mask_size, mask_size), dtype=np.uint8)
-    for i, points in enumerate(landmarks):
-        masks[i] = face.lower_face_mask(points, image_size, mask_size)
+    for i, (points, box) in enumerate(zip(landmarks, crop_boxes, strict=True)):
+        side = float(box[2] - box[0])
+        in_box = (points.astype(np.float64) - box[:2]) * (mask_size / side)
+        masks[i] = face.lower_face_mask(in_box, (mask_size, mask_size), mask_size)
     return masks
 
 
@@ -508,127 +531,103 @@ def prepare_video(
     """A template from a video of one face looking at the camera (see the module docstring).
     ``source_name`` is the file name recorded in the template (default: ``path``'s).
 
-    Three stages overlap on two cores: a thread decodes, this thread tracks the face, and a worker crops
-    each frame once its smoothed box is known. Raises
+    Each frame is decoded once, in a thread that also scales it to the template size (straight into the
+    template's array) and makes the small copy the face mesh reads; this thread tracks the face and
+    smooths the landmarks as soon as enough later frames are known. Raises
     :class:`~avatar_rtc.avatar.face.FaceNotFoundError` if too few frames show a face, and
     :class:`~avatar_rtc.avatar.video.SourceMediaError` for files past the limits or not decodable.
     """
     info = info or probe_source(path, settings.limits)
-    fps, size = settings.fps, settings.frame_size
+    fps = settings.fps
+    width, height = output_size((info.width, info.height), settings.max_long_side)
+    detect_scale = min(1.0, settings.detect_max_side / max(width, height))
+    detect_size = (max(2, round(width * detect_scale)), max(2, round(height * detect_scale)))
+    to_frame = np.array([width / detect_size[0], height / detect_size[1]], dtype=np.float32)
     estimate = info.frame_estimate(fps)
-    # Room for the longest clip the limits let through; pages never written are never committed.
+    # The longest clip the limits let through. The frames array is sized from the header's length (and
+    # grown if that was short): at 1080p a limit-sized array would reserve more than the machine has.
     capacity = math.ceil((settings.limits.max_seconds + 1) * fps) + 1
-    frames = np.empty((capacity, size, size, 3), dtype=np.uint8)
+    frames = np.empty((min(capacity, (estimate or 10 * fps) + fps), height, width, 3), dtype=np.uint8)
     landmarks = np.empty((capacity, face.LANDMARK_COUNT, 2), dtype=np.float32)
     boxes = np.empty((capacity, 3), dtype=np.float64)
-    masks = np.empty((capacity, settings.mask_size, settings.mask_size), dtype=np.uint8)
     tracker = _VideoTracker(settings)
-    # Source frames wait here until cropped; past the byte budget the oldest are dropped and decoded
-    # again at the end.
-    waiting: dict[int, np.ndarray] = {}
-    waiting_bytes = 0
-    dropped: set[int] = set()
-    cropped = 0
 
-    def crop(index: int, image: np.ndarray, points: np.ndarray, box: np.ndarray) -> None:
-        matrix = crop_matrix((float(box[0]), float(box[1]), float(box[2])), size)
-        # Cubic rather than Lanczos: a quarter of the cost, and the difference does not show at video
-        # quality; it keeps preparation several times faster than real time on two cores.
-        frames[index] = cv2.warpAffine(
-            image, matrix, (size, size), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE
+    def scaled(index: int, image: np.ndarray) -> np.ndarray:
+        # Runs in the decoding thread: the frame goes into the template once; only the small copy moves on.
+        nonlocal frames
+        if index >= capacity:
+            raise SourceTooLargeError(f"the video is longer than the limit of {settings.limits.max_seconds:g} s")
+        if index >= len(frames):
+            grown = np.empty((min(capacity, 2 * len(frames)), height, width, 3), dtype=np.uint8)
+            grown[:index] = frames[:index]
+            frames = grown
+        target = frames[index]
+        if image.shape[1] == width and image.shape[0] == height:
+            target[...] = image
+        else:
+            cv2.resize(image, (width, height), dst=target, interpolation=cv2.INTER_AREA)
+        if detect_size == (width, height):
+            return target
+        return cv2.resize(target, detect_size, interpolation=cv2.INTER_AREA)
+
+    def finalise() -> None:
+        for index, points, box in tracker.ready():
+            landmarks[index] = points
+            boxes[index] = box
+
+    with face.FaceLandmarker(static_image_mode=False) as landmarker:
+        decoded = _decoded_ahead(iter_video_frames(path, fps, settings.limits), scaled)
+        for index, small in decoded:
+            points = landmarker.detect(small)
+            tracker.add(None if points is None else points * to_frame)
+            progress("landmarks", index + 1, max(estimate or 0, index + 1))
+            finalise()
+    count = len(tracker.raw)
+    found = np.array([points is not None for points in tracker.raw], dtype=bool)
+    if count == 0:
+        raise face.FaceNotFoundError("the video has no frames")
+    if found.sum() < max(1, settings.min_face_fraction * count):
+        raise face.FaceNotFoundError(
+            f"no face found in {count - int(found.sum())} of {count} frames; use a video where one face "
+            f"is clearly visible, looking at the camera, in at least {settings.min_face_fraction:.0%} "
+            "of the frames"
         )
-        landmarks[index] = points @ matrix[:, :2].T + matrix[:, 2]
-        boxes[index] = box
-        masks[index] = face.lower_face_mask(landmarks[index], (size, size), settings.mask_size)
-
-    finals: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    with ThreadPoolExecutor(1, thread_name_prefix="template-crop") as cropper:
-        pending: list[Future[None]] = []
-
-        def submit_ready() -> None:
-            nonlocal waiting_bytes, cropped
-            for index, points, box in tracker.ready():
-                image = waiting.pop(index, None)
-                if image is None:
-                    finals[index] = (points, box)  # decoded again after the first pass
-                    continue
-                waiting_bytes -= image.nbytes
-                pending.append(cropper.submit(crop, index, image, points, box))
-            while pending and pending[0].done():
-                pending.pop(0).result()
-                cropped += 1
-                progress("crop", cropped, max(estimate or 0, len(tracker.raw)))
-
-        with face.FaceLandmarker(static_image_mode=False) as landmarker:
-            for index, image in _decoded_ahead(iter_video_frames(path, fps, settings.limits)):
-                if index >= capacity:
-                    raise SourceTooLargeError(
-                        f"the video is longer than the limit of {settings.limits.max_seconds:g} s"
-                    )
-                tracker.add(_detect_scaled(landmarker, image, settings.detect_max_side))
-                waiting[index] = image
-                waiting_bytes += image.nbytes
-                while waiting_bytes > _KEEP_DECODED_BYTES:
-                    oldest = min(waiting)
-                    waiting_bytes -= waiting.pop(oldest).nbytes
-                    dropped.add(oldest)
-                progress("landmarks", index + 1, max(estimate or 0, index + 1))
-                submit_ready()
-        count = len(tracker.raw)
-        found = np.array([points is not None for points in tracker.raw], dtype=bool)
-        if count == 0:
-            raise face.FaceNotFoundError("the video has no frames")
-        if found.sum() < max(1, settings.min_face_fraction * count):
-            raise face.FaceNotFoundError(
-                f"no face found in {count - int(found.sum())} of {count} frames; use a video where one face "
-                f"is clearly visible, looking at the camera, in at least {settings.min_face_fraction:.0%} "
-                "of the frames"
-            )
-        tracker.end()
-        submit_ready()
-        if finals:
-            for index, image in iter_video_frames(path, fps, settings.limits):
-                if index in finals:
-                    points, box = finals.pop(index)
-                    pending.append(cropper.submit(crop, index, image, points, box))
-                if not finals:
-                    break
-        for future in pending:
-            future.result()
-            cropped += 1
-            progress("crop", cropped, count)
-    frames, landmarks, boxes, masks = frames[:count], landmarks[:count], boxes[:count], masks[:count]
+    tracker.end()
+    finalise()
+    frames, landmarks, boxes = frames[:count], landmarks[:count], boxes[:count]
     crop_boxes = np.column_stack(
         [boxes[:, 0], boxes[:, 1], boxes[:, 0] + boxes[:, 2], boxes[:, 1] + boxes[:, 2]]
-    )
+    ).astype(np.float32)
+    progress("masks", 0, count)
+    masks = face_box_masks(landmarks, crop_boxes, settings.mask_size)
+    progress("masks", count, count)
     template = Template(
         id=template_id,
         fps=fps,
         frames=frames,
         landmarks=landmarks,
         source=f"video {source_name or Path(path).name}",
-        extras={
-            "crop_boxes": crop_boxes.astype(np.float32),
-            "face_found": found.astype(np.uint8),
-            "lower_face_mask": masks,
-        },
+        extras={"crop_boxes": crop_boxes, "face_found": found.astype(np.uint8), "lower_face_mask": masks},
     )
     return _with_renderer_extras(template, engine, progress)
 
 
 def _decoded_ahead(
-    frames: Iterator[tuple[int, np.ndarray]], depth: int = 8
+    frames: Iterator[tuple[int, np.ndarray]],
+    transform: Callable[[int, np.ndarray], np.ndarray],
+    depth: int = 8,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """``frames``, decoded in a thread up to ``depth`` frames ahead of the consumer."""
+    """``(index, transform(index, image))`` for ``frames``, decoded and transformed in a thread up to
+    ``depth`` frames ahead of the consumer."""
     queue: Queue[tuple[int, np.ndarray] | BaseException | None] = Queue(depth)
     stop = threading.Event()
 
     def produce() -> None:
         try:
-            for item in frames:
+            for index, image in frames:
                 if stop.is_set():
                     return
-                queue.put(item)
+                queue.put((index, transform(index, image)))
             queue.put(None)
         except BaseException as exc:  # handed to the consumer, which raises it
             queue.put(exc)
@@ -668,26 +667,25 @@ def prepare_photo_template(
     engine: TemplateEngine | None = None,
     source: str = "photo",
 ) -> Template:
-    """A living idle loop from a photo of any framing: cropped on the face like a video frame, then
-    animated by :func:`prepare_photo`, with the same extras as a video template."""
+    """A living idle loop from a photo of any framing: the whole photo (scaled down past
+    ``max_long_side``), animated by :func:`prepare_photo`, with the same extras as a video template."""
     progress("landmarks", 0, 1)
-    landmarks = face.detect_landmarks(image_bgr, f"photo for template {template_id!r}")
+    photo = fit_frame(image_bgr, settings.max_long_side)
     progress("landmarks", 1, 1)
-    box = portrait_box(landmarks, settings.face_fraction)
-    portrait = crop_portrait(image_bgr, landmarks, settings.frame_size, settings.face_fraction)
     progress("crop", 0, 1)
-    template = prepare_photo(portrait, template_id, settings.fps, settings.photo_seconds, source=source)
+    template = prepare_photo(photo, template_id, settings.fps, settings.photo_seconds, source=source)
     progress("crop", 1, 1)
-    left, top, side = box
     count = template.frame_count
     progress("masks", 0, count)
-    size = (settings.frame_size, settings.frame_size)
+    # The sway moves the face by a pixel or two: one working box, from the loop's middle, serves every frame.
+    left, top, side = portrait_box(template.landmarks[count // 2].astype(np.float64), settings.face_fraction)
+    crop_boxes = np.tile(np.array([left, top, left + side, top + side], np.float32), (count, 1))
     template = dataclasses.replace(
         template,
         extras={
-            "crop_boxes": np.tile(np.array([left, top, left + side, top + side], np.float32), (count, 1)),
+            "crop_boxes": crop_boxes,
             "face_found": np.ones(count, np.uint8),
-            "lower_face_mask": face_masks(template.landmarks, size, settings.mask_size),
+            "lower_face_mask": face_box_masks(template.landmarks, crop_boxes, settings.mask_size),
         },
     )
     progress("masks", count, count)
@@ -718,11 +716,11 @@ def prepare_default(
     settings: PrepareSettings = PrepareSettings(),
     engine: TemplateEngine | None = None,
 ) -> Template:
-    """The built-in avatar from the public-domain astronaut photo."""
-    import skimage.data
-
-    photo = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
-    return prepare_photo_template(photo, template_id, settings, engine=engine, source=DEFAULT_PHOTO_SOURCE)
+    """The built-in avatar from the public-domain astronaut photo, framed head and shoulders
+    (:func:`default_photo`)."""
+    return prepare_photo_template(
+        default_photo(), template_id, settings, engine=engine, source=DEFAULT_PHOTO_SOURCE
+    )
 
 
 def check_face_visible(
