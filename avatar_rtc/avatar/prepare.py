@@ -344,7 +344,6 @@ ProgressCallback = Callable[[str, int, int | None], None]
 """Called as ``progress(stage, done, total)``; ``total`` is None while unknown. It may raise to cancel."""
 
 
-
 def _no_progress(stage: str, done: int, total: int | None) -> None:
     pass
 
@@ -556,7 +555,9 @@ def prepare_video(
         # Runs in the decoding thread: the frame goes into the template once; only the small copy moves on.
         nonlocal frames
         if index >= capacity:
-            raise SourceTooLargeError(f"the video is longer than the limit of {settings.limits.max_seconds:g} s")
+            raise SourceTooLargeError(
+                f"the video is longer than the limit of {settings.limits.max_seconds:g} s"
+            )
         if index >= len(frames):
             grown = np.empty((min(capacity, 2 * len(frames)), height, width, 3), dtype=np.uint8)
             grown[:index] = frames[:index]
