@@ -387,21 +387,33 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 def output_size(source_size: tuple[int, int], max_long_side: int) -> tuple[int, int]:
     """(width, height) of template frames for a source of ``source_size``: its own aspect ratio, scaled
-    down (never up) to ``max_long_side``, each side even (4:2:0 video needs it)."""
+    down (never up) to ``max_long_side``, each side even (4:2:0 video needs it; an odd side of a source
+    that needs no scaling loses its last pixel row or column rather than being resampled)."""
     width, height = source_size
     if width <= 0 or height <= 0:
         raise ValueError(f"empty picture {width}x{height}")
-    scale = min(1.0, max_long_side / max(width, height))
+    scale = max_long_side / max(width, height)
+    if scale >= 1.0:
+        return max(2, width - width % 2), max(2, height - height % 2)
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 
+def _fit_into(image: np.ndarray, size: tuple[int, int], dst: np.ndarray | None = None) -> np.ndarray:
+    """``image`` at ``size`` (from :func:`output_size`): cropped by the odd pixel, or scaled down."""
+    height, width = image.shape[:2]
+    if width - size[0] in (0, 1) and height - size[1] in (0, 1):
+        fitted = image[: size[1], : size[0]]
+        if dst is None:
+            return np.ascontiguousarray(fitted)
+        dst[...] = fitted
+        return dst
+    return cv2.resize(image, size, dst=dst, interpolation=cv2.INTER_AREA)
+
+
 def fit_frame(image_bgr: np.ndarray, max_long_side: int) -> np.ndarray:
-    """``image_bgr`` at :func:`output_size` (the same array when it already is)."""
+    """``image_bgr`` at :func:`output_size`."""
     height, width = image_bgr.shape[:2]
-    size = output_size((width, height), max_long_side)
-    if size == (width, height):
-        return np.ascontiguousarray(image_bgr)
-    return cv2.resize(image_bgr, size, interpolation=cv2.INTER_AREA)
+    return _fit_into(image_bgr, output_size((width, height), max_long_side))
 
 
 def face_box_masks(landmarks: np.ndarray, crop_boxes: np.ndarray, mask_size: int) -> np.ndarray:
@@ -562,11 +574,7 @@ def prepare_video(
             grown = np.empty((min(capacity, 2 * len(frames)), height, width, 3), dtype=np.uint8)
             grown[:index] = frames[:index]
             frames = grown
-        target = frames[index]
-        if image.shape[1] == width and image.shape[0] == height:
-            target[...] = image
-        else:
-            cv2.resize(image, (width, height), dst=target, interpolation=cv2.INTER_AREA)
+        target = _fit_into(image, (width, height), dst=frames[index])
         if detect_size == (width, height):
             return target
         return cv2.resize(target, detect_size, interpolation=cv2.INTER_AREA)
