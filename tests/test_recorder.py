@@ -27,19 +27,28 @@ class _SourceTrack(MediaStreamTrack):
     """Frames stamped like AvatarVideoTrack / AvatarAudioTrack, with a marker at SWITCH_S, and a
     stretch of audio the track 'skipped' (as it does when it falls behind)."""
 
-    def __init__(self, kind: str, skip_audio_frames: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        kind: str,
+        skip_audio_frames: tuple[int, ...] = (),
+        size_after_switch: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__()
         self.kind = kind
         self._n = 0
         self._skip = set(skip_audio_frames)
+        self._size_after_switch = size_after_switch
 
     async def recv(self) -> av.AudioFrame | av.VideoFrame:
         n = self._n
         self._n += 1
         if self.kind == "video":
             level = 235 if n / FPS >= SWITCH_S else 16
-            yuv = np.full((SIZE * 3 // 2, SIZE), 128, np.uint8)
-            yuv[:SIZE] = level
+            width, height = SIZE, SIZE
+            if n / FPS >= SWITCH_S and self._size_after_switch is not None:
+                width, height = self._size_after_switch
+            yuv = np.full((height * 3 // 2, width), 128, np.uint8)
+            yuv[:height] = level
             frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
             frame.pts, frame.time_base = n * 3600, fractions.Fraction(1, 90000)
             return frame
@@ -96,6 +105,24 @@ async def test_recording_holds_what_was_sent_in_sync(tmp_path: Path) -> None:
     # AAC's encoder delay and the 20 ms frames put the tone within a frame of the picture change.
     assert abs(tone_at - SWITCH_S) < 0.045, tone_at
     assert abs(len(pcm) / RATE - 2.0) < 0.1
+
+
+async def test_a_change_of_picture_size_is_fitted_into_the_recording(tmp_path: Path) -> None:
+    """A template of another shape (or a lower output resolution) mid-call: the file keeps its size and
+    shows the new picture whole, centred, instead of failing."""
+    settings = RecordingSettings(mode="always", directory=tmp_path)
+    recorder = SessionRecorder.for_session("s2", settings, FPS, RATE)
+    video = recorder.tap(_SourceTrack("video", size_after_switch=(SIZE // 2, SIZE)))
+    for _ in range(2 * FPS):
+        await video.recv()
+    await recorder.aclose()
+    assert recorder.error is None and recorder.stats.video_frames_written == 2 * FPS
+    with av.open(str(tmp_path / "s2.mp4")) as container:
+        last = [f.to_ndarray(format="gray") for f in container.decode(video=0)][-1]
+    assert last.shape == (SIZE, SIZE)
+    # The portrait picture fills the height in the middle half; black bars either side.
+    assert last[:, SIZE // 4 + 4 : 3 * SIZE // 4 - 4].mean() > 200
+    assert last[:, : SIZE // 4 - 4].mean() < 30 and last[:, 3 * SIZE // 4 + 4 :].mean() < 30
 
 
 async def test_a_slow_encoder_drops_frames_and_never_blocks(tmp_path: Path, monkeypatch) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 from aiortc.mediastreams import MediaStreamTrack
 
@@ -192,6 +193,10 @@ class _Mp4Writer:
         if item.index <= self.last_video_index:
             return
         frame = av.VideoFrame.from_ndarray(item.yuv, format="yuv420p")
+        if (frame.width, frame.height) != (self.video.width, self.video.height):
+            # The call changed size (a template of another shape, or a lower output resolution under
+            # load): the file keeps the size it started with, the new picture fitted in without cropping.
+            frame = _letterboxed(frame, self.video.width, self.video.height)
         frame.pts = item.index
         frame.time_base = self.video_time_base
         self.container.mux(self.video.encode(frame))
@@ -241,6 +246,17 @@ class _Mp4Writer:
             self.container.mux(self.audio.encode(None))
         finally:
             self.container.close()
+
+
+def _letterboxed(frame: av.VideoFrame, width: int, height: int) -> av.VideoFrame:
+    """``frame`` scaled to fit ``width`` x ``height`` whole, centred on black, as yuv420p."""
+    image = frame.to_ndarray(format="bgr24")
+    scale = min(width / frame.width, height / frame.height)
+    fitted = (max(1, round(frame.width * scale)), max(1, round(frame.height * scale)))
+    canvas = np.zeros((height, width, 3), np.uint8)
+    x0, y0 = (width - fitted[0]) // 2, (height - fitted[1]) // 2
+    canvas[y0 : y0 + fitted[1], x0 : x0 + fitted[0]] = cv2.resize(image, fitted, interpolation=cv2.INTER_AREA)
+    return av.VideoFrame.from_ndarray(canvas, format="bgr24").reformat(format="yuv420p")
 
 
 class _TappedTrack(MediaStreamTrack):
