@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Benchmark live calls: 1, 2 and 4 simultaneous callers against a server in its own process.
+"""Benchmark live calls: 1, 2 and 4 simultaneous callers against a server in its own process, at each
+template resolution asked for (--resolutions 512 720p 1080p: a full-frame presenter template of that
+size, prepared from a public-domain photo before the server starts).
 
 Prints, per run: received frames/s, inter-frame gap p50/p99 at the peer, late/repeated/dropped frames
 and send-time error (server side), lip offset at the peer (corrected by a calibration sender),
@@ -32,7 +34,12 @@ sys.path.insert(0, str(ROOT))
 from avatar_rtc.testing.lipsync import MouthDarkness, lip_offset, mouth_box  # noqa: E402
 from avatar_rtc.testing.netns import reexec_in_loopback_namespace  # noqa: E402
 from avatar_rtc.testing.receiver import CallReceiver  # noqa: E402
-from avatar_rtc.testing.synthetic import SyntheticSender, syllable_signal  # noqa: E402
+from avatar_rtc.testing.synthetic import (  # noqa: E402
+    RESOLUTIONS,
+    SyntheticSender,
+    prepare_presenter_template,
+    syllable_signal,
+)
 from avatar_rtc.wiring import restrict_ice_host_addresses  # noqa: E402
 
 SENTENCES = [
@@ -153,10 +160,13 @@ async def wait_healthy(url: str, seconds: float = 120.0) -> None:
     raise SystemExit("server did not start")
 
 
-def start_server(cache: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(cache: Path, template_id: str = "default") -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = dict(
-        os.environ, AVATAR_RTC_ICE_HOST_ADDRESSES='["127.0.0.1"]', AVATAR_RTC_AVATAR__CACHE_DIR=str(cache)
+        os.environ,
+        AVATAR_RTC_ICE_HOST_ADDRESSES='["127.0.0.1"]',
+        AVATAR_RTC_AVATAR__CACHE_DIR=str(cache),
+        AVATAR_RTC_AVATAR__DEFAULT_TEMPLATE=template_id,
     )
     server = subprocess.Popen(
         [sys.executable, "-m", "avatar_rtc.cli", "serve", "--port", str(port)],
@@ -168,17 +178,21 @@ def start_server(cache: Path) -> tuple[subprocess.Popen[bytes], str]:
     return server, f"http://127.0.0.1:{port}"
 
 
-async def main(args: argparse.Namespace, server: subprocess.Popen[bytes], url: str, cache: Path) -> None:
+async def main(
+    args: argparse.Namespace, server: subprocess.Popen[bytes], url: str, cache: Path, template_id: str
+) -> None:
     restrict_ice_host_addresses(["127.0.0.1"])
     try:
         await wait_healthy(url)
         from avatar_rtc.avatar.store import TemplateStore
 
-        template = TemplateStore(cache).load("default")
+        template = TemplateStore(cache).load(template_id)
         box = mouth_box(template.landmarks[0], template.size)
         bias = await calibrate(box)
+        width, height = template.size
         print(
-            f"server pid {server.pid}; receiver bias {bias * 1000:+.1f} ms (calibration sender); {args.seconds:.0f} s per run"
+            f"template {template_id} {width}x{height}; server pid {server.pid}; receiver bias "
+            f"{bias * 1000:+.1f} ms (calibration sender); {args.seconds:.0f} s per run"
         )
         print(
             "calls |    fps | gap p50/p99 ms | late % / dropped | send err p99 ms | lip offset ms | say->audio ms (server) | CPU/call | RSS MB"
@@ -200,13 +214,23 @@ if __name__ == "__main__":
     )
     parser.add_argument("--calls", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--resolutions",
+        nargs="+",
+        choices=["default", *RESOLUTIONS],
+        default=["default"],
+        help="templates to call: the built-in 512 px one, or a presenter at a call resolution",
+    )
     parsed = parser.parse_args()
     reexec_in_loopback_namespace()
-    cache_dir = Path(tempfile.mkdtemp(prefix="bench_call_"))
-    process, base_url = start_server(cache_dir)
-    try:
-        asyncio.run(main(parsed, process, base_url, cache_dir))
-    finally:
-        process.terminate()
-        process.wait(10)
-        shutil.rmtree(cache_dir, ignore_errors=True)
+    for resolution in parsed.resolutions:
+        work = Path(tempfile.mkdtemp(prefix="bench_call_"))
+        cache_dir = work / "cache"
+        chosen = "default" if resolution == "default" else prepare_presenter_template(cache_dir, resolution)
+        process, base_url = start_server(cache_dir, chosen)
+        try:
+            asyncio.run(main(parsed, process, base_url, cache_dir, chosen))
+        finally:
+            process.terminate()
+            process.wait(10)
+            shutil.rmtree(work, ignore_errors=True)

@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from avatar_rtc.testing.receiver import CallReceiver  # noqa: E402
+from avatar_rtc.testing.synthetic import RESOLUTIONS, prepare_presenter_template  # noqa: E402
 from avatar_rtc.wiring import restrict_ice_host_addresses  # noqa: E402
 
 SENTENCES = (
@@ -72,7 +74,10 @@ class StepResult:
 
 
 @contextlib.asynccontextmanager
-async def local_server(port: int, token: str | None) -> AsyncIterator[tuple[str, psutil.Process]]:
+async def local_server(
+    port: int, token: str | None, template: tuple[Path, str] | None = None
+) -> AsyncIterator[tuple[str, psutil.Process]]:
+    """A server on ``port``; ``template``: (cache directory, id) of the template calls get."""
     env = {
         **os.environ,
         "AVATAR_RTC_ICE_HOST_ADDRESSES": '["127.0.0.1"]',
@@ -83,6 +88,9 @@ async def local_server(port: int, token: str | None) -> AsyncIterator[tuple[str,
     }
     if token:
         env["AVATAR_RTC_SECURITY__API_TOKEN"] = token
+    if template is not None:
+        env["AVATAR_RTC_AVATAR__CACHE_DIR"] = str(template[0])
+        env["AVATAR_RTC_AVATAR__DEFAULT_TEMPLATE"] = template[1]
     cmd = [sys.executable, "-m", "avatar_rtc.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     process = await asyncio.to_thread(
         subprocess.Popen,
@@ -246,6 +254,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--say-every-s", type=float, default=6.0)
     p.add_argument("--max-late", type=float, default=0.01, help="healthy: late-frame rate at most this")
     p.add_argument("--max-p99-ms", type=float, default=20.0, help="healthy: p99 send lateness at most this")
+    p.add_argument(
+        "--resolution",
+        choices=["default", *RESOLUTIONS],
+        default="default",
+        help="the calls' template: the built-in 512 px one, or a full-frame presenter of this size",
+    )
     return p
 
 
@@ -259,8 +273,14 @@ async def main_async(args: argparse.Namespace) -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    async with local_server(port, args.token) as (url, server):
-        await ramp_and_hold(args, url, server)
+    template: tuple[Path, str] | None = None
+    with tempfile.TemporaryDirectory(prefix="load_test_") as work:
+        if args.resolution != "default":
+            cache = Path(work) / "cache"
+            template = (cache, await asyncio.to_thread(prepare_presenter_template, cache, args.resolution))
+            print(f"template {template[1]} ({'x'.join(map(str, RESOLUTIONS[args.resolution]))})", flush=True)
+        async with local_server(port, args.token, template) as (url, server):
+            await ramp_and_hold(args, url, server)
     return 0
 
 

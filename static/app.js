@@ -114,7 +114,7 @@
   const STAGE_NAMES = {
     hash: "Checking file",
     landmarks: "Tracking the face",
-    crop: "Cropping",
+    animate: "Animating the photo",
     masks: "Masking",
     renderer: "Preparing renderer",
     write: "Saving",

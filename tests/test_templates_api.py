@@ -79,7 +79,7 @@ async def test_upload_streams_progress_then_lists_serves_and_deletes(
     assert response.status == 200 and response.content_type == "application/x-ndjson"
     lines = [json.loads(line) for line in (await response.text()).splitlines()]
     stages = [line["stage"] for line in lines[:-1]]
-    assert {"landmarks", "crop", "write"} <= set(stages)
+    assert {"landmarks", "masks", "write"} <= set(stages)
     assert all(line["done"] <= line["total"] for line in lines[:-1] if line["total"] is not None)
     last = lines[-1]
     assert last["state"] == "ready" and not last["cache_hit"]

@@ -710,9 +710,9 @@ def prepare_photo_template(
     progress("landmarks", 0, 1)
     photo = fit_frame(image_bgr, settings.max_long_side)
     progress("landmarks", 1, 1)
-    progress("crop", 0, 1)
+    progress("animate", 0, 1)
     template = prepare_photo(photo, template_id, settings.fps, settings.photo_seconds, source=source)
-    progress("crop", 1, 1)
+    progress("animate", 1, 1)
     count = template.frame_count
     progress("masks", 0, count)
     # The sway moves the face by a pixel or two: one working box, from the loop's middle, serves every frame.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import time
+from pathlib import Path
 from typing import Any
 
 import av
@@ -104,3 +105,37 @@ class SyntheticSender:
 
     async def close(self) -> None:
         await self.pc.close()
+
+
+# Presenter pictures for benchmarks at a call resolution: name -> (width, height).
+RESOLUTIONS = {"512": (512, 512), "720p": (720, 1280), "720p-landscape": (1280, 720), "1080p": (1080, 1920)}
+
+
+def presenter_photo(size: tuple[int, int]) -> np.ndarray:
+    """scikit-image's public-domain astronaut photo scaled to cover ``size`` (width, height) and cut
+    around the face, head and shoulders framed like a presenter: a full-frame template source at a
+    call resolution. Upscaled, so it holds less fine detail than a camera's picture (cheaper to encode)."""
+    import skimage.data
+
+    photo = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
+    width, height = size
+    # The face is about 100 px wide in the 512 px photo; make it about a third of the short side.
+    scale = max(width / 512, height / 512, min(width, height) / 300)
+    scaled = cv2.resize(photo, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+    face_x, face_y = 215 * scale, 110 * scale  # the astronaut's face in the scaled photo
+    x0 = int(np.clip(face_x - width / 2, 0, scaled.shape[1] - width))
+    y0 = int(np.clip(face_y - 0.3 * height, 0, scaled.shape[0] - height))
+    return np.ascontiguousarray(scaled[y0 : y0 + height, x0 : x0 + width])
+
+
+def prepare_presenter_template(cache_dir: Path, resolution: str) -> str:
+    """Prepare a :func:`presenter_photo` of ``resolution`` (a key of :data:`RESOLUTIONS`) as a template
+    in ``cache_dir``, as ``avatar-rtc prepare`` would; returns its id."""
+    from avatar_rtc.avatar.library import TemplateLibrary
+
+    template_id = f"presenter_{resolution.replace('-', '_')}"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    photo = cache_dir.parent / f"{template_id}.png"
+    cv2.imwrite(str(photo), presenter_photo(RESOLUTIONS[resolution]))
+    TemplateLibrary(cache_dir, ram_budget_bytes=1 << 31).prepare(photo, template_id)
+    return template_id
