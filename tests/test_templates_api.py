@@ -158,7 +158,9 @@ async def test_render_answers_an_mp4(make_client: ClientFactory, face_video: byt
     with av.open(io.BytesIO(await response.read())) as container:
         assert container.streams.video[0].codec_context.name == "h264"
         assert container.streams.audio[0].codec_context.name == "aac"
-        assert container.streams.video[0].codec_context.width == 512
+        # The uploaded video's own framing (640x480), not a face crop.
+        video = container.streams.video[0].codec_context
+        assert (video.width, video.height) == (640, 480)
     missing = await client.post("/api/render", json={"template": "nobody", "text": "Hi."})
     assert missing.status == 404
     too_long = await client.post("/api/render", json={"template": "anna", "text": "a" * 5000})
