@@ -133,6 +133,7 @@
     callBtn: $("call-btn"),
     hangupBtn: $("hangup-btn"),
     video: $("remote-video"),
+    stage: document.querySelector(".stage"),
     placeholder: $("video-placeholder"),
     flash: $("barge-flash"),
     connState: $("conn-state"),
@@ -246,6 +247,23 @@
   function setPlaceholder(html) {
     ui.placeholder.innerHTML = html;
     ui.placeholder.hidden = !html;
+  }
+
+  // The video frame takes the video's own shape (style.css reads --video-aspect), so a portrait or
+  // landscape avatar shows whole, without bars and without pushing the buttons out of view. The frames
+  // decide during a call (a switch to a template of another shape fires "resize"); before the first
+  // one, the chosen template's size from the list, so the frame does not jump when the call starts.
+  function fitVideoFrame() {
+    let width = ui.video.videoWidth;
+    let height = ui.video.videoHeight;
+    if (!(width > 0 && height > 0)) {
+      const info = avatarCall.templates.find((t) => t.id === (switchingTo ?? avatarCall.currentTemplate));
+      width = info?.width;
+      height = info?.height;
+    }
+    // Nothing known yet (no list, or an old server that sends no size): keep the last shape.
+    if (!(width > 0 && height > 0)) return;
+    ui.stage.style.setProperty("--video-aspect", String(width / height));
   }
 
   // Enter (and the phone keyboard's send key) asks when the server has a language model, else says.
@@ -709,6 +727,7 @@
       }),
     );
     dropThumbnails(shown);
+    fitVideoFrame();
   }
 
   async function loadTemplates() {
@@ -1184,6 +1203,8 @@
   });
 
   ui.video.addEventListener("playing", () => setPlaceholder(""));
+  ui.video.addEventListener("loadedmetadata", fitVideoFrame);
+  ui.video.addEventListener("resize", fitVideoFrame);
   ui.placeholder.addEventListener("click", () => {
     if (ui.video.srcObject) playRemote();
   });

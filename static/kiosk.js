@@ -130,6 +130,20 @@
     });
   }
 
+  // An embedding <avatar-call fit="video"> (embed.js) sizes its box to the video's shape, which only
+  // this page can see: tell the parent the size of the frames, now and whenever it changes (a template
+  // of another shape). Any origin may hear it ("*"): the embedding page's origin is not known here,
+  // and a frame size is no secret.
+  function reportVideoSize() {
+    if (window.parent === window || !(video.videoWidth > 0 && video.videoHeight > 0)) return;
+    window.parent.postMessage(
+      { type: "avatar-call:video-size", width: video.videoWidth, height: video.videoHeight },
+      "*",
+    );
+  }
+  video.addEventListener("loadedmetadata", reportVideoSize);
+  video.addEventListener("resize", reportVideoSize);
+
   document.addEventListener("pointerdown", () => {
     if (video.muted) {
       video.muted = false;

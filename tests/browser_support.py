@@ -6,6 +6,7 @@ Kept out of conftest.py so that file stays free for shared fixtures written by o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -13,10 +14,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,3 +231,37 @@ def chromium_page(
             yield page
         finally:
             context.close()
+
+
+@contextmanager
+def host_server(page_html: Callable[[Any], str]) -> Iterator[str]:
+    """A second origin for pages that embed the avatar: an aiohttp app on its own loopback port, run on
+    an event loop in a thread, answering ``/`` with ``page_html(request)``; yields its base URL.
+
+    A real server, not a browser-side route: Chromium lets a page load the avatar server's scripts from
+    the loopback address space only when the page itself came from there."""
+    from aiohttp import web
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text=page_html(request), content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+
+    async def start() -> None:
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+
+    thread = threading.Thread(target=loop.run_forever, name="embed-host-page", daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()

@@ -7,15 +7,13 @@ token travels in the iframe URL's fragment, never its query, so it never reaches
 
 from __future__ import annotations
 
-import asyncio
 import html
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -26,7 +24,7 @@ from browser_support import (
     NO_MODELS_ENV,
     RunningServer,
     chromium_args,
-    free_port,
+    host_server,
     make_silence_wav,
     run_server,
 )
@@ -66,36 +64,10 @@ def host_page(avatar_base: str, token: str | None) -> str:
 """
 
 
-@contextmanager
-def host_server(avatar_base: str) -> Iterator[str]:
-    """A second origin: an aiohttp app on its own loopback port, run on an event loop in a thread.
-    ``/?token=...`` serves the host page with that token attribute; ``/`` serves it without one."""
-    from aiohttp import web
-
-    async def page(request: web.Request) -> web.Response:
-        token = request.query.get("token")
-        return web.Response(text=host_page(avatar_base, token), content_type="text/html")
-
-    app = web.Application()
-    app.router.add_get("/", page)
-    port = free_port()
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
-
-    async def start() -> None:
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-
-    thread = threading.Thread(target=loop.run_forever, name="embed-host-page", daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
-        loop.close()
+def host_pages(avatar_base: str) -> AbstractContextManager[str]:
+    """A second origin: ``/?token=...`` serves the host page with that token attribute; ``/`` serves
+    it without one."""
+    return host_server(lambda request: host_page(avatar_base, request.query.get("token")))
 
 
 # ---------------------------------------------------------------- the browser side
@@ -189,7 +161,7 @@ def assert_embedded_kiosk_plays(page: Any, host_base: str, avatar_base: str, tok
 
 
 def test_embed_element_runs_the_kiosk_from_another_origin(tmp_path: Path) -> None:
-    with avatar_server(tmp_path / "avatar") as avatar, host_server(avatar.base_url) as host_base:
+    with avatar_server(tmp_path / "avatar") as avatar, host_pages(avatar.base_url) as host_base:
         avatar_base = avatar.base_url
         assert host_base != avatar_base
         with chromium(tmp_path) as page:
@@ -206,7 +178,7 @@ def test_embed_element_runs_the_kiosk_from_another_origin(tmp_path: Path) -> Non
 
 def test_embed_element_passes_its_token_through(tmp_path: Path) -> None:
     env = {"AVATAR_RTC_SECURITY__API_TOKEN": TOKEN}
-    with avatar_server(tmp_path / "avatar", env) as avatar, host_server(avatar.base_url) as host_base:
+    with avatar_server(tmp_path / "avatar", env) as avatar, host_pages(avatar.base_url) as host_base:
         avatar_base = avatar.base_url
         with chromium(tmp_path) as page:
             page.goto(f"{host_base}/?token={TOKEN}")
