@@ -106,7 +106,8 @@
 
   const TEMPLATES_URL = "/api/templates";
   // Every call starts on the server's default template; it cannot be deleted from here.
-  const DEFAULT_TEMPLATE = "default";
+  // The server's default avatar (every call starts on it); /api/templates says which it is.
+  let defaultTemplate = "default";
   const TEMPLATE_ID_RE = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
   // States in which a template can be shown in a call.
   const USABLE_STATES = new Set(["ready", "warm", "in_use"]);
@@ -182,7 +183,7 @@
     pc: null,
     channel: null,
     templates: [],
-    currentTemplate: DEFAULT_TEMPLATE,
+    currentTemplate: defaultTemplate,
     uploads: [],
     // blob: URLs made for thumbnails (with a token) and revoked again; the difference is how many live.
     thumbnailUrls: { created: 0, revoked: 0 },
@@ -710,7 +711,7 @@
         }
         pick.addEventListener("click", () => chooseTemplate(info.id));
         li.append(pick);
-        if (info.id !== DEFAULT_TEMPLATE) {
+        if (info.id !== defaultTemplate) {
           const del = document.createElement("button");
           del.type = "button";
           del.className = "template-delete";
@@ -738,9 +739,13 @@
         throw new Error(body?.error || `HTTP ${response.status}`);
       }
       avatarCall.templates = body.templates;
+      if (typeof body.default === "string" && body.default !== defaultTemplate) {
+        if (avatarCall.currentTemplate === defaultTemplate && !avatarCall.pc) avatarCall.currentTemplate = body.default;
+        defaultTemplate = body.default;
+      }
       // A chosen avatar that went away (deleted elsewhere) falls back to the default outside a call.
       if (!avatarCall.pc && !body.templates.some((t) => t.id === avatarCall.currentTemplate)) {
-        avatarCall.currentTemplate = DEFAULT_TEMPLATE;
+        avatarCall.currentTemplate = defaultTemplate;
       }
       if (ui.templateError.dataset.kind === "load") showTemplateError("");
     } catch (err) {
@@ -773,7 +778,7 @@
       return;
     }
     avatarCall.currentTemplate = id;
-    setTemplateStatus(avatarCall.pc ? "" : id === DEFAULT_TEMPLATE ? "" : "used when the call starts");
+    setTemplateStatus(avatarCall.pc ? "" : id === defaultTemplate ? "" : "used when the call starts");
     renderTemplates();
   }
 
@@ -821,7 +826,7 @@
       } else if (!response.ok && response.status !== 404) {
         showTemplateError(`Could not delete ${templateName(id)}: ${body?.error || `HTTP ${response.status}`}`);
       } else if (avatarCall.currentTemplate === id && !avatarCall.pc) {
-        avatarCall.currentTemplate = DEFAULT_TEMPLATE;
+        avatarCall.currentTemplate = defaultTemplate;
         setTemplateStatus("");
       }
     } catch (err) {
@@ -1052,7 +1057,7 @@
     channel.addEventListener("open", () => {
       setChannelOpen(true);
       // The server starts every call on its default avatar: ask for the one chosen before the call.
-      serverTemplate = DEFAULT_TEMPLATE;
+      serverTemplate = defaultTemplate;
       if (avatarCall.currentTemplate !== serverTemplate) requestTemplate(avatarCall.currentTemplate);
     });
     channel.addEventListener("close", () => {
