@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+import skimage.data
 
 from avatar_rtc.avatar import face, store
 from avatar_rtc.avatar.face import FaceNotFoundError, detect_landmarks
@@ -32,10 +34,12 @@ def template(photo: np.ndarray) -> Template:
 
 def _small_template(template_id: str = "small", frames: int = 3) -> Template:
     rng = np.random.default_rng(7)
+    # A real picture, not noise: the cache stores frames as JPEG, which is made for pictures.
+    picture = cv2.resize(skimage.data.astronaut()[:, :, ::-1], (48, 32), interpolation=cv2.INTER_AREA)
     return Template(
         id=template_id,
         fps=25,
-        frames=rng.integers(0, 256, (frames, 32, 48, 3), dtype=np.uint8),
+        frames=np.stack([np.roll(picture, i, axis=1) for i in range(frames)]),
         landmarks=rng.random((frames, face.LANDMARK_COUNT, 2), dtype=np.float32) * 32,
         source="test",
         extras={"rig": rng.random((frames, 5), dtype=np.float32)},
@@ -138,14 +142,18 @@ def test_store_round_trip(tmp_path: Path) -> None:
     cache.save(original)
     assert cache.exists("small")
     loaded = cache.load("small")
-    assert np.array_equal(loaded.frames, original.frames)
+    # Stored as JPEG: what comes back is each frame's JPEG round trip, bit for bit (the quality bound on
+    # real pictures is in tests/test_template_store.py).
+    for frame, source in zip(loaded.frames, original.frames, strict=True):
+        encoded = cv2.imencode(".jpg", source, [cv2.IMWRITE_JPEG_QUALITY, store.JPEG_QUALITY])[1]
+        np.testing.assert_array_equal(frame, cv2.imdecode(encoded, cv2.IMREAD_COLOR))
     assert np.array_equal(loaded.landmarks, original.landmarks)
     assert np.array_equal(loaded.extras["rig"], original.extras["rig"])
     assert (loaded.id, loaded.fps, loaded.source) == ("small", 25, "test")
     manifest = json.loads((tmp_path / "small" / "manifest.json").read_text())
     assert manifest["format_version"] == store.FORMAT_VERSION
     assert (manifest["frame_count"], manifest["width"], manifest["height"]) == (3, 48, 32)
-    assert manifest["files"]["frames.npy"]["shape"] == [3, 32, 48, 3]
+    assert manifest["files"]["frames.jpgs"]["shape"] == [3, 32, 48, 3]
     assert len(manifest["files"]["landmarks.npy"]["sha256"]) == 64
 
 
@@ -228,9 +236,12 @@ def test_ensure_default_prepares_caches_and_rebuilds(tmp_path_factory: pytest.Te
     built = cache.ensure_default()
     assert built.id == "default" and built.frame_count == 100 and "astronaut" in built.source
     assert cache.exists("default")
+    created = json.loads((cache_dir / "default" / "manifest.json").read_text())["created"]
     again = cache.ensure_default()
-    assert np.array_equal(again.frames, built.frames)
-    (cache_dir / "default" / "frames.npy").write_bytes(b"truncated")
+    assert again.frames.shape == built.frames.shape
+    assert np.abs(again.frames.astype(int) - built.frames).mean() < 2, "the cached frames, as JPEG"
+    assert json.loads((cache_dir / "default" / "manifest.json").read_text())["created"] == created
+    (cache_dir / "default" / "frames.jpgs").write_bytes(b"truncated")
     rebuilt = cache.ensure_default()
     assert rebuilt.frame_count == 100
     assert cache.load("default").frame_count == 100

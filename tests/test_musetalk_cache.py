@@ -84,7 +84,10 @@ def test_data_is_computed_once_stored_with_checksums_and_loaded_by_the_next_proc
     loaded = again.complete_extras("mt_base")
     assert engine.tier_stats().extras_computed == computed + 1
     np.testing.assert_array_equal(loaded.extras["musetalk_latents"], completed.extras["musetalk_latents"])
-    np.testing.assert_array_equal(loaded.frames, base.frames)
+    # The same frames as the first process had: both decoded the one cached file (JPEG, so close to
+    # ``base.frames`` but not bit for bit).
+    np.testing.assert_array_equal(loaded.frames, completed.frames)
+    assert np.abs(loaded.frames.astype(np.int16) - base.frames).mean() < 2
     renderer = engine.open(loaded)
     assert type(renderer).__name__ == "MuseTalkRenderer"
     asyncio.run(renderer.aclose())

@@ -133,7 +133,7 @@ def test_video_template_has_a_manifest_and_per_frame_data(prepared: tuple[Templa
     assert len(manifest["source_sha256"]) == 64
     assert manifest["settings"]["max_long_side"] == 1280 and "renderer" not in manifest["settings"]
     assert manifest["info"] == {"name": "Moving face", "welcome": "Hello!", "language": None}
-    for name in ("frames.npy", "landmarks.npy", "extra_crop_boxes.npy", "extra_lower_face_mask.npy"):
+    for name in ("frames.jpgs", "landmarks.npy", "extra_crop_boxes.npy", "extra_lower_face_mask.npy"):
         entry = manifest["files"][name]
         assert len(entry["sha256"]) == 64 and entry["bytes"] > 0 and entry["description"]
     template = library.get("moving")
@@ -345,7 +345,7 @@ def test_truncated_cache_file_is_detected_and_rebuilt(
     tmp_path: Path, prepared: tuple[TemplateLibrary, float], moving_video: tuple[Path, np.ndarray]
 ) -> None:
     library = _copy_prepared(prepared[0], tmp_path)
-    frames = tmp_path / "moving" / "frames.npy"
+    frames = tmp_path / "moving" / "frames.jpgs"
     with frames.open("r+b") as f:
         f.truncate(frames.stat().st_size // 2)
     info = library.info("moving")

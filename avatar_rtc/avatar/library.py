@@ -14,6 +14,12 @@ stores them in the cache (atomically, next to the frames) and replaces the RAM c
 computes them again.
 Preparation (:meth:`TemplateLibrary.prepare`) runs one at a time and is a cache hit when the same file
 was prepared under the same id with the same settings.
+
+Caches of the previous format (2: raw frames) are converted to the current one when the library starts
+(:meth:`TemplateLibrary.migrate_old`), before any call can ask for them: a call that switches to an old
+template never waits for its conversion, and listing stays a manifest read (``info`` runs on the event
+loop). One that turns up later (copied in, written by an older node on shared storage) or whose
+conversion failed at start (a full disk) is converted on its first load instead, on the loading thread.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from avatar_rtc.avatar.engine import ExtrasProgress, TemplateEngine
 from avatar_rtc.avatar.store import (
     INFO_KEYS,
+    MIGRATABLE_VERSION,
     OutdatedTemplateError,
     TemplateCacheError,
     TemplateStore,
@@ -164,6 +171,7 @@ class TemplateLibrary:
         self._completing: dict[str, tuple[concurrent.futures.Future[Template], list[ExtrasProgress]]] = {}
         self._extras_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.store.remove_stale()
+        self.migrate_old()
 
     @property
     def prepare_settings(self) -> PrepareSettings:
@@ -259,7 +267,13 @@ class TemplateLibrary:
         if not self.store.exists(template_id):
             raise TemplateNotFoundError(f"no template {template_id!r}")
         try:
-            template = self.store.load(template_id)
+            try:
+                template = self.store.load(template_id)
+            except OutdatedTemplateError:
+                if self.store.format_version(template_id) != MIGRATABLE_VERSION:
+                    raise
+                self._migrate(template_id)
+                template = self.store.load(template_id)
         except TemplateCacheError as exc:
             with self._lock:
                 self._broken[template_id] = str(exc)
@@ -305,6 +319,48 @@ class TemplateLibrary:
         return (
             f"template {template_id!r} needs {template_bytes(template) / 2**20:.0f} MiB of RAM; the budget "
             f"is {self.ram_budget / 2**20:.0f} MiB and live calls pin {pinned / 2**20:.0f} MiB"
+        )
+
+    # -- older cache formats ------------------------------------------------------------------------------
+    def migrate_old(self) -> list[str]:
+        """Convert every template cached in the previous format; returns the ids converted.
+
+        Blocking: the frames of each are read, verified and encoded again (3 s for 30 s of a 512x512
+        template on two shared cores). One that cannot be converted is left as it was and logged; its
+        ``info`` says why, and its next load tries again.
+        """
+        migrated: list[str] = []
+        for template_id in self.store.template_ids():
+            if self.store.format_version(template_id) != MIGRATABLE_VERSION:
+                continue
+            try:
+                self._migrate(template_id)
+            except TemplateCacheError:
+                continue  # logged and recorded by _migrate
+            migrated.append(template_id)
+        return migrated
+
+    def _migrate(self, template_id: str) -> None:
+        started = time.perf_counter()
+        try:
+            manifest = self.store.migrate(template_id)
+        except (TemplateCacheError, OSError) as exc:
+            # A full disk is an OSError: to callers it is this template failing, like a damaged cache.
+            reason = (
+                f"template {template_id!r} cannot be converted from cache format {MIGRATABLE_VERSION}: {exc}"
+            )
+            log.warning("%s; the old version is kept as it was", reason)
+            with self._lock:
+                self._broken[template_id] = reason
+            raise TemplateCacheError(reason) from exc
+        with self._lock:
+            self._broken.pop(template_id, None)
+        log.info(
+            "template %r: converted from cache format %d (%d frames) in %.1f s",
+            template_id,
+            MIGRATABLE_VERSION,
+            manifest["frame_count"],
+            time.perf_counter() - started,
         )
 
     # -- renderer extras ----------------------------------------------------------------------------------
@@ -411,7 +467,7 @@ class TemplateLibrary:
             manifest = self.store.check(template_id)
         except OutdatedTemplateError as exc:
             return TemplateInfo(
-                template_id, template_id, "preparing" if preparing else "outdated", error=str(exc)
+                template_id, template_id, "preparing" if preparing else "outdated", error=broken or str(exc)
             )
         except TemplateCacheError as exc:
             if preparing:
@@ -564,11 +620,8 @@ class TemplateLibrary:
         return PrepareResult(self.info(template_id), False, time.perf_counter() - started)
 
     def _existing_info(self, template_id: str) -> dict[str, Any]:
-        try:
-            info = self.store.read_manifest(template_id).get("info") or {}
-        except TemplateCacheError:
-            return {}
-        return {key: value for key, value in info.items() if value is not None}
+        # Of any format version: preparing an old template again keeps what its user set.
+        return {key: value for key, value in self.store.read_info(template_id).items() if value is not None}
 
     def _is_cached(self, template_id: str, source_sha256: str, record: Mapping[str, Any]) -> bool:
         """Whether ``template_id`` holds exactly this source prepared this way, all files intact."""
