@@ -90,9 +90,7 @@ def test_the_template_keeps_the_source_shape_and_framing(prepared: Template) -> 
     assert np.all(side < 0.9 * max(width, height)), "the face box is a part of the frame"
 
 
-def test_rendered_file_keeps_the_shape_and_changes_only_the_mouth(
-    prepared: Template, tmp_path: Path
-) -> None:
+def test_rendered_file_keeps_the_shape_and_changes_only_the_mouth(prepared: Template, tmp_path: Path) -> None:
     speech = AudioClipSpeech(syllable_signal(2.0), RATE)
     output = tmp_path / "speech.mp4"
     asyncio.run(render_to_file(output, prepared, WarpEngine(), speech, "(audio)"))
@@ -136,3 +134,13 @@ def test_a_photo_template_is_the_whole_photo(tmp_path: Path) -> None:
     assert np.abs(template.frames[0][:200].astype(float) - BACKGROUND).mean() < 4
     box = template.extras["crop_boxes"][0]
     assert abs(box[0] - 40) < 25 and abs(box[1] - 300) < 25
+    # The picker's thumbnail shows the face, not the middle of the portrait.
+    thumbnail = cv2.imdecode(np.frombuffer(library.thumbnail("photo"), np.uint8), cv2.IMREAD_COLOR)
+    size = thumbnail.shape[1::-1]
+    x0, y0, side = int(box[0]), int(box[1]), int(box[2] - box[0])
+    face_square = cv2.resize(template.frames[0][y0 : y0 + side, x0 : x0 + side], size)
+    centre = cv2.resize(template.frames[0][150:742], size)
+    assert (
+        np.abs(thumbnail.astype(float) - face_square).mean()
+        < 0.5 * np.abs(thumbnail.astype(float) - centre).mean()
+    )

@@ -302,6 +302,15 @@ def test_v2_cache_is_converted_at_start_with_its_info(tmp_path: Path) -> None:
     assert_same_template(library.get("old"), old)
 
 
+def test_v2_crop_boxes_become_the_face_box_in_the_frame(tmp_path: Path) -> None:
+    """Format 2 cut each frame from a square of the source and recorded that square in source pixels;
+    that square is the whole converted frame, and format 3 records face boxes in frame pixels."""
+    source_square = np.tile(np.array([300, 120, 812, 632], np.float32), (6, 1))
+    write_v2(tmp_path, picture_template("old", 96, 96, crop_boxes=source_square))
+    boxes = TemplateLibrary(tmp_path, ram_budget_bytes=1 << 30).get("old").extras["crop_boxes"]
+    np.testing.assert_array_equal(boxes, np.tile(np.array([0, 0, 96, 96], np.float32), (6, 1)))
+
+
 def test_v2_cache_that_turns_up_later_is_converted_on_first_load(tmp_path: Path) -> None:
     library = TemplateLibrary(tmp_path, ram_budget_bytes=1 << 30)
     old = picture_template("late")

@@ -91,14 +91,15 @@ _DECODE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 # JPEG start-of-frame markers (all but DHT C4, JPG C8 and DAC CC), which carry the image size.
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
+_CROP_BOXES_NAME = "extra_crop_boxes.npy"
 FILE_DESCRIPTIONS = {
     FRAMES_NAME: "template frames, one JPEG each, concatenated; decoded to (N, H, W, 3) uint8 BGR and "
     "played forward then back as the idle loop",
     OFFSETS_NAME: f"byte offset of each frame's JPEG in {FRAMES_NAME}, then the file's size, (N + 1,) int64",
     LANDMARKS_NAME: "MediaPipe face mesh per frame, (N, 478, 2) float32 pixel xy in the frame",
-    "extra_crop_boxes.npy": "square each frame was cropped from, (N, 4) float32 x0 y0 x1 y1 source pixels",
+    "extra_crop_boxes.npy": "square face working area per frame, (N, 4) float32 x0 y0 x1 y1 frame pixels",
     "extra_face_found.npy": "1 where the face was tracked in the frame, 0 where landmarks were interpolated",
-    "extra_lower_face_mask.npy": "feathered lower-face blend mask per frame, (N, M, M) uint8 over the frame",
+    "extra_lower_face_mask.npy": "feathered lower-face mask per frame, (N, M, M) uint8 over its face box",
 }
 
 _T = TypeVar("_T")
@@ -176,11 +177,19 @@ def _write_json(path: Path, value: Any) -> None:
         os.fsync(f.fileno())
 
 
-def thumbnail_jpeg(frame: np.ndarray, size: int = THUMBNAIL_SIZE) -> bytes:
-    """A small square JPEG of ``frame`` (BGR) for pickers."""
+def thumbnail_jpeg(
+    frame: np.ndarray, size: int = THUMBNAIL_SIZE, face_box: np.ndarray | None = None
+) -> bytes:
+    """A small square JPEG of ``frame`` (BGR) for pickers: the square around ``face_box`` (x0, y0, x1,
+    y1; a presenter's face, not the middle of a portrait frame), else the centre square."""
     height, width = frame.shape[:2]
     side = min(height, width)
     y0, x0 = (height - side) // 2, (width - side) // 2
+    if face_box is not None:
+        side = int(min(side, max(8.0, float(face_box[2] - face_box[0]))))
+        centre_x, centre_y = 0.5 * (face_box[0] + face_box[2]), 0.5 * (face_box[1] + face_box[3])
+        x0 = int(np.clip(round(centre_x - side / 2), 0, width - side))
+        y0 = int(np.clip(round(centre_y - side / 2), 0, height - side))
     small = cv2.resize(frame[y0 : y0 + side, x0 : x0 + side], (size, size), interpolation=cv2.INTER_AREA)
     ok, encoded = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 85])
     if not ok:
@@ -550,7 +559,11 @@ class TemplateStore:
                 files[file_name]["description"] = described.get(file_name, "renderer data per frame")
                 if name.removeprefix("extra_") in renderer_extras and name.startswith("extra_"):
                     files[file_name]["renderer"] = True
-            thumbnail = _write_bytes(work / THUMBNAIL_NAME, thumbnail_jpeg(template.frames[0]))
+            boxes = template.extras.get("crop_boxes")
+            face_box = np.asarray(boxes[0]) if boxes is not None and len(boxes) else None
+            thumbnail = _write_bytes(
+                work / THUMBNAIL_NAME, thumbnail_jpeg(template.frames[0], face_box=face_box)
+            )
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "id": template.id,
@@ -876,6 +889,17 @@ class TemplateStore:
         try:
             files = _write_frame_files(work, frames.shape, self._encoded(frames), self.jpeg_quality)
             for file_name, meta in kept.items():
+                if file_name == _CROP_BOXES_NAME:
+                    # Format 2 kept the square each frame was cut from in the source; that square is
+                    # the whole frame now, and format 3 records the face box in frame pixels.
+                    boxes = np.tile(
+                        np.array([0, 0, frames.shape[2], frames.shape[1]], np.float32), (frames.shape[0], 1)
+                    )
+                    files[file_name] = {
+                        **_write_array(work / file_name, boxes),
+                        "description": FILE_DESCRIPTIONS[file_name],
+                    }
+                    continue
                 _link_or_copy(final / file_name, work / file_name)
                 files[file_name] = meta
             old_thumbnail = old.get("thumbnail") or {}
