@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from avatar_rtc.config import Settings
 from avatar_rtc.config_file import ConfigError, add_config_arguments, config_command, load_settings
 
@@ -25,6 +23,8 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
     from avatar_rtc.server.app import create_app, server_options
     from avatar_rtc.server.observability import configure_logging
     from avatar_rtc.wiring import build_services

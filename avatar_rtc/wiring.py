@@ -5,22 +5,19 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from avatar_rtc.avatar.library import TemplateLibrary
 from avatar_rtc.config import Settings
-from avatar_rtc.conversation.asr import SpeechRecognizer
-from avatar_rtc.conversation.llm import LanguageModel
-from avatar_rtc.conversation.tts import (
-    ESPEAK_VOICES,
-    EspeakTTS,
-    PiperTTS,
-    TextToSpeech,
-    TtsUnavailableError,
-    find_piper_voice,
-)
-from avatar_rtc.render.base import RendererEngine
-from avatar_rtc.rtc.manager import SessionManager
-from avatar_rtc.rtc.session import SessionDeps
+
+if TYPE_CHECKING:
+    # Imported where they are built: `avatar-rtc prepare` needs only the renderer, and importing the
+    # media stack (aiortc, aiohttp) and the speech engines would add about a second to its start.
+    from avatar_rtc.conversation.asr import SpeechRecognizer
+    from avatar_rtc.conversation.llm import LanguageModel
+    from avatar_rtc.conversation.tts import TextToSpeech
+    from avatar_rtc.render.base import RendererEngine
+    from avatar_rtc.rtc.manager import SessionManager
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +41,14 @@ def restrict_ice_host_addresses(addresses: list[str]) -> None:
 
 def build_tts(settings: Settings) -> TextToSpeech:
     """Piper with a voice for the conversation language, else espeak-ng (robotic, but always there)."""
+    from avatar_rtc.conversation.tts import (
+        ESPEAK_VOICES,
+        EspeakTTS,
+        PiperTTS,
+        TtsUnavailableError,
+        find_piper_voice,
+    )
+
     language = settings.conversation.language
     if settings.tts.engine == "piper":
         voice = settings.tts.piper_voice or find_piper_voice(settings.tts.models_dir, language)
@@ -191,6 +196,9 @@ def build_services(
     if llm is None:
         llm, llm_unavailable = build_llm(settings)
     tts = tts or build_tts(settings)
+    from avatar_rtc.rtc.manager import SessionManager
+    from avatar_rtc.rtc.session import SessionDeps
+
     deps = SessionDeps(
         settings=settings,
         tts=tts,

@@ -6,6 +6,9 @@ image (MediaPipe's own naming), so LEFT_EYE_* is the eye on the image's left sid
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
 from types import TracebackType
 from typing import Any
 
@@ -74,6 +77,30 @@ class FaceNotFoundError(ValueError):
     """The image has no face the landmarker can find."""
 
 
+class _DeferredModule(types.ModuleType):
+    """Stands in ``sys.modules`` for a module until one of its attributes is used, then imports it."""
+
+    def __getattr__(self, name: str) -> Any:
+        real = sys.modules.get(self.__name__)
+        if real is None or real is self:
+            del sys.modules[self.__name__]
+            real = importlib.import_module(self.__name__)
+        return getattr(real, name)
+
+
+def _defer_pyplot() -> None:
+    """Import ``matplotlib.pyplot`` on first use rather than on import.
+
+    MediaPipe's ``solutions`` package imports its drawing helpers, and they import pyplot at module
+    level: about 0.5 s of every process that tracks a face (a quarter of preparing a 10 s clip from the
+    command line) for plotting functions this project never calls. Anything that does use pyplot gets
+    the real module. (importlib's LazyLoader cannot do this on Python 3.11: the import system reads
+    the module's spec, which loads it.)
+    """
+    if "matplotlib.pyplot" not in sys.modules:
+        sys.modules["matplotlib.pyplot"] = _DeferredModule("matplotlib.pyplot")
+
+
 class FaceLandmarker:
     """MediaPipe face mesh, one face, refined lips/eyes/iris (478 points).
 
@@ -84,6 +111,7 @@ class FaceLandmarker:
 
     def __init__(self, static_image_mode: bool = True, min_detection_confidence: float = 0.5) -> None:
         # MediaPipe takes about a second to import; only pay that when landmarks are wanted.
+        _defer_pyplot()
         import mediapipe as mp
 
         self._mesh: Any = mp.solutions.face_mesh.FaceMesh(

@@ -36,6 +36,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
+
 from avatar_rtc.avatar.engine import ExtrasProgress, TemplateEngine
 from avatar_rtc.avatar.store import (
     INFO_KEYS,
@@ -43,6 +45,7 @@ from avatar_rtc.avatar.store import (
     OutdatedTemplateError,
     TemplateCacheError,
     TemplateStore,
+    encode_frame,
     same_settings,
     settings_record,
     validate_template_id,
@@ -595,10 +598,26 @@ class TemplateLibrary:
                 if info:
                     self.store.update_info(template_id, dict(info))
                 return PrepareResult(self.info(template_id), True, time.perf_counter() - started)
-            template = prepare_source(
-                source, template_id, self.prepare_settings, progress, self.engine, source_name=source_name
-            )
-            progress("write", 0, 1)
+            # The cache's JPEGs are encoded on a thread while the face is tracked, not after.
+            encoded: list[concurrent.futures.Future[bytes]] = []
+            with concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"encode-{template_id}"
+            ) as encoder:
+
+                def encode(index: int, frame: np.ndarray) -> None:
+                    encoded.append(encoder.submit(encode_frame, frame, self.store.jpeg_quality))
+
+                template = prepare_source(
+                    source,
+                    template_id,
+                    self.prepare_settings,
+                    progress,
+                    self.engine,
+                    source_name=source_name,
+                    frame_sink=encode,
+                )
+                progress("write", 0, 1)
+                jpegs = [future.result() for future in encoded]
             kept_info = self._existing_info(template_id)
             merged = {**kept_info, **(info or {})}
             merged.setdefault("name", template_id)
@@ -608,6 +627,7 @@ class TemplateLibrary:
                 settings=record,
                 info=merged,
                 renderer_extras=self.engine.extras_keys if self.engine is not None else (),
+                encoded_frames=jpegs if len(jpegs) == template.frame_count else None,
             )
             progress("write", 1, 1)
             with self._lock:

@@ -342,6 +342,8 @@ def prepare_photo(
 # -- sources: photo or video files ------------------------------------------------------------------------
 ProgressCallback = Callable[[str, int, int | None], None]
 """Called as ``progress(stage, done, total)``; ``total`` is None while unknown. It may raise to cancel."""
+FrameSink = Callable[[int, np.ndarray], None]
+"""Called as ``sink(index, frame)`` with each template frame once it is final, in order."""
 
 
 def _no_progress(stage: str, done: int, total: int | None) -> None:
@@ -557,9 +559,11 @@ def prepare_video(
     engine: TemplateEngine | None = None,
     info: SourceInfo | None = None,
     source_name: str | None = None,
+    frame_sink: FrameSink | None = None,
 ) -> Template:
     """A template from a video of one face looking at the camera (see the module docstring).
-    ``source_name`` is the file name recorded in the template (default: ``path``'s).
+    ``source_name`` is the file name recorded in the template (default: ``path``'s); ``frame_sink``
+    gets each template frame as soon as it is final (e.g. to encode it for the cache meanwhile).
 
     Each frame is decoded once, in a thread that also scales it to the template size (straight into the
     template's array) and makes the small copy the face mesh reads; this thread tracks the face and
@@ -607,6 +611,8 @@ def prepare_video(
         decoded = _decoded_ahead(iter_video_frames(path, fps, settings.limits), scaled)
         held: tuple[int, np.ndarray] | None = None  # the newest frame, tracked only if it is the last
         for index, small in decoded:
+            if frame_sink is not None:
+                frame_sink(index, frames[index])
             if held is not None:
                 tracker.add(None, tracked=False)
                 held = None
@@ -737,16 +743,20 @@ def prepare_source(
     progress: ProgressCallback = _no_progress,
     engine: TemplateEngine | None = None,
     source_name: str | None = None,
+    frame_sink: FrameSink | None = None,
 ) -> Template:
     """A template from a photo or video file, whichever ``path`` holds. ``source_name`` is the file
-    name the template records (an upload's own name, not the server's work file)."""
+    name the template records (an upload's own name, not the server's work file); ``frame_sink`` sees
+    a video's frames as they are made (see :func:`prepare_video`)."""
     info = probe_source(path, settings.limits)
     name = source_name or Path(path).name
     if info.is_photo:
         return prepare_photo_template(
             read_photo(path), template_id, settings, progress, engine, f"photo {name}"
         )
-    return prepare_video(path, template_id, settings, progress, engine, info, source_name=name)
+    return prepare_video(
+        path, template_id, settings, progress, engine, info, source_name=name, frame_sink=frame_sink
+    )
 
 
 def prepare_default(
