@@ -79,8 +79,10 @@ class AvatarSettings(BaseModel):
     cache_dir: Path = Path("template_cache")
     default_template: str = "default"
     # Templates kept in RAM (least recently used go first; one in use by a call never does). Frames are
-    # held decoded: per second of video about 20 MiB at 512x512, 66 MiB at 720p, 148 MiB at 1080p.
-    ram_budget_mb: int = Field(2048, ge=64)
+    # held decoded, so a call never decodes a picture: per second of video about 19 MiB at 512x512,
+    # 66 MiB at 720p, 148 MiB at 1080p (the disk holds them as JPEG, about a twentieth of that). The
+    # default holds two 30 s clips at 720p.
+    ram_budget_mb: int = Field(4096, ge=64)
     # Limits on what `prepare` and uploads accept, and the largest frame a template keeps: sources keep
     # their own framing and aspect ratio, scaled down only past this long side (px).
     max_upload_mb: float = Field(100, gt=0)
