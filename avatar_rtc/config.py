@@ -27,6 +27,24 @@ class MediaSettings(BaseModel):
     # Bound on how far rendered frames and scheduled audio may run ahead of the clock.
     max_ahead_s: float = Field(1.0, gt=0, le=30)
     video_codec: Literal["VP8", "H264"] = "VP8"
+    # Long side (pixels) of the video sent to callers. 0: each template's own frame size (up to 1920 px
+    # for a full-frame template). Else larger frames are scaled down to it, aspect kept, never up. Each
+    # call encodes its own stream: scripts/bench_encode.py measures what a size costs per call.
+    max_output_long_side: int = Field(0, ge=0, le=4096)
+    # A call whose video sender falls behind steps its size down (3/4, then 1/2 of the long side, never
+    # under 360 px) before frames get dropped, and back up when there is room again; each change is a
+    # "quality" event with the new output_size.
+    adaptive_resolution: bool = True
+    # H.264 calls: auto encodes on the GPU (FFmpeg's h264_nvenc) when one is usable, else with libx264
+    # as aiortc does; off always uses libx264. Applies to every call of the process (aiortc picks its
+    # encoders process-wide). VP8 always encodes on the CPU (libvpx).
+    hardware_encoder: Literal["auto", "off"] = "auto"
+
+    @model_validator(mode="after")
+    def _output_cap_is_a_real_size(self) -> MediaSettings:
+        if 0 < self.max_output_long_side < 128:
+            raise ValueError("media.max_output_long_side must be 0 (the template's size) or at least 128")
+        return self
 
 
 class TtsSettings(BaseModel):

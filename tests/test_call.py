@@ -46,7 +46,11 @@ def receiver_bias(default_template: Template) -> LipSync:
     return bias
 
 
-async def test_call_streams_speech_with_lips_in_sync(server, default_template, receiver_bias) -> None:
+async def test_call_streams_speech_with_lips_in_sync(make_server, default_template, receiver_bias) -> None:
+    # The frame size must stay the template's: the mouth probe reads template pixel coordinates, and on
+    # a loaded test machine the resolution ladder could rightly shrink the picture mid-call (the ladder
+    # has its own tests in test_video_output.py).
+    server = await make_server(settings={"media": {"adaptive_resolution": False}})
     receiver = CallReceiver(probe=_mouth_probe(default_template))
     async with aiohttp.ClientSession() as http:
         await receiver.connect_http(server.url, http)

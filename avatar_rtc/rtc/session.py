@@ -37,6 +37,7 @@ from avatar_rtc.conversation.turn import Conversation, ConversationError, Turn
 from avatar_rtc.conversation.vad import MicResampler, VoiceActivitySegmenter
 from avatar_rtc.render.base import Renderer, RendererEngine
 from avatar_rtc.rtc.clock import MediaClock
+from avatar_rtc.rtc.encoders import use_h264_encoder
 from avatar_rtc.rtc.playout import Playout
 from avatar_rtc.rtc.recorder import SessionRecorder
 from avatar_rtc.rtc.tracks import AvatarAudioTrack, AvatarVideoTrack
@@ -155,7 +156,17 @@ class Session:
             stage_timeout_s=talk.stage_timeout_s,
         )
         self.audio_track: MediaStreamTrack = AvatarAudioTrack(self.clock, self.playout, media.audio_frame_ms)
-        self.video_track: MediaStreamTrack = AvatarVideoTrack(self.clock, self.playout)
+        # The track itself, for its output size and level; video_track may be a recorder's tap on it.
+        self.video_source = AvatarVideoTrack(
+            self.clock,
+            self.playout,
+            max_long_side=media.max_output_long_side,
+            adaptive=media.adaptive_resolution,
+            emit_event=self.send_event,
+        )
+        self.video_track: MediaStreamTrack = self.video_source
+        # What encodes the video: libvpx for VP8; for H.264 known once accept() has picked it.
+        self.video_encoder = "libvpx" if media.video_codec == "VP8" else "libx264"
         self.recorder: SessionRecorder | None = None
         if record:
             # What the caller saw and heard: the recorder taps the very frames the tracks send.
@@ -180,10 +191,15 @@ class Session:
 
     # -- signaling ------------------------------------------------------------------------------
     async def accept(self, offer: RTCSessionDescription) -> RTCSessionDescription:
+        media = self.deps.settings.media
+        if media.video_codec == "H264":
+            # Before the first frame, when the sender asks for its encoder. The first call probes NVENC
+            # (CUDA start-up): off the event loop.
+            self.video_encoder = await asyncio.to_thread(use_h264_encoder, media.hardware_encoder)
         self.pc.addTrack(self.audio_track)
         video_sender = self.pc.addTrack(self.video_track)
         # Codec preferences only take effect when set before the remote offer is applied.
-        wanted = self.deps.settings.media.video_codec.lower()
+        wanted = media.video_codec.lower()
         codecs = [
             c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType.lower() == f"video/{wanted}"
         ]
@@ -291,6 +307,9 @@ class Session:
             "audio_frames_sent": playout.audio_frames_sent,
             "send_lateness_ms_p50": pct(0.5),
             "send_lateness_ms_p99": pct(0.99),
+            "output_size": list(self.video_source.output_size),
+            "video_quality": self.video_source.quality_level,
+            "video_encoder": self.video_encoder,
         }
 
     def send_event(self, event: dict[str, Any]) -> None:
@@ -478,6 +497,9 @@ class Session:
             hello["llm_unavailable"] = deps.llm_unavailable
         hello["renderer"] = deps.renderer.name
         hello["quality"] = self.renderer.quality_level
+        # The video's own level (its size under CPU pressure), apart from the renderer's.
+        hello["video_quality"] = self.video_source.quality_level
+        hello["output_size"] = list(self.video_source.output_size)
         self.send_event(hello)
         self.send_event({"type": "state", "state": self.state})
 

@@ -1,0 +1,149 @@
+"""Which H.264 encoder the calls' video senders use: NVENC on a GPU when FFmpeg has it and it opens,
+else libx264 (aiortc's own choice).
+
+aiortc 1.16 gives no per-call way to pick an encoder: each ``RTCRtpSender`` asks
+``aiortc.rtcrtpsender.get_encoder`` for one when its first frame arrives, and ``H264Encoder`` builds
+a libx264 context on its own. So the choice is process-wide, made from one setting
+(``media.hardware_encoder``) by :func:`use_h264_encoder`, which sessions call before their first frame.
+With NVENC the factory is wrapped to hand out :class:`NvencH264Encoder`; otherwise aiortc's own factory
+is left in place untouched.
+"""
+
+from __future__ import annotations
+
+import fractions
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import aiortc.codecs
+import aiortc.rtcrtpsender
+import av
+import numpy as np
+from aiortc.codecs.base import Encoder
+from aiortc.codecs.h264 import MAX_FRAME_RATE, H264Encoder
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from av.video.codeccontext import VideoCodecContext
+
+log = logging.getLogger(__name__)
+
+HardwareEncoderMode = Literal["auto", "off"]
+H264EncoderName = Literal["h264_nvenc", "libx264"]
+
+_AIORTC_GET_ENCODER = aiortc.codecs.get_encoder
+# aiortc rebuilds its encoder context when the target bitrate moves by more than this share; ours must
+# use the same rule, or aiortc's check would replace the NVENC context with libx264.
+_BITRATE_CHANGE = 0.1
+
+
+@dataclass(frozen=True)
+class NvencProbe:
+    available: bool
+    reason: str
+
+
+def open_nvenc_context(width: int, height: int, bitrate: int) -> VideoCodecContext:
+    """An h264_nvenc context set up as aiortc sets up libx264: constrained baseline (every browser
+    decodes it), no B-frames, nothing held back for lookahead, a forced keyframe is an IDR frame."""
+    codec = av.CodecContext.create("h264_nvenc", "w")
+    assert isinstance(codec, VideoCodecContext)
+    codec.width = width
+    codec.height = height
+    codec.bit_rate = bitrate
+    codec.pix_fmt = "yuv420p"
+    codec.framerate = fractions.Fraction(MAX_FRAME_RATE, 1)
+    codec.time_base = fractions.Fraction(1, MAX_FRAME_RATE)
+    codec.options = {
+        "profile": "baseline",
+        "preset": "p2",
+        "tune": "ull",
+        "rc": "cbr",
+        "zerolatency": "1",
+        "delay": "0",
+        "bf": "0",
+        "forced-idr": "1",
+    }
+    codec.open()
+    return codec
+
+
+def probe_nvenc() -> NvencProbe:
+    """Whether this process can encode H.264 on NVENC: the codec is in FFmpeg's build, a context opens
+    (needs an NVIDIA GPU and driver) and a frame encodes."""
+    try:
+        av.codec.Codec("h264_nvenc", "w")
+    except Exception as error:
+        return NvencProbe(False, f"FFmpeg has no h264_nvenc: {error}")
+    try:
+        codec = open_nvenc_context(256, 256, 1_000_000)
+        frame = av.VideoFrame.from_ndarray(np.zeros((384, 256), np.uint8), format="yuv420p")
+        frame.pts = 0
+        codec.encode(frame)
+    except Exception as error:
+        return NvencProbe(False, f"h264_nvenc does not open: {error}")
+    return NvencProbe(True, "h264_nvenc opened")
+
+
+@functools.cache
+def cached_nvenc_probe() -> NvencProbe:
+    """:func:`probe_nvenc`, once per process: opening NVENC initialises CUDA, which takes a while."""
+    probe = probe_nvenc()
+    log.info("NVENC H.264 %s: %s", "available" if probe.available else "unavailable", probe.reason)
+    return probe
+
+
+def choose_h264_encoder(mode: HardwareEncoderMode, probe: Callable[[], NvencProbe]) -> H264EncoderName:
+    """``auto``: NVENC when ``probe`` finds it works; ``off``: libx264 without probing."""
+    if mode == "off":
+        return "libx264"
+    return "h264_nvenc" if probe().available else "libx264"
+
+
+class NvencH264Encoder(H264Encoder):
+    """aiortc's H.264 encoder (its packetisation, keyframe requests and bitrate control) with the
+    encoding itself on NVENC. It only makes the codec context: when one of the right size and bitrate
+    is there, aiortc's ``_encode_frame`` uses it instead of making a libx264 one.
+
+    If NVENC stops opening (a consumer GPU allows only a few encoding sessions at once, a driver
+    reset) this call goes on with libx264 rather than losing its video."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hardware = True
+
+    def _encode_frame(self, frame: av.VideoFrame, force_keyframe: bool) -> Iterator[bytes]:
+        codec = self.codec
+        if self.hardware and (
+            codec is None
+            or frame.width != codec.width
+            or frame.height != codec.height
+            or abs(self.target_bitrate - codec.bit_rate) / codec.bit_rate > _BITRATE_CHANGE
+        ):
+            try:
+                self.codec = open_nvenc_context(frame.width, frame.height, self.target_bitrate)
+            except Exception as error:
+                log.warning("h264_nvenc failed to open (%s); this call continues with libx264", error)
+                self.hardware = False
+                self.codec = None
+        return super()._encode_frame(frame, force_keyframe)
+
+
+def _get_encoder_with_nvenc(codec: RTCRtpCodecParameters) -> Encoder:
+    if codec.mimeType.lower() == "video/h264":
+        return NvencH264Encoder()
+    return _AIORTC_GET_ENCODER(codec)
+
+
+def use_h264_encoder(
+    mode: HardwareEncoderMode, probe: Callable[[], NvencProbe] = cached_nvenc_probe
+) -> H264EncoderName:
+    """Make the senders created from now on encode H.264 with the encoder ``mode`` picks; returns it.
+    Idempotent; blocking the first time NVENC is probed (call it off the event loop)."""
+    chosen = choose_h264_encoder(mode, probe)
+    wanted = _get_encoder_with_nvenc if chosen == "h264_nvenc" else _AIORTC_GET_ENCODER
+    if aiortc.rtcrtpsender.get_encoder is not wanted:
+        aiortc.rtcrtpsender.get_encoder = wanted
+        log.info("H.264 calls now encode with %s", chosen)
+    return chosen
