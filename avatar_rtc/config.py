@@ -39,6 +39,11 @@ class MediaSettings(BaseModel):
     # as aiortc does; off always uses libx264. Applies to every call of the process (aiortc picks its
     # encoders process-wide). VP8 always encodes on the CPU (libvpx).
     hardware_encoder: Literal["auto", "off"] = "auto"
+    # libx264's preset for H.264 calls without NVENC. aiortc's own choice is x264's default, medium:
+    # about a core per 720p call here; veryfast costs a third of that (scripts/bench_encode.py).
+    x264_preset: Literal[
+        "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"
+    ] = "veryfast"
 
     @model_validator(mode="after")
     def _output_cap_is_a_real_size(self) -> MediaSettings:

@@ -26,6 +26,7 @@ from avatar_rtc.rtc import encoders
 from avatar_rtc.rtc.encoders import (
     NvencH264Encoder,
     NvencProbe,
+    X264PresetEncoder,
     cached_nvenc_probe,
     choose_h264_encoder,
     use_h264_encoder,
@@ -251,6 +252,26 @@ def test_h264_encoder_choice(restore_encoder_factory: None) -> None:
         assert type(encoder) is H264Encoder
         payloads, _ = encoder.encode(_i420_frame())
         assert payloads and encoder.codec is not None and encoder.codec.name == "libx264"
+
+
+def test_software_h264_encodes_at_the_configured_x264_preset(restore_encoder_factory: None) -> None:
+    def missing() -> NvencProbe:
+        return NvencProbe(False, "no GPU")
+
+    assert use_h264_encoder("auto", missing, x264_preset="veryfast") == "libx264"
+    installed = aiortc.rtcrtpsender.get_encoder
+    assert use_h264_encoder("off", missing, x264_preset="veryfast") == "libx264"
+    assert aiortc.rtcrtpsender.get_encoder is installed, "the same choice installs nothing new"
+    encoder = aiortc.rtcrtpsender.get_encoder(H264)
+    assert isinstance(encoder, X264PresetEncoder)
+    assert isinstance(aiortc.rtcrtpsender.get_encoder(VP8), Vp8Encoder)
+    payloads, _ = encoder.encode(_i420_frame())
+    assert payloads and encoder.codec is not None and encoder.codec.name == "libx264"
+    # x264 writes its settings into the first keyframe's SEI: veryfast searches with subme 2 (medium: 7).
+    assert b"subme=2 " in b"".join(payloads)
+    # medium is aiortc's own encoder, untouched.
+    use_h264_encoder("off", missing, x264_preset="medium")
+    assert aiortc.rtcrtpsender.get_encoder is aiortc.codecs.get_encoder
 
 
 def test_nvenc_encoder_that_cannot_open_continues_on_libx264(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,5 +1,7 @@
 """Which H.264 encoder the calls' video senders use: NVENC on a GPU when FFmpeg has it and it opens,
-else libx264 (aiortc's own choice).
+else libx264 at the configured preset (aiortc's own encoder uses x264's default, ``medium``: about
+40 ms of CPU per 720p frame here, a whole core per call; ``veryfast`` takes a third of that for a
+picture that barely differs at call bitrates; see scripts/bench_encode.py).
 
 aiortc 1.16 gives no per-call way to pick an encoder: each ``RTCRtpSender`` asks
 ``aiortc.rtcrtpsender.get_encoder`` for one when its first frame arrives, and ``H264Encoder`` builds
@@ -31,6 +33,10 @@ log = logging.getLogger(__name__)
 
 HardwareEncoderMode = Literal["auto", "off"]
 H264EncoderName = Literal["h264_nvenc", "libx264"]
+# x264's presets, fastest first; aiortc leaves the preset at x264's default, medium.
+X264Preset = Literal[
+    "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"
+]
 
 _AIORTC_GET_ENCODER = aiortc.codecs.get_encoder
 # aiortc rebuilds its encoder context when the target bitrate moves by more than this share; ours must
@@ -101,6 +107,36 @@ def choose_h264_encoder(mode: HardwareEncoderMode, probe: Callable[[], NvencProb
     return "h264_nvenc" if probe().available else "libx264"
 
 
+class X264PresetEncoder(H264Encoder):
+    """aiortc's H.264 encoder with libx264 at ``preset`` (aiortc's own settings otherwise: constrained
+    baseline, level 3.1, zerolatency): it makes the codec context, aiortc's ``_encode_frame`` uses it."""
+
+    def __init__(self, preset: X264Preset) -> None:
+        super().__init__()
+        self.preset = preset
+
+    def _encode_frame(self, frame: av.VideoFrame, force_keyframe: bool) -> Iterator[bytes]:
+        codec = self.codec
+        if (
+            codec is None
+            or frame.width != codec.width
+            or frame.height != codec.height
+            or abs(self.target_bitrate - codec.bit_rate) / codec.bit_rate > _BITRATE_CHANGE
+        ):
+            context = av.CodecContext.create("libx264", "w")
+            assert isinstance(context, VideoCodecContext)
+            context.width = frame.width
+            context.height = frame.height
+            context.bit_rate = self.target_bitrate
+            context.pix_fmt = "yuv420p"
+            context.framerate = fractions.Fraction(MAX_FRAME_RATE, 1)
+            context.time_base = fractions.Fraction(1, MAX_FRAME_RATE)
+            context.options = {"level": "31", "tune": "zerolatency", "preset": self.preset}
+            context.profile = "Baseline"
+            self.codec = context
+        return super()._encode_frame(frame, force_keyframe)
+
+
 class NvencH264Encoder(H264Encoder):
     """aiortc's H.264 encoder (its packetisation, keyframe requests and bitrate control) with the
     encoding itself on NVENC. It only makes the codec context: when one of the right size and bitrate
@@ -136,14 +172,35 @@ def _get_encoder_with_nvenc(codec: RTCRtpCodecParameters) -> Encoder:
     return _AIORTC_GET_ENCODER(codec)
 
 
+@functools.cache
+def _get_encoder_with_x264_preset(preset: X264Preset) -> Callable[[RTCRtpCodecParameters], Encoder]:
+    # One function per preset, so installing the same choice twice is recognised as no change.
+    def get_encoder(codec: RTCRtpCodecParameters) -> Encoder:
+        if codec.mimeType.lower() == "video/h264":
+            return X264PresetEncoder(preset)
+        return _AIORTC_GET_ENCODER(codec)
+
+    return get_encoder
+
+
 def use_h264_encoder(
-    mode: HardwareEncoderMode, probe: Callable[[], NvencProbe] = cached_nvenc_probe
+    mode: HardwareEncoderMode,
+    probe: Callable[[], NvencProbe] = cached_nvenc_probe,
+    x264_preset: X264Preset = "medium",
 ) -> H264EncoderName:
-    """Make the senders created from now on encode H.264 with the encoder ``mode`` picks; returns it.
-    Idempotent; blocking the first time NVENC is probed (call it off the event loop)."""
+    """Make the senders created from now on encode H.264 with the encoder ``mode`` picks (libx264 at
+    ``x264_preset`` without NVENC); returns it. Idempotent; blocking the first time NVENC is probed
+    (call it off the event loop)."""
     chosen = choose_h264_encoder(mode, probe)
-    wanted = _get_encoder_with_nvenc if chosen == "h264_nvenc" else _AIORTC_GET_ENCODER
+    if chosen == "h264_nvenc":
+        wanted = _get_encoder_with_nvenc
+    elif x264_preset == "medium":
+        wanted = _AIORTC_GET_ENCODER
+    else:
+        wanted = _get_encoder_with_x264_preset(x264_preset)
     if aiortc.rtcrtpsender.get_encoder is not wanted:
         aiortc.rtcrtpsender.get_encoder = wanted
-        log.info("H.264 calls now encode with %s", chosen)
+        log.info(
+            "H.264 calls now encode with %s", chosen if chosen != "libx264" else f"libx264 {x264_preset}"
+        )
     return chosen

@@ -195,7 +195,9 @@ class Session:
         if media.video_codec == "H264":
             # Before the first frame, when the sender asks for its encoder. The first call probes NVENC
             # (CUDA start-up): off the event loop.
-            self.video_encoder = await asyncio.to_thread(use_h264_encoder, media.hardware_encoder)
+            self.video_encoder = await asyncio.to_thread(
+                use_h264_encoder, media.hardware_encoder, x264_preset=media.x264_preset
+            )
         self.pc.addTrack(self.audio_track)
         video_sender = self.pc.addTrack(self.video_track)
         # Codec preferences only take effect when set before the remote offer is applied.
