@@ -302,12 +302,25 @@
   }
 
   // Which renderer draws the face and at what quality level (MuseTalk degrades under load).
+  // The video's own level is separate: under CPU pressure the server sends a smaller picture first.
   function showQuality(renderer, level) {
     const pill = document.getElementById("quality");
     if (!pill || !renderer) return;
-    pill.hidden = false;
-    pill.textContent = level && level !== "full" ? `${renderer} · ${level}` : renderer;
+    avatarCall.renderer = renderer;
     avatarCall.quality = level || "full";
+    pill.hidden = false;
+    const parts = [renderer];
+    if (avatarCall.quality !== "full") parts.push(avatarCall.quality);
+    const video = avatarCall.videoQuality;
+    if (video && video.level !== "video_full" && Array.isArray(video.size)) {
+      parts.push(`${video.size[0]}×${video.size[1]}`);
+    }
+    pill.textContent = parts.join(" · ");
+  }
+
+  function showVideoQuality(level, size) {
+    avatarCall.videoQuality = { level, size };
+    showQuality(avatarCall.renderer, avatarCall.quality);
   }
 
   function applyHello(message) {
@@ -594,7 +607,11 @@
         onTemplateSwitched(message);
         break;
       case "quality":
-        showQuality(message.renderer === "fallback" ? "warp" : avatarCall.hello?.renderer, message.level);
+        if (String(message.level).startsWith("video_")) {
+          showVideoQuality(message.level, message.output_size);
+        } else {
+          showQuality(message.renderer === "fallback" ? "warp" : avatarCall.hello?.renderer, message.level);
+        }
         break;
       case "error":
         if (switchingTo !== null && /template/i.test(String(message.message))) {
