@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -87,9 +89,15 @@ async def calibrate(box: tuple[int, int, int, int]) -> float:
 
 
 async def run_calls(
-    url: str, pid: int, n: int, box: tuple[int, int, int, int], bias: float, seconds: float
-) -> None:
-    receivers = [CallReceiver(probe=MouthDarkness(box)) for _ in range(n)]
+    url: str,
+    pid: int,
+    n: int,
+    box: tuple[int, int, int, int],
+    bias: float,
+    seconds: float,
+    size: tuple[int, int],
+) -> dict[str, float]:
+    receivers = [CallReceiver(probe=MouthDarkness(box, frame_size=size)) for _ in range(n)]
     async with aiohttp.ClientSession() as http:
         await asyncio.gather(*(r.connect_http(url, http) for r in receivers))
         await asyncio.sleep(1.0)
@@ -136,14 +144,47 @@ async def run_calls(
     late = sum(s["frames_late"] for s in stats)
     dropped = sum(s["frames_dropped"] for s in stats)
     lateness_p99 = max(s["send_lateness_ms_p99"] or 0 for s in stats)
+    sizes = sorted({"x".join(map(str, s.get("output_size") or size)) for s in stats})
+    row = {
+        "calls": n,
+        "fps": round(statistics.median(fps), 2),
+        "gap_p50_ms": round(float(np.percentile(gaps, 50)), 1),
+        "gap_p99_ms": round(float(np.percentile(gaps, 99)), 1),
+        "late_percent": round(late / sent * 100, 2),
+        "dropped": dropped,
+        "send_lateness_p99_ms": round(lateness_p99, 1),
+        "lip_offset_ms": round(statistics.median(offsets), 1),
+        "say_to_audio_ms": round(statistics.median(delays) * 1000) if delays else None,
+        "cpu_percent_per_call": round(cpu * 100 / n, 1),
+        "rss_mb": round(rss),
+        "output_sizes_at_end": sizes,
+    }
     print(
         f"{n:>5} | {statistics.median(fps):6.2f} | {np.percentile(gaps, 50):5.1f} / {np.percentile(gaps, 99):5.1f} "
         f"| {late / sent * 100:5.2f} % / {dropped:3d} | {lateness_p99:6.1f} "
         f"| {statistics.median(offsets):+6.1f} ({min(offsets):+.0f}..{max(offsets):+.0f}) "
         f"| {statistics.median(delays) * 1000 if delays else float('nan'):4.0f} ({statistics.median(server_side):3.0f}) "
-        f"| {cpu * 100 / n:5.1f} % | {rss:6.0f}",
+        f"| {cpu * 100 / n:5.1f} % | {rss:6.0f} | {' '.join(sizes)}",
         flush=True,
     )
+    return row
+
+
+def save_figures(
+    path: Path, resolution: str, template_id: str, bias: float, rows: list[dict[str, Any]], seconds: float
+) -> None:
+    """Add this resolution's rows to the figures file (other resolutions' rows are kept)."""
+    figures: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    figures.setdefault("runs", {})[resolution] = {
+        "template": template_id,
+        "seconds_per_run": seconds,
+        "receiver_bias_ms": round(bias * 1000, 1),
+        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
+        "rows": rows,
+    }
+    figures["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 async def wait_healthy(url: str, seconds: float = 120.0) -> None:
@@ -195,15 +236,18 @@ async def main(
             f"{bias * 1000:+.1f} ms (calibration sender); {args.seconds:.0f} s per run"
         )
         print(
-            "calls |    fps | gap p50/p99 ms | late % / dropped | send err p99 ms | lip offset ms | say->audio ms (server) | CPU/call | RSS MB"
+            "calls |    fps | gap p50/p99 ms | late % / dropped | send err p99 ms | lip offset ms | say->audio ms (server) | CPU/call | RSS MB | sent size"
         )
         base_rss = proc_rss_mb(server.pid)
         print(
             f"    0 |        |                |                  |                 |               |               |          | {base_rss:6.0f}"
         )
+        rows = []
         for n in args.calls:
-            await run_calls(url, server.pid, n, box, bias, args.seconds)
+            rows.append(await run_calls(url, server.pid, n, box, bias, args.seconds, template.size))
             await asyncio.sleep(1.0)
+        if args.json is not None:
+            save_figures(args.json, f"{width}x{height}", template_id, bias, rows, args.seconds)
     finally:
         server.terminate()
 
@@ -214,6 +258,9 @@ if __name__ == "__main__":
     )
     parser.add_argument("--calls", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--json", type=Path, default=None, help="add the figures to this file (e.g. docs/figures/calls.json)"
+    )
     parser.add_argument(
         "--resolutions",
         nargs="+",

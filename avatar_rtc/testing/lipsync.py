@@ -26,12 +26,24 @@ class MouthDarkness:
     """Openness probe: the share of dark pixels in the mouth box, which an open mouth fills with its
     dark interior. Absolute, so it measures distance from the closed look, not frame-to-frame motion."""
 
-    def __init__(self, box: tuple[int, int, int, int], threshold: int = 60) -> None:
+    def __init__(
+        self,
+        box: tuple[int, int, int, int],
+        threshold: int = 60,
+        frame_size: tuple[int, int] | None = None,
+    ) -> None:
         self.box = box
         self.threshold = threshold
+        # The (width, height) ``box`` is in: a frame the sender scaled down (its resolution ladder
+        # under load) is probed at the same place.
+        self.frame_size = frame_size
 
     def __call__(self, image: np.ndarray) -> float:
         x0, y0, x1, y1 = self.box
+        if self.frame_size is not None and (image.shape[1], image.shape[0]) != self.frame_size:
+            sx, sy = image.shape[1] / self.frame_size[0], image.shape[0] / self.frame_size[1]
+            x0, x1 = int(x0 * sx), max(int(x0 * sx) + 1, int(x1 * sx))
+            y0, y1 = int(y0 * sy), max(int(y0 * sy) + 1, int(y1 * sy))
         gray = cv2.cvtColor(image[y0:y1, x0:x1], cv2.COLOR_BGR2GRAY)
         return float(np.count_nonzero(gray < self.threshold)) / gray.size
 
