@@ -200,7 +200,9 @@ async def test_the_loop_never_stalls_while_a_call_opens_an_unprepared_template_n
         await speaking.wait_event(lambda e: e["type"] == "hello")
         await switching.wait_event(lambda e: e["type"] == "hello")
         speaking.send({"type": "say", "text": "I keep talking while the other caller picks a new face."})
-        await speaking.wait_event(lambda e: e.get("type") == "quality" and e.get("renderer") == "musetalk", 30)
+        await speaking.wait_event(
+            lambda e: e.get("type") == "quality" and e.get("renderer") == "musetalk", 30
+        )
         # What the process holds so far (models, codecs) leaves the cyclic collector's view: a full
         # collection over it would be a stall of its own, whatever opens templates (the server can do
         # the same once started).

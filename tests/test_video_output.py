@@ -323,7 +323,24 @@ async def test_call_sends_the_templates_own_non_square_size(
     server = await make_server(
         library=portrait_library, settings={"media": {**media, "adaptive_resolution": False}}
     )
-    receiver = CallReceiver()
+    template = portrait_library.get("portrait")
+    # Compared at a quarter of the size, so the probe keeps up with 25 fps.
+    small = (expected[0] // 4, expected[1] // 4)
+    references = [
+        cv2.resize(
+            cv2.resize(frame, expected, interpolation=cv2.INTER_AREA), small, interpolation=cv2.INTER_AREA
+        )
+        for frame in template.frames[::4]
+    ]
+
+    def distance_to_template(image: np.ndarray) -> float:
+        # The nearest template frame (the idle loop shows them in turn; nobody speaks in this call).
+        if image.shape[1::-1] != expected:
+            return float("inf")
+        seen = cv2.resize(image, small, interpolation=cv2.INTER_AREA).astype(np.int16)
+        return min(float(np.abs(seen - reference).mean()) for reference in references)
+
+    receiver = CallReceiver(probe=distance_to_template)
     async with aiohttp.ClientSession() as http:
         await receiver.connect_http(server.url, http)
     hello = await receiver.wait_event(lambda e: e["type"] == "hello")
@@ -334,6 +351,10 @@ async def test_call_sends_the_templates_own_non_square_size(
     await receiver.close()
     assert len(receiver.received.video_arrival) >= 25
     assert receiver.received.video_size == expected
+    # Every pixel is the template's own frame, within what the codec changes: the whole picture, not a
+    # crop, shift or stretch of it (after the first second, once the encoder's quality has settled).
+    settled = receiver.received.video_probe[25:]
+    assert settled and float(np.median(settled)) < 6.0, f"mean difference {np.median(settled):.1f} levels"
     assert stats["output_size"] == list(expected)
     # Without a usable GPU (as here) H.264 goes through libx264, the software path.
     h264 = "h264_nvenc" if cached_nvenc_probe().available else "libx264"
