@@ -37,7 +37,7 @@ import numpy as np
 
 from avatar_rtc.avatar import face
 from avatar_rtc.avatar.library import TemplateLibrary, template_bytes
-from avatar_rtc.avatar.prepare import default_photo
+from avatar_rtc.avatar.photo import default_photo
 
 # Format 2's raw writer and checked reader, for the reference rows.
 from avatar_rtc.avatar.store import JPEG_QUALITY, TemplateStore, _read_verified_array, _write_array
