@@ -26,10 +26,10 @@ from avatar_rtc.avatar.library import (
     TemplateBudgetError,
     TemplateInUseError,
     TemplateLibrary,
-    template_bytes,
 )
 from avatar_rtc.avatar.photo import default_photo
 from avatar_rtc.avatar.prepare import PrepareSettings, prepare_video
+from avatar_rtc.avatar.ram_tier import template_bytes
 from avatar_rtc.avatar.store import TemplateCacheError, TemplateStore
 from avatar_rtc.avatar.template import Template
 from avatar_rtc.avatar.tracking import VideoTracker
