@@ -41,7 +41,7 @@ from aiortc.codecs.base import Encoder
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from avatar_rtc.avatar import face
-from avatar_rtc.avatar.prepare import default_photo
+from avatar_rtc.avatar.photo import default_photo
 from avatar_rtc.rtc.encoders import X264PresetEncoder, probe_nvenc
 from avatar_rtc.rtc.resolution import interpolation
 from avatar_rtc.testing.lipsync import mouth_box

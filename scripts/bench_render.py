@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from avatar_rtc.avatar.prepare import default_photo, prepare_photo
+from avatar_rtc.avatar.photo import default_photo, prepare_photo
 from avatar_rtc.avatar.store import TemplateStore
 from avatar_rtc.render.mouth_shape import mouth_shape
 from avatar_rtc.render.warp import WarpEngine

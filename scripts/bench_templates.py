@@ -36,8 +36,9 @@ import cv2
 import numpy as np
 
 from avatar_rtc.avatar import face
-from avatar_rtc.avatar.library import TemplateLibrary, template_bytes
-from avatar_rtc.avatar.prepare import default_photo
+from avatar_rtc.avatar.library import TemplateLibrary
+from avatar_rtc.avatar.photo import default_photo
+from avatar_rtc.avatar.ram_tier import template_bytes
 
 # Format 2's raw writer and checked reader, for the reference rows.
 from avatar_rtc.avatar.store import JPEG_QUALITY, TemplateStore, _read_verified_array, _write_array

@@ -12,7 +12,7 @@ import skimage.data
 
 from avatar_rtc.avatar import face, store
 from avatar_rtc.avatar.face import FaceNotFoundError, detect_landmarks
-from avatar_rtc.avatar.prepare import default_photo, prepare_photo
+from avatar_rtc.avatar.photo import default_photo, prepare_photo
 from avatar_rtc.avatar.store import TemplateCacheError, TemplateStore
 from avatar_rtc.avatar.template import Template
 

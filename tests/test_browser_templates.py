@@ -79,7 +79,7 @@ def make_big_face_video(path: Path, seconds: float = 3.0, fps: int = 25) -> Path
     import cv2
     import numpy as np
 
-    from avatar_rtc.avatar.prepare import default_photo
+    from avatar_rtc.avatar.photo import default_photo
 
     photo = default_photo()
     rng = np.random.default_rng(7)
@@ -109,7 +109,7 @@ def make_blue_photo(path: Path) -> Path:
     import cv2
     import numpy as np
 
-    from avatar_rtc.avatar.prepare import default_photo
+    from avatar_rtc.avatar.photo import default_photo
 
     photo = cv2.flip(default_photo(), 1)
     photo[..., 0] = np.clip(photo[..., 0].astype(np.int16) + 90, 0, 255).astype(np.uint8)

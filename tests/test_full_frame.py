@@ -13,7 +13,8 @@ import pytest
 
 from avatar_rtc.avatar import face
 from avatar_rtc.avatar.library import TemplateLibrary
-from avatar_rtc.avatar.prepare import PrepareSettings, default_photo, output_size
+from avatar_rtc.avatar.photo import default_photo
+from avatar_rtc.avatar.prepare import PrepareSettings, output_size
 from avatar_rtc.avatar.template import Template
 from avatar_rtc.render.offline import AudioClipSpeech, render_to_file
 from avatar_rtc.render.warp import WarpEngine

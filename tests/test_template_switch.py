@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from avatar_rtc.avatar.library import TemplateLibrary
-from avatar_rtc.avatar.prepare import default_photo, prepare_photo
+from avatar_rtc.avatar.photo import default_photo, prepare_photo
 from avatar_rtc.testing.receiver import CallReceiver
 
 

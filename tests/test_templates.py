@@ -21,21 +21,18 @@ import pytest
 from scipy.ndimage import gaussian_filter1d
 
 from avatar_rtc.avatar import face
+from avatar_rtc.avatar.face import portrait_box
 from avatar_rtc.avatar.library import (
     TemplateBudgetError,
     TemplateInUseError,
     TemplateLibrary,
-    template_bytes,
 )
-from avatar_rtc.avatar.prepare import (
-    PrepareSettings,
-    _VideoTracker,
-    default_photo,
-    portrait_box,
-    prepare_video,
-)
+from avatar_rtc.avatar.photo import default_photo
+from avatar_rtc.avatar.prepare import PrepareSettings, prepare_video
+from avatar_rtc.avatar.ram_tier import template_bytes
 from avatar_rtc.avatar.store import TemplateCacheError, TemplateStore
 from avatar_rtc.avatar.template import Template
+from avatar_rtc.avatar.tracking import VideoTracker
 
 FPS = 25
 VIDEO_SIZE = (640, 480)
@@ -234,7 +231,7 @@ def test_streamed_smoothing_equals_smoothing_the_whole_clip() -> None:
     truth = np.cumsum(rng.normal(0, 2, (count, face.LANDMARK_COUNT, 2)), axis=0) + 300
     missing = {0, 1, 20, 21, 22, 23, 40, 59}
     settings = PrepareSettings()
-    tracker = _VideoTracker(settings)
+    tracker = VideoTracker(settings)
     streamed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for i in range(count):
         tracker.add(None if i in missing else truth[i].astype(np.float32))

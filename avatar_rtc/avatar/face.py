@@ -211,3 +211,15 @@ def lower_face_mask(landmarks: np.ndarray, image_size: tuple[int, int], mask_siz
     face_width = float(np.hypot(*(jaw[-1] - jaw[0])))
     sigma = max(0.5, 0.05 * face_width)
     return cv2.GaussianBlur(mask, (0, 0), sigmaX=sigma, sigmaY=sigma)
+
+
+def portrait_box(landmarks: np.ndarray, face_fraction: float = 0.42) -> tuple[float, float, float]:
+    """(left, top, side) of the square where the face (outline width) is ``face_fraction`` of the side,
+    with the face centre about 8% of the side above the square's centre: the renderers' working area
+    in a template frame, and the framing of the default photo."""
+    oval = landmarks[list(FACE_OVAL)]
+    face_width = float(oval[:, 0].max() - oval[:, 0].min())
+    face_centre_x = float(oval[:, 0].mean())
+    face_centre_y = 0.5 * float(oval[:, 1].min() + oval[:, 1].max())
+    side = face_width / face_fraction
+    return face_centre_x - side / 2, face_centre_y - side * 0.42, side

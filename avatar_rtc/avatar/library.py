@@ -1,17 +1,18 @@
 """Templates by id, in memory tiers: disk → RAM (LRU under a byte budget) → the renderer's own (GPU).
 
 Sessions pin what they show: :meth:`TemplateLibrary.acquire` loads (if needed) and pins a template, and
-:meth:`TemplateLibrary.release` unpins it. A pinned template is never evicted, and the RAM tier never
-holds more than its budget: a template that cannot fit next to the pinned ones is refused with
-:class:`TemplateBudgetError` rather than squeezed in. :meth:`TemplateLibrary.get_warm` answers without
-any I/O, which is what a mid-call switch needs to show the new face within a frame or two.
+:meth:`TemplateLibrary.release` unpins it. A pinned template is never evicted, and the RAM tier
+(:mod:`avatar_rtc.avatar.ram_tier`) never holds more than its budget: a template that cannot fit next
+to the pinned ones is refused with :class:`TemplateBudgetError` rather than squeezed in.
+:meth:`TemplateLibrary.get_warm` answers without any I/O, which is what a mid-call switch needs to show
+the new face within a frame or two.
 
 The renderer engine takes part through :class:`~avatar_rtc.avatar.engine.TemplateEngine`: ``warm(template)``
 (move its per-frame data to the GPU, build rigs, ...), ``evict(template_id)`` (drop that again when RAM
 lets it go), and its extras: a template prepared before the engine was enabled (or for other weights)
-lacks them, and :meth:`TemplateLibrary.complete_extras_async` computes them on one background thread,
-stores them in the cache (atomically, next to the frames) and replaces the RAM copy, so no later process
-computes them again.
+lacks them, and :meth:`TemplateLibrary.complete_extras_async` computes them on one background thread
+(:mod:`avatar_rtc.avatar.extras_jobs`), stores them in the cache (atomically, next to the frames) and
+replaces the RAM copy, so no later process computes them again.
 Preparation (:meth:`TemplateLibrary.prepare`) runs one at a time and is a cache hit when the same file
 was prepared under the same id with the same settings.
 
@@ -31,14 +32,15 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from avatar_rtc.avatar.engine import ExtrasProgress, TemplateEngine
+from avatar_rtc.avatar.extras_jobs import ExtrasJobs
+from avatar_rtc.avatar.ram_tier import RamTier
 from avatar_rtc.avatar.store import (
     INFO_KEYS,
     MIGRATABLE_VERSION,
@@ -51,14 +53,13 @@ from avatar_rtc.avatar.store import (
     validate_template_id,
 )
 from avatar_rtc.avatar.template import Template
+from avatar_rtc.avatar.template_info import TemplateInfo, TemplateState
 
 if TYPE_CHECKING:  # prepare is imported when first needed: a process that only serves the cache never does
     from avatar_rtc.avatar.prepare import PrepareSettings, ProgressCallback
     from avatar_rtc.config import Settings
 
 log = logging.getLogger(__name__)
-
-TemplateState = Literal["ready", "warm", "in_use", "preparing", "outdated", "corrupt"]
 
 
 class TemplateNotFoundError(LookupError):
@@ -75,49 +76,6 @@ class TemplateBudgetError(RuntimeError):
 
 class PreparationBusyError(RuntimeError):
     """Another template is being prepared; preparation runs one at a time."""
-
-
-def template_bytes(template: Template) -> int:
-    """What a template costs in RAM: its frames, landmarks and extras."""
-    return int(
-        template.frames.nbytes + template.landmarks.nbytes + sum(v.nbytes for v in template.extras.values())
-    )
-
-
-@dataclass(frozen=True)
-class TemplateInfo:
-    """What a picker shows about a template, and its per-template settings."""
-
-    id: str
-    name: str
-    state: TemplateState
-    fps: int = 0
-    frame_count: int = 0
-    width: int = 0
-    height: int = 0
-    source: str = ""
-    welcome: str | None = None
-    language: str | None = None
-    bytes: int = 0
-    error: str | None = None
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "state": self.state,
-            "fps": self.fps,
-            "frame_count": self.frame_count,
-            "seconds": round(self.frame_count / self.fps, 2) if self.fps else 0.0,
-            "width": self.width,
-            "height": self.height,
-            "source": self.source,
-            "welcome": self.welcome,
-            "language": self.language,
-            "bytes": self.bytes,
-            "error": self.error,
-            "thumbnail": f"/api/templates/{self.id}/thumbnail.jpg",
-        }
 
 
 @dataclass(frozen=True)
@@ -154,25 +112,19 @@ class TemplateLibrary:
         prepare_settings: PrepareSettings | None = None,
         default_id: str = "default",
     ) -> None:
-        if ram_budget_bytes <= 0:
-            raise ValueError("the RAM budget must be positive")
+        self._ram = RamTier(ram_budget_bytes, on_drop=self._evict_from_engine)
         self.store = store if isinstance(store, TemplateStore) else TemplateStore(store)
-        self.ram_budget = int(ram_budget_bytes)
+        self.ram_budget = self._ram.budget
         self.engine = engine
         self._prepare_settings = prepare_settings
         self.default_id = validate_template_id(default_id)
+        # Guards the RAM tier and the sets below together: checks across them are one atomic step.
         self._lock = threading.RLock()
-        self._ram: OrderedDict[str, Template] = OrderedDict()  # least recently used first
-        self._ram_sizes: dict[str, int] = {}
-        self._pins: dict[str, int] = {}
         self._preparing: set[str] = set()
         self._broken: dict[str, str] = {}  # id -> why its last load failed
         self._load_locks = _Locks()
         self._prepare_lock = threading.Lock()
-        # Renderer extras being computed: id -> (the job, its progress listeners). One thread of its own,
-        # so a long VAE encode takes no thread from the default executor (codecs, ASR, TTS use it).
-        self._completing: dict[str, tuple[concurrent.futures.Future[Template], list[ExtrasProgress]]] = {}
-        self._extras_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._extras_jobs = ExtrasJobs(self.complete_extras)
         self.store.remove_stale()
         self.migrate_old()
 
@@ -188,24 +140,21 @@ class TemplateLibrary:
     @property
     def ram_bytes(self) -> int:
         with self._lock:
-            return sum(self._ram_sizes.values())
+            return self._ram.bytes
 
     def in_ram(self) -> list[str]:
         """Ids held in RAM, least recently used first."""
         with self._lock:
-            return list(self._ram)
+            return self._ram.ids()
 
     def pins(self, template_id: str) -> int:
         with self._lock:
-            return self._pins.get(template_id, 0)
+            return self._ram.pins(template_id)
 
     def get_warm(self, template_id: str) -> Template | None:
         """The template if it is in RAM (no I/O, safe on the event loop), else None."""
         with self._lock:
-            template = self._ram.get(template_id)
-            if template is not None:
-                self._ram.move_to_end(template_id)
-            return template
+            return self._ram.get(template_id)
 
     def get(self, template_id: str) -> Template:
         """The template from RAM, or loaded from disk (and kept in RAM if it fits). Blocking."""
@@ -218,21 +167,15 @@ class TemplateLibrary:
     async def acquire_async(self, template_id: str) -> Template:
         """:meth:`acquire` without blocking the event loop: immediate when warm, a thread when not."""
         with self._lock:
-            if template_id in self._ram and template_id not in self._preparing:
-                self._pins[template_id] = self._pins.get(template_id, 0) + 1
-                self._ram.move_to_end(template_id)
-                return self._ram[template_id]
+            template = self._ram.get(template_id) if template_id not in self._preparing else None
+            if template is not None:
+                self._ram.pin(template_id)
+                return template
         return await asyncio.to_thread(self.acquire, template_id)
 
     def release(self, template_id: str) -> None:
         with self._lock:
-            count = self._pins.get(template_id, 0)
-            if count <= 0:
-                raise ValueError(f"template {template_id!r} is not acquired")
-            if count == 1:
-                del self._pins[template_id]
-            else:
-                self._pins[template_id] = count - 1
+            self._ram.unpin(template_id)
 
     def warm(self, template_id: str) -> Template:
         """Bring a template into RAM and into the renderer's own tier (if it has one), ready to switch
@@ -253,17 +196,16 @@ class TemplateLibrary:
                     raise TemplateInUseError(f"template {template_id!r} is being prepared again")
                 template = self._ram.get(template_id)
                 if template is not None:
-                    self._ram.move_to_end(template_id)
                     if pin:
-                        self._pins[template_id] = self._pins.get(template_id, 0) + 1
+                        self._ram.pin(template_id)
                     return template
             template = self._load(template_id)
             with self._lock:
-                fits = self._admit(template_id, template)
+                fits = self._ram.admit(template_id, template)
                 if not fits and must_fit:
-                    raise TemplateBudgetError(self._budget_message(template_id, template))
+                    raise TemplateBudgetError(self._ram.budget_message(template_id, template))
                 if pin:
-                    self._pins[template_id] = self._pins.get(template_id, 0) + 1
+                    self._ram.pin(template_id)
             return template
 
     def _load(self, template_id: str) -> Template:
@@ -285,44 +227,19 @@ class TemplateLibrary:
             self._broken.pop(template_id, None)
         return template
 
-    def _admit(self, template_id: str, template: Template) -> bool:
-        """Keep ``template`` in RAM, evicting unpinned ones least recently used first; False (and
-        nothing evicted) if it cannot fit next to the pinned ones."""
-        size = template_bytes(template)
-        pinned = sum(s for i, s in self._ram_sizes.items() if self._pins.get(i) and i != template_id)
-        if pinned + size > self.ram_budget:
-            return False
-        self._drop(template_id)
-        while sum(self._ram_sizes.values()) + size > self.ram_budget:
-            victim = next(i for i in self._ram if not self._pins.get(i))
-            self._drop(victim)
-        self._ram[template_id] = template
-        self._ram_sizes[template_id] = size
-        return True
-
     def unload(self, template_id: str) -> None:
         """Drop a template from RAM (and the renderer's tier); refused while a call uses it."""
         with self._lock:
-            if self._pins.get(template_id):
+            if self._ram.pins(template_id):
                 raise TemplateInUseError(f"template {template_id!r} is in use by a live call")
-            self._drop(template_id)
+            self._ram.drop(template_id)
 
-    def _drop(self, template_id: str) -> None:
-        if self._ram.pop(template_id, None) is None:
-            return
-        del self._ram_sizes[template_id]
+    def _evict_from_engine(self, template_id: str) -> None:
         if self.engine is not None:
             try:
                 self.engine.evict(template_id)
             except Exception:
                 log.exception("renderer engine failed to evict template %r", template_id)
-
-    def _budget_message(self, template_id: str, template: Template) -> str:
-        pinned = sum(s for i, s in self._ram_sizes.items() if self._pins.get(i))
-        return (
-            f"template {template_id!r} needs {template_bytes(template) / 2**20:.0f} MiB of RAM; the budget "
-            f"is {self.ram_budget / 2**20:.0f} MiB and live calls pin {pinned / 2**20:.0f} MiB"
-        )
 
     # -- older cache formats ------------------------------------------------------------------------------
     def migrate_old(self) -> list[str]:
@@ -395,9 +312,8 @@ class TemplateLibrary:
             log.warning("renderer data for template %r not stored: %s", template_id, exc)
             return completed
         with self._lock:
-            if self._ram.get(template_id) is template:
-                self._ram[template_id] = completed
-                self._ram_sizes[template_id] = template_bytes(completed)
+            if self._ram.holds(template_id, template):
+                self._ram.replace(template_id, completed)
             self._broken.pop(template_id, None)
         log.info(
             "template %r: %s data for %d frames computed and cached in %.1f s",
@@ -413,45 +329,11 @@ class TemplateLibrary:
     ) -> Template:
         """:meth:`complete_extras` on the library's extras thread, one job per template however many
         sessions wait for it. ``progress(done, total)`` is called from that thread."""
-        with self._lock:
-            entry = self._completing.get(template_id)
-            if entry is None:
-                if self._extras_executor is None:
-                    self._extras_executor = concurrent.futures.ThreadPoolExecutor(
-                        max_workers=1, thread_name_prefix="template-extras"
-                    )
-                listeners: list[ExtrasProgress] = []
-                job = self._extras_executor.submit(
-                    self.complete_extras,
-                    template_id,
-                    lambda done, total: self._progress(listeners, done, total),
-                )
-                entry = self._completing[template_id] = (job, listeners)
-                job.add_done_callback(lambda _: self._completed(template_id))
-            if progress is not None:
-                entry[1].append(progress)
-        # Shielded: a session that stops waiting (closed, switched away) must not cancel the others' job.
-        return await asyncio.shield(asyncio.wrap_future(entry[0]))
-
-    def _progress(self, listeners: list[ExtrasProgress], done: int, total: int) -> None:
-        with self._lock:
-            current = list(listeners)
-        for listener in current:
-            try:
-                listener(done, total)
-            except Exception:
-                log.exception("a renderer-data progress listener failed")
-
-    def _completed(self, template_id: str) -> None:
-        with self._lock:
-            self._completing.pop(template_id, None)
+        return await self._extras_jobs.run(template_id, progress)
 
     def close(self) -> None:
         """Stop the extras thread (after any job it is running)."""
-        with self._lock:
-            executor, self._extras_executor = self._extras_executor, None
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+        self._extras_jobs.close()
 
     # -- listing -----------------------------------------------------------------------------------------
     def list(self) -> list[TemplateInfo]:
@@ -463,7 +345,7 @@ class TemplateLibrary:
         validate_template_id(template_id)
         with self._lock:
             preparing = template_id in self._preparing
-            pinned = bool(self._pins.get(template_id))
+            pinned = bool(self._ram.pins(template_id))
             warm = template_id in self._ram
             broken = self._broken.get(template_id)
         try:
@@ -487,21 +369,7 @@ class TemplateLibrary:
             state = "in_use"
         elif warm:
             state = "warm"
-        info = manifest.get("info") or {}
-        return TemplateInfo(
-            id=template_id,
-            name=str(info.get("name") or template_id),
-            state=state,
-            fps=int(manifest.get("fps", 0)),
-            frame_count=int(manifest.get("frame_count", 0)),
-            width=int(manifest.get("width", 0)),
-            height=int(manifest.get("height", 0)),
-            source=str(manifest.get("source", "")),
-            welcome=info.get("welcome"),
-            language=info.get("language"),
-            bytes=sum(int(meta.get("bytes", 0)) for meta in manifest["files"].values()),
-            error=broken,
-        )
+        return TemplateInfo.from_manifest(template_id, manifest, state, error=broken)
 
     def thumbnail(self, template_id: str) -> bytes:
         validate_template_id(template_id)
@@ -520,11 +388,11 @@ class TemplateLibrary:
     def delete(self, template_id: str) -> None:
         validate_template_id(template_id)
         with self._lock:
-            if self._pins.get(template_id):
+            if self._ram.pins(template_id):
                 raise TemplateInUseError(f"template {template_id!r} is in use by a live call")
             if template_id in self._preparing:
                 raise TemplateInUseError(f"template {template_id!r} is being prepared")
-            self._drop(template_id)
+            self._ram.drop(template_id)
             self._broken.pop(template_id, None)
             if not self.store.delete(template_id):
                 raise TemplateNotFoundError(f"no template {template_id!r}")
@@ -537,7 +405,7 @@ class TemplateLibrary:
         with self._load_locks(self.default_id):
             template = self.store.ensure_default(self.default_id, self.prepare_settings, self.engine)
             with self._lock:
-                self._admit(self.default_id, template)
+                self._ram.admit(self.default_id, template)
         return template
 
     def begin_prepare(self, template_id: str, wait: bool = True) -> None:
@@ -550,7 +418,7 @@ class TemplateLibrary:
         if not self._prepare_lock.acquire(blocking=wait):
             raise PreparationBusyError("another template is being prepared; try again when it is done")
         with self._lock:
-            if self._pins.get(template_id):
+            if self._ram.pins(template_id):
                 self._prepare_lock.release()
                 raise TemplateInUseError(
                     f"template {template_id!r} is in use by a live call; switch away from it before "
@@ -631,9 +499,9 @@ class TemplateLibrary:
             )
             progress("write", 1, 1)
             with self._lock:
-                self._drop(template_id)
+                self._ram.drop(template_id)
                 self._broken.pop(template_id, None)
-                self._admit(template_id, template)
+                self._ram.admit(template_id, template)
         finally:
             if not claimed:
                 self.end_prepare(template_id)
@@ -660,7 +528,7 @@ class TemplateLibrary:
             return False
         with self._lock:
             self._broken.pop(template_id, None)
-            self._admit(template_id, template)
+            self._ram.admit(template_id, template)
         return True
 
 

@@ -7,11 +7,14 @@ declared duration can be missing or wrong.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty, Queue
 
 import av
 import cv2
@@ -191,3 +194,39 @@ def iter_video_frames(
                     next_index += 1
         except av.FFmpegError as exc:
             raise NotMediaError(f"the video cannot be decoded past frame {next_index} ({exc})") from exc
+
+
+def decoded_ahead(
+    frames: Iterator[tuple[int, np.ndarray]],
+    transform: Callable[[int, np.ndarray], np.ndarray],
+    depth: int = 8,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(index, transform(index, image))`` for ``frames``, decoded and transformed in a thread up to
+    ``depth`` frames ahead of the consumer."""
+    queue: Queue[tuple[int, np.ndarray] | BaseException | None] = Queue(depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for index, image in frames:
+                if stop.is_set():
+                    return
+                queue.put((index, transform(index, image)))
+            queue.put(None)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            queue.put(exc)
+
+    thread = threading.Thread(target=produce, name="template-decode", daemon=True)
+    thread.start()
+    try:
+        while (item := queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        # Unblock a producer waiting on a full queue so it sees the stop flag and closes the file.
+        while thread.is_alive():
+            with contextlib.suppress(Empty):
+                queue.get(timeout=0.05)
+        thread.join()

@@ -7,7 +7,7 @@ media-time scheduling, the same idle loop between sentences, the same frames.
 
 Audio and video have equal length by construction: each video frame is written with the
 ``sample_rate / fps`` audio samples that play during it. The file is H.264 (yuv420p) + AAC, written
-with av.
+by :class:`~avatar_rtc.media.mp4.Mp4Writer`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ import asyncio
 import dataclasses
 import math
 import os
-import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import av
 import numpy as np
@@ -30,11 +28,15 @@ from avatar_rtc.avatar.video import NotMediaError, SourceTooLargeError
 from avatar_rtc.conversation.sentences import split_sentences
 from avatar_rtc.conversation.speaker import Speaker
 from avatar_rtc.conversation.tts import TextToSpeech
+from avatar_rtc.media.mp4 import Mp4Encoding, Mp4Writer
 from avatar_rtc.render.base import RenderedFrame, RendererEngine
 from avatar_rtc.rtc.playout import Playout, Utterance
 
 RenderProgress = Callable[[int, int | None], None]
 """Called as ``progress(frames_written, total_frames)``; the total is None until all speech is known."""
+
+# veryfast keeps encoding well under the renderer's cost per frame; crf 20 looks clean at 512 px.
+_ENCODING = Mp4Encoding(preset="veryfast", crf=20, audio_bitrate=96_000)
 
 # Waiting for one rendered frame longer than this means the renderer is stuck, not slow.
 _FRAME_TIMEOUT_S = 60.0
@@ -102,67 +104,6 @@ def decode_audio(
     return pcm
 
 
-class Mp4Writer:
-    """H.264 + AAC into an MP4 file, one video frame and its audio samples at a time.
-
-    Calls run in worker threads, and a cancelled render abandons its ``await`` while the thread is still
-    encoding: every call holds one lock, so :meth:`abort` waits for that write instead of freeing the
-    container under it (which crashes the process inside FFmpeg)."""
-
-    def __init__(
-        self, path: str | os.PathLike[str], size: tuple[int, int], fps: int, sample_rate: int
-    ) -> None:
-        self._container: Any = av.open(str(path), mode="w", format="mp4")
-        self._video = self._container.add_stream("libx264", rate=fps)
-        self._video.width, self._video.height = size
-        self._video.pix_fmt = "yuv420p"
-        # veryfast keeps encoding well under the renderer's cost per frame; crf 20 looks clean at 512 px.
-        self._video.options = {"preset": "veryfast", "crf": "20"}
-        self._audio = self._container.add_stream("aac", rate=sample_rate, layout="mono")
-        self._audio.bit_rate = 96_000
-        self._sample_rate = sample_rate
-        self._frames = 0
-        self._samples = 0
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def write(self, image_bgr: np.ndarray, pcm: np.ndarray) -> None:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the MP4 writer is closed")
-            self._write(image_bgr, pcm)
-
-    def _write(self, image_bgr: np.ndarray, pcm: np.ndarray) -> None:
-        frame = av.VideoFrame.from_ndarray(image_bgr, format="bgr24")
-        frame.pts = self._frames
-        self._frames += 1
-        for packet in self._video.encode(frame):
-            self._container.mux(packet)
-        if len(pcm):
-            audio = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-            audio.sample_rate = self._sample_rate
-            audio.pts = self._samples
-            self._samples += len(pcm)
-            for packet in self._audio.encode(audio):
-                self._container.mux(packet)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            for stream in (self._video, self._audio):
-                for packet in stream.encode(None):
-                    self._container.mux(packet)
-            self._container.close()
-
-    def abort(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._container.close()
-
-
 @dataclass(frozen=True)
 class RenderResult:
     path: Path
@@ -216,7 +157,7 @@ async def render_to_file(
     samples_per_frame = sample_rate // fps
     frame_s = 1.0 / fps
     output = Path(output)
-    writer = Mp4Writer(output, template.size, fps, sample_rate)
+    writer = Mp4Writer(output, template.size, fps, sample_rate, _ENCODING)
     frames_iter = aiter(renderer.frames())
     waiting: RenderedFrame | None = None
     speak_task = asyncio.create_task(speaker.speak(sentences, utterance))
@@ -255,8 +196,7 @@ async def render_to_file(
         await renderer.aclose()
         await frames_iter.aclose()  # type: ignore[attr-defined]
         if not done_ok:
-            await asyncio.to_thread(writer.abort)
-            output.unlink(missing_ok=True)
+            await asyncio.to_thread(writer.abort)  # also removes the partial file
     return RenderResult(
         path=output,
         frames=index,

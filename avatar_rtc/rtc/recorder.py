@@ -5,13 +5,13 @@ The tracks are wrapped (``SessionRecorder.tap``): each frame a sender pulls is c
 queue and the media loop moves on. A worker thread encodes and writes. When the queue is full the
 frame is dropped from the recording (counted), never waited for, so a slow disk cannot stall a call.
 Both tracks stamp frames on the session's one media clock, so the file is in sync by construction;
-audio the track skipped (it fell behind) is filled with silence to keep it that way.
+audio the track skipped (it fell behind) is filled with silence to keep it that way
+(:class:`~avatar_rtc.media.mp4.Mp4Writer`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import fractions
 import logging
 import queue
 import threading
@@ -19,18 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import av
-import cv2
 import numpy as np
 from aiortc.mediastreams import MediaStreamTrack
 
 from avatar_rtc.config import RecordingSettings
+from avatar_rtc.media.mp4 import Mp4Encoding, Mp4Writer
 
 log = logging.getLogger(__name__)
-
-AAC_FRAME_SAMPLES = 1024
-# Gaps in the audio longer than this are not filled: something is badly wrong upstream, and a file
-# padded with minutes of silence helps nobody.
-MAX_SILENCE_FILL_S = 10.0
 
 
 def recording_wanted(settings: RecordingSettings, requested: object) -> bool:
@@ -151,112 +146,37 @@ class SessionRecorder:
             for item in batch:
                 writer.write(item, self.stats)
         if writer is not None:
-            writer.close(self.stats)
+            writer.close()
         elif pending:
             log.warning("recording %s: no video frame was sent; nothing written", self.path)
 
 
 class _Mp4Writer:
+    """The worker's queued items into the MP4 file, counted in the recorder's stats."""
+
     def __init__(
         self, path: Path, width: int, height: int, fps: int, sample_rate: int, settings: RecordingSettings
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.container = av.open(str(path), mode="w", format="mp4")
-        self.video = self.container.add_stream(
-            "libx264",
-            rate=fps,
-            options={
-                "preset": settings.video_preset,
-                "crf": str(settings.video_crf),
-                "threads": str(settings.encoder_threads),
-            },
+        encoding = Mp4Encoding(
+            preset=settings.video_preset,
+            crf=settings.video_crf,
+            audio_bitrate=settings.audio_bitrate,
+            threads=settings.encoder_threads,
         )
-        self.video.width, self.video.height = width, height
-        self.video.pix_fmt = "yuv420p"
-        self.video_time_base = fractions.Fraction(1, fps)
-        self.audio = self.container.add_stream("aac", rate=sample_rate, layout="mono")
-        self.audio.bit_rate = settings.audio_bitrate
-        self.audio_time_base = fractions.Fraction(1, sample_rate)
-        self.sample_rate = sample_rate
-        self.last_video_index = -1
-        self.next_audio_sample: int | None = None  # media sample the buffer below ends at
-        self.audio_buffer = np.zeros(0, np.int16)
-        self.audio_pts = 0  # samples handed to the encoder
+        self.file = Mp4Writer(path, (width, height), fps, sample_rate, encoding)
 
     def write(self, item: _VideoItem | _AudioItem, stats: RecorderStats) -> None:
         if isinstance(item, _VideoItem):
-            self._write_video(item, stats)
+            if self.file.write_video(item.index, av.VideoFrame.from_ndarray(item.yuv, format="yuv420p")):
+                stats.video_frames_written += 1
         else:
-            self._write_audio(item, stats)
+            written = self.file.write_audio(item.start, item.pcm)
+            stats.audio_samples_written += written.samples
+            stats.silence_samples_filled += written.silence
 
-    def _write_video(self, item: _VideoItem, stats: RecorderStats) -> None:
-        if item.index <= self.last_video_index:
-            return
-        frame = av.VideoFrame.from_ndarray(item.yuv, format="yuv420p")
-        if (frame.width, frame.height) != (self.video.width, self.video.height):
-            # The call changed size (a template of another shape, or a lower output resolution under
-            # load): the file keeps the size it started with, the new picture fitted in without cropping.
-            frame = _letterboxed(frame, self.video.width, self.video.height)
-        frame.pts = item.index
-        frame.time_base = self.video_time_base
-        self.container.mux(self.video.encode(frame))
-        self.last_video_index = item.index
-        stats.video_frames_written += 1
-
-    def _write_audio(self, item: _AudioItem, stats: RecorderStats) -> None:
-        pcm = item.pcm
-        if self.next_audio_sample is None:
-            # Start the audio on the media timeline where it really started, like the video.
-            self.audio_pts = item.start
-            self.next_audio_sample = item.start
-        gap = item.start - self.next_audio_sample
-        if gap < 0:  # overlaps what is already written: keep only the new part
-            pcm = pcm[-gap:]
-        elif 0 < gap <= MAX_SILENCE_FILL_S * self.sample_rate:
-            pcm = np.concatenate([np.zeros(gap, np.int16), pcm])
-            stats.silence_samples_filled += gap
-        elif gap > 0:
-            self._drain_audio(final=True)
-            self.audio_pts = item.start
-        self.next_audio_sample = item.start + len(item.pcm)
-        self.audio_buffer = np.concatenate([self.audio_buffer, pcm])
-        stats.audio_samples_written += len(pcm)
-        self._drain_audio(final=False)
-
-    def _drain_audio(self, final: bool) -> None:
-        buffer = self.audio_buffer
-        whole = len(buffer) // AAC_FRAME_SAMPLES * AAC_FRAME_SAMPLES
-        if final and whole < len(buffer):
-            buffer = np.concatenate([buffer, np.zeros(-len(buffer) % AAC_FRAME_SAMPLES, np.int16)])
-            whole = len(buffer)
-        for lo in range(0, whole, AAC_FRAME_SAMPLES):
-            chunk = buffer[lo : lo + AAC_FRAME_SAMPLES].astype(np.float32) / 32768.0
-            frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="fltp", layout="mono")
-            frame.sample_rate = self.sample_rate
-            frame.pts = self.audio_pts
-            frame.time_base = self.audio_time_base
-            self.audio_pts += AAC_FRAME_SAMPLES
-            self.container.mux(self.audio.encode(frame))
-        self.audio_buffer = buffer[whole:]
-
-    def close(self, stats: RecorderStats) -> None:
-        try:
-            self._drain_audio(final=True)
-            self.container.mux(self.video.encode(None))
-            self.container.mux(self.audio.encode(None))
-        finally:
-            self.container.close()
-
-
-def _letterboxed(frame: av.VideoFrame, width: int, height: int) -> av.VideoFrame:
-    """``frame`` scaled to fit ``width`` x ``height`` whole, centred on black, as yuv420p."""
-    image = frame.to_ndarray(format="bgr24")
-    scale = min(width / frame.width, height / frame.height)
-    fitted = (max(1, round(frame.width * scale)), max(1, round(frame.height * scale)))
-    canvas = np.zeros((height, width, 3), np.uint8)
-    x0, y0 = (width - fitted[0]) // 2, (height - fitted[1]) // 2
-    canvas[y0 : y0 + fitted[1], x0 : x0 + fitted[0]] = cv2.resize(image, fitted, interpolation=cv2.INTER_AREA)
-    return av.VideoFrame.from_ndarray(canvas, format="bgr24").reformat(format="yuv420p")
+    def close(self) -> None:
+        self.file.close()
 
 
 class _TappedTrack(MediaStreamTrack):
