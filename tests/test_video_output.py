@@ -26,6 +26,8 @@ from avatar_rtc.rtc import encoders
 from avatar_rtc.rtc.encoders import (
     NvencH264Encoder,
     NvencProbe,
+    TunedVp8Encoder,
+    Vp8Tuning,
     X264PresetEncoder,
     cached_nvenc_probe,
     choose_h264_encoder,
@@ -272,6 +274,19 @@ def test_software_h264_encodes_at_the_configured_x264_preset(restore_encoder_fac
     # medium is aiortc's own encoder, untouched.
     use_h264_encoder("off", missing, x264_preset="medium")
     assert aiortc.rtcrtpsender.get_encoder is aiortc.codecs.get_encoder
+
+
+def test_vp8_encodes_at_the_configured_speed(restore_encoder_factory: None) -> None:
+    use_h264_encoder("off", x264_preset="medium", vp8=Vp8Tuning(-6, 4))
+    assert aiortc.rtcrtpsender.get_encoder is aiortc.codecs.get_encoder, "aiortc's own settings"
+    use_h264_encoder("off", x264_preset="medium", vp8=Vp8Tuning(-12, 0))
+    encoder = aiortc.rtcrtpsender.get_encoder(VP8)
+    assert isinstance(encoder, TunedVp8Encoder) and encoder.tuning == Vp8Tuning(-12, 0)
+    assert type(aiortc.rtcrtpsender.get_encoder(H264)) is H264Encoder
+    payloads, _ = encoder.encode(_i420_frame())
+    assert payloads and encoder.codec is not None and encoder.codec.name == "libvpx"
+    encoder.encode(_i420_frame())
+    assert encoder.codec is encoder.tuned_context, "aiortc's encode keeps the tuned context"
 
 
 def test_nvenc_encoder_that_cannot_open_continues_on_libx264(monkeypatch: pytest.MonkeyPatch) -> None:

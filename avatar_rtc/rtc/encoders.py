@@ -16,6 +16,7 @@ from __future__ import annotations
 import fractions
 import functools
 import logging
+import multiprocessing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -26,6 +27,7 @@ import av
 import numpy as np
 from aiortc.codecs.base import Encoder
 from aiortc.codecs.h264 import MAX_FRAME_RATE, H264Encoder
+from aiortc.codecs.vpx import Vp8Encoder, number_of_threads
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from av.video.codeccontext import VideoCodecContext
 
@@ -166,6 +168,66 @@ class NvencH264Encoder(H264Encoder):
         return super()._encode_frame(frame, force_keyframe)
 
 
+@dataclass(frozen=True)
+class Vp8Tuning:
+    """libvpx's speed settings for VP8 calls. aiortc uses cpu-used -6 with the temporal denoiser at 4;
+    the denoiser is for camera noise, and the avatar's frames are a prepared template's: without it a
+    720p frame takes 9 ms instead of 12.4 at the same bitrate here (scripts/bench_encode.py)."""
+
+    cpu_used: int = -6
+    noise_sensitivity: int = 0
+
+    @property
+    def is_aiortcs(self) -> bool:
+        return self.cpu_used == -6 and self.noise_sensitivity == 4
+
+
+class TunedVp8Encoder(Vp8Encoder):
+    """aiortc's VP8 encoder (its packetisation, picture ids, keyframes and bitrate control) with the
+    codec context made at ``tuning``'s speed; aiortc's ``encode`` uses a context of the right size."""
+
+    def __init__(self, tuning: Vp8Tuning) -> None:
+        super().__init__()
+        self.tuning = tuning
+        self.tuned_context: VideoCodecContext | None = None  # the last context made here
+
+    def encode(self, frame: av.VideoFrame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
+        codec = self.codec
+        if (
+            codec is None
+            or frame.width != codec.width
+            or frame.height != codec.height
+            or abs(self.target_bitrate - codec.bit_rate) / codec.bit_rate > _BITRATE_CHANGE
+        ):
+            bitrate = self.target_bitrate
+            context = av.CodecContext.create("libvpx", "w")
+            assert isinstance(context, VideoCodecContext)
+            context.width = frame.width
+            context.height = frame.height
+            context.bit_rate = bitrate
+            context.pix_fmt = "yuv420p"
+            context.gop_size = 3000
+            context.qmin = 2
+            context.qmax = 56
+            # aiortc's options (CBR with a one-second buffer, one token partition), but the speed.
+            context.options = {
+                "bufsize": str(bitrate),
+                "cpu-used": str(self.tuning.cpu_used),
+                "deadline": "realtime",
+                "lag-in-frames": "0",
+                "minrate": str(bitrate),
+                "maxrate": str(bitrate),
+                "noise-sensitivity": str(self.tuning.noise_sensitivity),
+                "overshoot-pct": "15",
+                "partitions": "0",
+                "static-thresh": "1",
+                "undershoot-pct": "100",
+            }
+            context.thread_count = number_of_threads(frame.width * frame.height, multiprocessing.cpu_count())
+            self.codec = self.tuned_context = context
+        return super().encode(frame, force_keyframe)
+
+
 def _get_encoder_with_nvenc(codec: RTCRtpCodecParameters) -> Encoder:
     if codec.mimeType.lower() == "video/h264":
         return NvencH264Encoder()
@@ -173,11 +235,18 @@ def _get_encoder_with_nvenc(codec: RTCRtpCodecParameters) -> Encoder:
 
 
 @functools.cache
-def _get_encoder_with_x264_preset(preset: X264Preset) -> Callable[[RTCRtpCodecParameters], Encoder]:
-    # One function per preset, so installing the same choice twice is recognised as no change.
+def _tuned_get_encoder(
+    h264: H264EncoderName, preset: X264Preset, vp8: Vp8Tuning
+) -> Callable[[RTCRtpCodecParameters], Encoder]:
+    # One function per choice, so installing the same choice twice is recognised as no change.
     def get_encoder(codec: RTCRtpCodecParameters) -> Encoder:
-        if codec.mimeType.lower() == "video/h264":
-            return X264PresetEncoder(preset)
+        kind = codec.mimeType.lower()
+        if kind == "video/h264":
+            if h264 == "h264_nvenc":
+                return NvencH264Encoder()
+            return X264PresetEncoder(preset) if preset != "medium" else _AIORTC_GET_ENCODER(codec)
+        if kind == "video/vp8" and not vp8.is_aiortcs:
+            return TunedVp8Encoder(vp8)
         return _AIORTC_GET_ENCODER(codec)
 
     return get_encoder
@@ -187,17 +256,18 @@ def use_h264_encoder(
     mode: HardwareEncoderMode,
     probe: Callable[[], NvencProbe] = cached_nvenc_probe,
     x264_preset: X264Preset = "medium",
+    vp8: Vp8Tuning = Vp8Tuning(-6, 4),
 ) -> H264EncoderName:
     """Make the senders created from now on encode H.264 with the encoder ``mode`` picks (libx264 at
-    ``x264_preset`` without NVENC); returns it. Idempotent; blocking the first time NVENC is probed
-    (call it off the event loop)."""
+    ``x264_preset`` without NVENC) and VP8 at ``vp8``'s speed; returns the H.264 choice. Idempotent;
+    blocking the first time NVENC is probed (call it off the event loop)."""
     chosen = choose_h264_encoder(mode, probe)
-    if chosen == "h264_nvenc":
+    if chosen == "h264_nvenc" and vp8.is_aiortcs:
         wanted = _get_encoder_with_nvenc
-    elif x264_preset == "medium":
+    elif chosen == "libx264" and x264_preset == "medium" and vp8.is_aiortcs:
         wanted = _AIORTC_GET_ENCODER
     else:
-        wanted = _get_encoder_with_x264_preset(x264_preset)
+        wanted = _tuned_get_encoder(chosen, x264_preset, vp8)
     if aiortc.rtcrtpsender.get_encoder is not wanted:
         aiortc.rtcrtpsender.get_encoder = wanted
         log.info(

@@ -37,7 +37,7 @@ from avatar_rtc.conversation.turn import Conversation, ConversationError, Turn
 from avatar_rtc.conversation.vad import MicResampler, VoiceActivitySegmenter
 from avatar_rtc.render.base import Renderer, RendererEngine
 from avatar_rtc.rtc.clock import MediaClock
-from avatar_rtc.rtc.encoders import use_h264_encoder
+from avatar_rtc.rtc.encoders import Vp8Tuning, use_h264_encoder
 from avatar_rtc.rtc.playout import Playout
 from avatar_rtc.rtc.recorder import SessionRecorder
 from avatar_rtc.rtc.tracks import AvatarAudioTrack, AvatarVideoTrack
@@ -192,12 +192,16 @@ class Session:
     # -- signaling ------------------------------------------------------------------------------
     async def accept(self, offer: RTCSessionDescription) -> RTCSessionDescription:
         media = self.deps.settings.media
+        # Before the first frame, when the sender asks for its encoder. The first H.264 call probes
+        # NVENC (CUDA start-up): off the event loop.
+        chosen = await asyncio.to_thread(
+            use_h264_encoder,
+            media.hardware_encoder if media.video_codec == "H264" else "off",
+            x264_preset=media.x264_preset,
+            vp8=Vp8Tuning(media.vp8_cpu_used, media.vp8_noise_sensitivity),
+        )
         if media.video_codec == "H264":
-            # Before the first frame, when the sender asks for its encoder. The first call probes NVENC
-            # (CUDA start-up): off the event loop.
-            self.video_encoder = await asyncio.to_thread(
-                use_h264_encoder, media.hardware_encoder, x264_preset=media.x264_preset
-            )
+            self.video_encoder = chosen
         self.pc.addTrack(self.audio_track)
         video_sender = self.pc.addTrack(self.video_track)
         # Codec preferences only take effect when set before the remote offer is applied.
