@@ -33,6 +33,20 @@ def tinted_template_id(template_library: TemplateLibrary) -> str:
     return "tinted"
 
 
+@pytest.fixture(scope="module")
+def tinted_presenter_id(template_library: TemplateLibrary) -> str:
+    """A full-frame 720x1280 portrait template (the tinted face on a tall canvas): switching to it
+    changes the call's picture size, so the encoder starts again at the new size."""
+    photo = cv2.flip(default_photo(), 1)
+    photo[..., 0] = np.clip(photo[..., 0].astype(np.int16) + 90, 0, 255).astype(np.uint8)
+    tall = cv2.copyMakeBorder(photo, 384, 384, 104, 104, cv2.BORDER_REFLECT_101)
+    template = prepare_photo(tall, "tinted_presenter", seconds=2.0)
+    assert template.size == (720, 1280)
+    template.extras.clear()
+    template_library.store.save(template)
+    return "tinted_presenter"
+
+
 async def _switch_and_watch(server, template_id: str) -> tuple[float, CallReceiver, float]:
     receiver = CallReceiver(probe=blue_share)
     async with aiohttp.ClientSession() as http:
@@ -57,9 +71,12 @@ def _first_new_frame(receiver: CallReceiver, requested: float, before: float) ->
     raise AssertionError("the new face never arrived")
 
 
+@pytest.mark.parametrize("shape", ["square", "presenter-720p"])
 async def test_warm_switch_shows_the_new_face_within_100_ms(
-    server, template_library, tinted_template_id
+    server, template_library, tinted_template_id, tinted_presenter_id, shape: str
 ) -> None:
+    if shape != "square":
+        tinted_template_id = tinted_presenter_id  # 512x512 <-> 720x1280: a new size each switch
     await asyncio.to_thread(template_library.warm, tinted_template_id)
     receiver = CallReceiver(probe=blue_share)
     async with aiohttp.ClientSession() as http:
@@ -87,7 +104,9 @@ async def test_warm_switch_shows_the_new_face_within_100_ms(
         gaps = np.diff(rec.video_arrival[first_index:]) * 1000
         assert gaps.max() < 120, "video froze during the switch"
     await receiver.close()
-    print(f"warm switches: first new frame {[round(d * 1000) for d in delays]} ms after the request")
+    print(
+        f"warm switches ({shape}): first new frame {[round(d * 1000) for d in delays]} ms after the request"
+    )
     assert float(np.median(delays)) <= 0.1
 
 
