@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from avatar_rtc.rtc.playout import PlayoutStats
+from avatar_rtc.media.playout import PlayoutStats
 from avatar_rtc.server import observability
 from avatar_rtc.server.observability import Metrics, bind_session, configure_logging, setup_metrics
 from avatar_rtc.testing.receiver import CallReceiver

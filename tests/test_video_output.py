@@ -33,7 +33,7 @@ from avatar_rtc.rtc.encoders import (
     choose_h264_encoder,
     use_h264_encoder,
 )
-from avatar_rtc.rtc.playout import Playout
+from avatar_rtc.media.playout import Playout
 from avatar_rtc.rtc.resolution import LadderTuning, ResolutionLadder, ladder_sizes, output_size
 from avatar_rtc.rtc.tracks import AvatarVideoTrack
 from avatar_rtc.testing.receiver import CallReceiver

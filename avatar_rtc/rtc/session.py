@@ -36,9 +36,9 @@ from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.conversation.turn import Conversation, ConversationError, Turn
 from avatar_rtc.conversation.vad import MicResampler, VoiceActivitySegmenter
 from avatar_rtc.render.base import Renderer, RendererEngine
-from avatar_rtc.rtc.clock import MediaClock
+from avatar_rtc.media.clock import MediaClock
 from avatar_rtc.rtc.encoders import Vp8Tuning, use_h264_encoder
-from avatar_rtc.rtc.playout import Playout
+from avatar_rtc.media.playout import Playout
 from avatar_rtc.rtc.recorder import SessionRecorder
 from avatar_rtc.rtc.tracks import AvatarAudioTrack, AvatarVideoTrack
 from avatar_rtc.server import observability
