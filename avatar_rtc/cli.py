@@ -25,8 +25,8 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    from avatar_rtc.metrics import configure_logging
     from avatar_rtc.server.app import create_app, server_options
-    from avatar_rtc.server.observability import configure_logging
     from avatar_rtc.wiring import build_services
 
     settings = _settings(args, host=args.host, port=args.port)

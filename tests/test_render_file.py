@@ -14,8 +14,8 @@ import pytest
 
 from avatar_rtc.avatar import face
 from avatar_rtc.avatar.template import Template
-from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.conversation.offline import AudioClipSpeech, decode_audio, render_to_file
+from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.render.warp import WarpEngine
 
 TEXT = "Hello there! I am rendered to a file. Every word moves my mouth, and the pauses close it."
