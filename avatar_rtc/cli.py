@@ -25,8 +25,8 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    from avatar_rtc.metrics import configure_logging
     from avatar_rtc.server.app import create_app, server_options
-    from avatar_rtc.server.observability import configure_logging
     from avatar_rtc.wiring import build_services
 
     settings = _settings(args, host=args.host, port=args.port)
@@ -100,7 +100,7 @@ def _render(args: argparse.Namespace) -> int:
     from avatar_rtc.avatar.library import TemplateNotFoundError, library_from_settings
     from avatar_rtc.avatar.store import TemplateCacheError
     from avatar_rtc.avatar.video import SourceMediaError
-    from avatar_rtc.render.offline import AudioClipSpeech, decode_audio, render_to_file
+    from avatar_rtc.conversation.offline import AudioClipSpeech, decode_audio, render_to_file
     from avatar_rtc.wiring import build_renderer, build_tts
 
     settings = _settings(args)

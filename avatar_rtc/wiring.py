@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from avatar_rtc.avatar.library import TemplateLibrary
 from avatar_rtc.config import Settings
+from avatar_rtc.server.services import Services
 
 if TYPE_CHECKING:
     # Imported where they are built: `avatar-rtc prepare` needs only the renderer, and importing the
@@ -17,16 +17,8 @@ if TYPE_CHECKING:
     from avatar_rtc.conversation.llm import LanguageModel
     from avatar_rtc.conversation.tts import TextToSpeech
     from avatar_rtc.render.base import RendererEngine
-    from avatar_rtc.rtc.manager import SessionManager
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Services:
-    settings: Settings
-    sessions: SessionManager
-    library: TemplateLibrary
 
 
 def restrict_ice_host_addresses(addresses: list[str]) -> None:

@@ -17,7 +17,8 @@ from avatar_rtc.config import Settings
 from avatar_rtc.conversation.asr import SpeechRecognizer
 from avatar_rtc.conversation.llm import LanguageModel
 from avatar_rtc.conversation.tts import PiperTTS, TextToSpeech, find_piper_voice
-from avatar_rtc.wiring import Services, SpeechEnginesByLanguage, restrict_ice_host_addresses
+from avatar_rtc.server.services import Services
+from avatar_rtc.wiring import SpeechEnginesByLanguage, restrict_ice_host_addresses
 
 
 def pytest_configure(config: pytest.Config) -> None:

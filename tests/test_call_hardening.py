@@ -23,7 +23,7 @@ from test_templates import make_moving_face_video
 
 from avatar_rtc.avatar.template import Template
 from avatar_rtc.avatar.video import MediaLimits, SourceMediaError, iter_video_frames, probe_source
-from avatar_rtc.server.observability import METRICS
+from avatar_rtc.metrics import METRICS
 from avatar_rtc.testing.receiver import CallReceiver
 
 TOKEN = "admin-token-for-hardening"

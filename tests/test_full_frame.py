@@ -16,7 +16,7 @@ from avatar_rtc.avatar.library import TemplateLibrary
 from avatar_rtc.avatar.photo import default_photo
 from avatar_rtc.avatar.prepare import PrepareSettings, output_size
 from avatar_rtc.avatar.template import Template
-from avatar_rtc.render.offline import AudioClipSpeech, render_to_file
+from avatar_rtc.conversation.offline import AudioClipSpeech, render_to_file
 from avatar_rtc.render.warp import WarpEngine
 from avatar_rtc.testing.synthetic import RATE, syllable_signal
 

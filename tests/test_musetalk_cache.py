@@ -314,7 +314,7 @@ def test_the_device_tier_keeps_to_its_budget_lru_first_never_what_a_call_shows(
 def test_metrics_report_the_renderer_tier(engine: Any, base: Template) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from avatar_rtc.server.observability import Metrics
+    from avatar_rtc.metrics import Metrics
 
     engine.warm(dataclasses.replace(base, extras=engine.template_faces(base).template.extras))
     metrics = Metrics()

@@ -12,9 +12,9 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from avatar_rtc.rtc.playout import PlayoutStats
-from avatar_rtc.server import observability
-from avatar_rtc.server.observability import Metrics, bind_session, configure_logging, setup_metrics
+from avatar_rtc.media.playout import PlayoutStats
+from avatar_rtc.metrics import METRICS, Metrics, bind_session, configure_logging
+from avatar_rtc.server.observability import setup_metrics
 from avatar_rtc.testing.receiver import CallReceiver
 
 
@@ -153,7 +153,7 @@ async def test_json_logs_carry_the_session_id_into_tasks() -> None:
 
 # -- needs the wiring: create_app calls setup_metrics, Session.send_event calls observe_event -------
 async def test_real_server_metrics_after_a_turn(server) -> None:
-    before = _samples(observability.METRICS.exposition().decode())
+    before = _samples(METRICS.exposition().decode())
     async with aiohttp.ClientSession() as http:
         receiver = CallReceiver()
         await receiver.connect_http(server.url, http)

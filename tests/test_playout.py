@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 
 from avatar_rtc.avatar.template import Template
-from avatar_rtc.rtc.playout import Playout, Utterance
+from avatar_rtc.media.playout import Playout, Utterance
 
 
 class FakeClock:
@@ -99,7 +99,7 @@ async def test_clear_drops_everything_and_reports_what_was_heard() -> None:
 
 
 def test_heard_text_is_the_played_share_of_the_sentences() -> None:
-    from avatar_rtc.rtc.playout import SpokenSentence
+    from avatar_rtc.media.playout import SpokenSentence
 
     u = Utterance("")
     u.sentences = [

@@ -14,8 +14,8 @@ import pytest
 
 from avatar_rtc.avatar import face
 from avatar_rtc.avatar.template import Template
+from avatar_rtc.conversation.offline import AudioClipSpeech, decode_audio, render_to_file
 from avatar_rtc.conversation.tts import TextToSpeech
-from avatar_rtc.render.offline import AudioClipSpeech, decode_audio, render_to_file
 from avatar_rtc.render.warp import WarpEngine
 
 TEXT = "Hello there! I am rendered to a file. Every word moves my mouth, and the pauses close it."
@@ -120,7 +120,7 @@ async def test_a_cancelled_render_waits_for_its_encoder_before_closing(
 ) -> None:
     """Cancelling a render (its client went away) abandons the await on an encoder call that is still
     running in a thread; closing the container under that call crashed the process inside FFmpeg."""
-    from avatar_rtc.render import offline
+    from avatar_rtc.conversation import offline
 
     in_write = asyncio.Event()
     real_write = offline.Mp4Writer._write

@@ -22,6 +22,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from avatar_rtc.avatar.library import TemplateLibrary
 from avatar_rtc.avatar.template import Template
+from avatar_rtc.media.playout import Playout
 from avatar_rtc.rtc import encoders
 from avatar_rtc.rtc.encoders import (
     NvencH264Encoder,
@@ -33,7 +34,6 @@ from avatar_rtc.rtc.encoders import (
     choose_h264_encoder,
     use_h264_encoder,
 )
-from avatar_rtc.rtc.playout import Playout
 from avatar_rtc.rtc.resolution import LadderTuning, ResolutionLadder, ladder_sizes, output_size
 from avatar_rtc.rtc.tracks import AvatarVideoTrack
 from avatar_rtc.testing.receiver import CallReceiver

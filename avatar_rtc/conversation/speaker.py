@@ -12,8 +12,8 @@ import numpy as np
 
 from avatar_rtc.conversation.audio import resample_pcm
 from avatar_rtc.conversation.tts import TextToSpeech
+from avatar_rtc.media.playout import Playout, SpokenSentence, Utterance
 from avatar_rtc.render.base import Renderer
-from avatar_rtc.rtc.playout import Playout, SpokenSentence, Utterance
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

@@ -6,9 +6,9 @@ import asyncio
 
 from aiortc import RTCSessionDescription
 
+from avatar_rtc import metrics
 from avatar_rtc.avatar.library import TemplateLibrary
 from avatar_rtc.rtc.session import Session, SessionDeps
-from avatar_rtc.server import observability
 
 
 class TooManySessionsError(RuntimeError):
@@ -47,7 +47,7 @@ class SessionManager:
                 self.library.release(template.id)
                 raise
             # Before accept(): the session's tasks and its peer connection's inherit the id for logs.
-            observability.bind_session(session.id)
+            metrics.bind_session(session.id)
             self.sessions[session.id] = session
         finally:
             self._reserved -= 1
@@ -63,7 +63,7 @@ class SessionManager:
 
     def _forget(self, session: Session) -> None:
         if self.sessions.pop(session.id, None) is not None:
-            observability.session_closed(session.playout.stats)
+            metrics.session_closed(session.playout.stats)
 
     async def close_all(self) -> None:
         await asyncio.gather(*(s.close() for s in list(self.sessions.values())), return_exceptions=True)

@@ -24,6 +24,7 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from avatar_rtc import metrics
 from avatar_rtc.avatar.library import TemplateLibrary
 from avatar_rtc.avatar.template import Template
 from avatar_rtc.bounded_json import JsonInputError, parse_json
@@ -35,13 +36,12 @@ from avatar_rtc.conversation.speaker import Speaker
 from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.conversation.turn import Conversation, ConversationError, Turn
 from avatar_rtc.conversation.vad import MicResampler, VoiceActivitySegmenter
+from avatar_rtc.media.clock import MediaClock
+from avatar_rtc.media.playout import Playout
 from avatar_rtc.render.base import Renderer, RendererEngine
-from avatar_rtc.rtc.clock import MediaClock
 from avatar_rtc.rtc.encoders import Vp8Tuning, use_h264_encoder
-from avatar_rtc.rtc.playout import Playout
 from avatar_rtc.rtc.recorder import SessionRecorder
 from avatar_rtc.rtc.tracks import AvatarAudioTrack, AvatarVideoTrack
-from avatar_rtc.server import observability
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class Session:
     def _reap(self, reason: str, why: str) -> None:
         log.info("session %s: closing, %s", self.id, why)
         self.reaped_reason = reason
-        observability.session_reaped(reason)
+        metrics.session_reaped(reason)
         # Not awaited here: closing cancels this session's tasks, the caller among them.
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._close())
@@ -319,7 +319,7 @@ class Session:
         }
 
     def send_event(self, event: dict[str, Any]) -> None:
-        observability.observe_event(event)
+        metrics.observe_event(event)
         if event.get("type") == "state":
             self._state_changed.set()
         channel = self.channel

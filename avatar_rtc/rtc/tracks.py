@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from avatar_rtc.rtc.clock import MediaClock
-from avatar_rtc.rtc.playout import Playout
+from avatar_rtc.media.clock import MediaClock
+from avatar_rtc.media.playout import Playout
 from avatar_rtc.rtc.resolution import (
     LadderTuning,
     ResolutionLadder,

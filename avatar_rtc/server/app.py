@@ -17,8 +17,8 @@ from avatar_rtc.rtc.recorder import recording_wanted
 from avatar_rtc.rtc.session import Session, SessionError, TextTooLongError
 from avatar_rtc.server import observability, security
 from avatar_rtc.server.responses import ApiError, json_error, read_json_body
+from avatar_rtc.server.services import Services
 from avatar_rtc.server.templates_api import TemplatesApi, setup_templates_api
-from avatar_rtc.wiring import Services
 
 log = logging.getLogger(__name__)
 

@@ -378,7 +378,7 @@ async def render(request: web.Request) -> web.StreamResponse:
             if api.library.needs_extras(template):
                 # Computed once, on the library's extras thread, and cached for every later use.
                 template = await api.library.complete_extras_async(template_id)
-            from avatar_rtc.render.offline import AudioClipSpeech, decode_audio, render_to_file
+            from avatar_rtc.conversation.offline import AudioClipSpeech, decode_audio, render_to_file
 
             speech: Any = api.tts
             if audio_file is not None:

@@ -29,8 +29,8 @@ from avatar_rtc.conversation.sentences import split_sentences
 from avatar_rtc.conversation.speaker import Speaker
 from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.media.mp4 import Mp4Encoding, Mp4Writer
+from avatar_rtc.media.playout import Playout, Utterance
 from avatar_rtc.render.base import RenderedFrame, RendererEngine
-from avatar_rtc.rtc.playout import Playout, Utterance
 
 RenderProgress = Callable[[int, int | None], None]
 """Called as ``progress(frames_written, total_frames)``; the total is None until all speech is known."""

@@ -14,12 +14,21 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-from avatar_rtc.avatar.template import Template
-
 _utterance_ids = itertools.count(1)
+
+
+class IdleLoop(Protocol):
+    """What the playout shows when no speech frame is due: a template's idle loop (avatar.template.Template
+    has it; the media timeline sits below the avatar room and knows only this much of it)."""
+
+    @property
+    def size(self) -> tuple[int, int]: ...
+
+    def idle_frame(self, frame_index: int) -> np.ndarray: ...
 
 
 @dataclass
@@ -129,7 +138,7 @@ class Playout:
     def __init__(
         self,
         clock_now: Callable[[], float],
-        template: Template,
+        template: IdleLoop,
         fps: int = 25,
         sample_rate: int = 48000,
         lead_s: float = 0.08,
@@ -230,7 +239,7 @@ class Playout:
         self._speech_end = 0
         return cut
 
-    def set_template(self, template: Template) -> None:
+    def set_template(self, template: IdleLoop) -> None:
         self.template = template
 
     # -- readers (the two tracks) -----------------------------------------------------------------
