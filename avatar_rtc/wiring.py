@@ -11,11 +11,11 @@ from avatar_rtc.config import Settings
 from avatar_rtc.conversation.asr import SpeechRecognizer
 from avatar_rtc.conversation.llm import LanguageModel
 from avatar_rtc.conversation.tts import (
-    ESPEAK_VOICES,
     EspeakTTS,
     PiperTTS,
     TextToSpeech,
     TtsUnavailableError,
+    espeak_voice,
     find_piper_voice,
 )
 from avatar_rtc.render.base import RendererEngine
@@ -58,7 +58,7 @@ def build_tts(settings: Settings) -> TextToSpeech:
                 language,
                 settings.tts.models_dir,
             )
-    return EspeakTTS(settings.tts.espeak_voice or ESPEAK_VOICES.get(language, language))
+    return EspeakTTS(settings.tts.espeak_voice or espeak_voice(language))
 
 
 def build_asr(settings: Settings) -> tuple[SpeechRecognizer | None, str]:

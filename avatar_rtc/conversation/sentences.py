@@ -8,15 +8,51 @@ import re
 _ABBREVIATIONS = frozenset(
     "mr mrs ms dr prof sr jr st vs etc e.g i.e no fig approx dept est inc ltd co".split()
 )
-# Full-width punctuation ends a sentence on its own; ASCII punctuation needs a space or the end after it.
+# Full-width punctuation ends a sentence on its own; ASCII punctuation needs a space, the end, or a
+# Chinese character after it (small models often write "你好!我是..." with ASCII marks).
 _CJK_END = "。！？；…"
 _ASCII_END = ".!?;"
 _CLAUSE_END = ",，、:：—"
-_CLOSERS = "\"')]}”’」』）"
+_CLOSERS = "\"')]}”’」』）》"
+# CJK ideographs (the unified block, extension A, compatibility ideographs): a syllable each.
+_IDEOGRAPHS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_IDEOGRAPH = re.compile(f"[{_IDEOGRAPHS}]")
+# Where a length stands in for speaking time (the first clause, a run-on's cut) an ideograph counts as
+# this many characters: Mandarin is spoken at about 4-5 characters a second, English at about 14
+# letters and spaces, so 16 characters are about a second of either.
+_IDEOGRAPH_WEIGHT = 3
+# What a listener hears as one unit: an English word (with its punctuation), or one Chinese character
+# (with the punctuation after it).
+_SPOKEN_UNIT = re.compile(f"[{_IDEOGRAPHS}][^\\w\\s]*|[^\\s{_IDEOGRAPHS}]+")
+# Chinese writes no space after these, nor between characters.
+_NO_SPACE_AFTER = re.compile(f"[{_IDEOGRAPHS}\u3000-\u303f\uff00-\uffef…”’」』）》]")
+
+
+def is_ideograph(ch: str) -> bool:
+    return _IDEOGRAPH.match(ch) is not None
+
+
+def join_spoken(left: str, right: str) -> str:
+    """Two pieces of an answer as one text: a space between them, except where Chinese meets Chinese."""
+    if not left or not right:
+        return left or right
+    if _NO_SPACE_AFTER.match(left[-1]) or is_ideograph(right[0]):
+        return left + right
+    return f"{left} {right}"
+
+
+def leading_share(text: str, share: float) -> str:
+    """The first ``share`` (0-1) of ``text``'s spoken units as written: whole words in English, whole
+    characters in Chinese (which has no spaces to split on); "" until one whole unit fits."""
+    units = list(_SPOKEN_UNIT.finditer(text))
+    count = int(len(units) * max(0.0, min(share, 1.0)))
+    return text[: units[count - 1].end()] if count else ""
 
 
 class SentenceChunker:
-    """Feed text as it streams in; get complete sentences back. English and Chinese punctuation."""
+    """Feed text as it streams in; get complete sentences back. English and Chinese punctuation; in the
+    lengths a Chinese character counts as three, so a Chinese first clause is about as long to say as
+    an English one."""
 
     def __init__(self, max_chars: int = 300, first_clause_chars: int = 0) -> None:
         """``first_clause_chars`` > 0 lets the first chunk end at a comma once it is that long, so the
@@ -46,9 +82,11 @@ class SentenceChunker:
 
     def _find_cut(self, text: str) -> int | None:
         clause_from = self._first_clause_chars if self._first_clause_chars and not self._emitted else None
+        spoken = 0  # spoken length of text[:i]
+        limit = None  # where a run-on gets too long to wait for its end
         for i, ch in enumerate(text):
-            if clause_from is not None and i >= clause_from and ch in _CLAUSE_END and i + 1 < len(text):
-                if ch in "，、：" or text[i + 1].isspace():
+            if clause_from is not None and spoken >= clause_from and ch in _CLAUSE_END and i + 1 < len(text):
+                if ch in "，、：" or text[i + 1].isspace() or is_ideograph(text[i + 1]):
                     return i + 1
             if ch in _CJK_END:
                 return self._after_closers(text, i + 1)
@@ -56,6 +94,8 @@ class SentenceChunker:
                 end = self._after_closers(text, i + 1)
                 if end >= len(text):
                     return None  # wait: the next chunk may continue a number or an abbreviation
+                if is_ideograph(text[end]):
+                    return end  # "你好!我是": Chinese with ASCII punctuation
                 if not text[end].isspace():
                     continue  # "3.5", "e.g.x", "U.S.A"
                 if ch == "." and self._is_abbreviation(text[:i]):
@@ -63,13 +103,16 @@ class SentenceChunker:
                 return end
             if ch == "\n" and text[:i].strip():
                 return i + 1
-        if len(text) > self._max_chars:
+            spoken += _IDEOGRAPH_WEIGHT if is_ideograph(ch) else 1
+            if limit is None and spoken > self._max_chars:
+                limit = i
+        if limit is not None:
             # A run-on without punctuation: cut at the last comma or space so TTS is not starved.
             for sep in "，,、 ":
-                pos = text.rfind(sep, 0, self._max_chars)
+                pos = text.rfind(sep, 0, limit)
                 if pos > 0:
                     return pos + 1
-            return self._max_chars
+            return limit
         return None
 
     @staticmethod
