@@ -16,6 +16,7 @@ import pytest
 from avatar_rtc.config import Settings
 from avatar_rtc.conversation import asr as asr_module
 from avatar_rtc.conversation.asr import (
+    AsrUnavailableError,
     FasterWhisperASR,
     character_error_rate,
     create_speech_recognizer,
@@ -193,6 +194,12 @@ def test_mandarin_gets_the_multilingual_model_and_english_the_english_default(
     assert find_whisper_model(models_dir, language="en") == fake_models["tiny.en"]
     chinese = create_speech_recognizer(models_dir=models_dir, language="zh")
     assert Path(chinese.model_source) == fake_models["base"].resolve() and chinese.language == "zh"
+    # An English-only model is never used for Chinese, even when it is the only one there.
+    english_only = _fake_model_dir(models_dir.parent / "english-only", "faster-whisper-base.en", 51864)
+    assert find_whisper_model(english_only.parent, language="zh") is None
+    assert find_whisper_model(english_only.parent, language="en") == fake_models["tiny.en"]
+    with pytest.raises(AsrUnavailableError, match="multilingual"):
+        create_speech_recognizer(models_dir=english_only.parent, language="zh")
 
 
 def test_switching_languages_loads_each_model_once_per_process(fake_models: dict[str, Path]) -> None:
