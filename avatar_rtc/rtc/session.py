@@ -127,6 +127,7 @@ class Session:
             max_ahead_s=media.max_ahead_s,
         )
         self.library = library
+        self.language = deps.settings.conversation.language
         self.template_id = template.id  # acquired (pinned) in the library by whoever made the session
         self._state_changed = asyncio.Event()  # set on every conversation state event
         self.renderer = self._open_renderer(template)
@@ -152,7 +153,7 @@ class Session:
             barge_in_confirm_s=talk.barge_in_confirm_ms / 1000,
             speculative_asr_pause_s=talk.early_asr_pause_ms / 1000,
             stage_timeout_s=talk.stage_timeout_s,
-            language=talk.language,
+            language=self.language,
         )
         self.audio_track: MediaStreamTrack = AvatarAudioTrack(self.clock, self.playout, media.audio_frame_ms)
         self.video_track: MediaStreamTrack = AvatarVideoTrack(self.clock, self.playout)
@@ -241,11 +242,6 @@ class Session:
     @property
     def state(self) -> str:
         return self.conversation.state
-
-    @property
-    def language(self) -> str:
-        """The language this call speaks: the server's, or the current template's."""
-        return self.conversation.language
 
     def _checked_text(self, text: object) -> str:
         if not isinstance(text, str) or not text.strip():
@@ -364,6 +360,7 @@ class Session:
             self.conversation.interrupt()
             if speech is not None:
                 self.conversation.set_speech_engines(*speech, language=language)
+                self.language = language
             old_id = self.template_id
             self.template_id = template_id
             await self._install_renderer(renderer, template)
