@@ -34,10 +34,10 @@ def restrict_ice_host_addresses(addresses: list[str]) -> None:
 def build_tts(settings: Settings) -> TextToSpeech:
     """Piper with a voice for the conversation language, else espeak-ng (robotic, but always there)."""
     from avatar_rtc.conversation.tts import (
-        ESPEAK_VOICES,
         EspeakTTS,
         PiperTTS,
         TtsUnavailableError,
+        espeak_voice,
         find_piper_voice,
     )
 
@@ -55,7 +55,7 @@ def build_tts(settings: Settings) -> TextToSpeech:
                 language,
                 settings.tts.models_dir,
             )
-    return EspeakTTS(settings.tts.espeak_voice or ESPEAK_VOICES.get(language, language))
+    return EspeakTTS(settings.tts.espeak_voice or espeak_voice(language))
 
 
 def build_asr(settings: Settings) -> tuple[SpeechRecognizer | None, str]:

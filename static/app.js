@@ -184,6 +184,8 @@
     channel: null,
     templates: [],
     currentTemplate: defaultTemplate,
+    // The call's language (hello, then each template switch): transcript lines are marked with it.
+    language: null,
     uploads: [],
     // blob: URLs made for thumbnails (with a token) and revoked again; the difference is how many live.
     thumbnailUrls: { created: 0, revoked: 0 },
@@ -323,8 +325,22 @@
     showQuality(avatarCall.renderer, avatarCall.quality);
   }
 
+  // The HTML lang for a conversation language. The server writes Mandarin in simplified characters
+  // (it converts Whisper's traditional ones), and "zh-Hans" makes the browser pick simplified-Chinese
+  // glyphs and Chinese line breaking; a bare "zh" leaves the font choice to the browser's locale.
+  function htmlLang(language) {
+    return language === "zh" ? "zh-Hans" : language;
+  }
+
+  function setLanguage(language) {
+    if (typeof language !== "string" || !language) return;
+    avatarCall.language = language;
+    ui.text.lang = htmlLang(language);
+  }
+
   function applyHello(message) {
     avatarCall.hello = message;
+    setLanguage(message.language);
     showQuality(message.renderer, message.quality);
     llmAvailable = message.llm === true;
     asrAvailable = message.asr === true;
@@ -387,6 +403,9 @@
     item.classList.toggle("partial", !entry.final);
     item.classList.toggle("interrupted", Boolean(entry.interrupted));
     item.classList.toggle("blank", !entry.text);
+    // On the text, not the whole line: the "You"/"Avatar" label stays in the page's language.
+    if (entry.language) text.lang = htmlLang(entry.language);
+    else text.removeAttribute("lang");
     text.replaceChildren();
     if (entry.text) text.append(entry.text);
     // What the answer was going to say but the caller never heard.
@@ -437,12 +456,16 @@
     if (message.role === "user") {
       const item = listeningLine || newLine("user");
       listeningLine = null;
-      addEntry({ role: "user", text, final: message.final !== false, interrupted: false }, item);
+      const final = message.final !== false;
+      addEntry({ role: "user", text, final, interrupted: false, language: message.language }, item);
       return;
     }
     let entry = pendingAnswer;
     if (!entry) {
-      entry = addEntry({ role: "assistant", text, final: false, interrupted: false }, newLine("assistant"));
+      entry = addEntry(
+        { role: "assistant", text, final: false, interrupted: false, language: message.language },
+        newLine("assistant"),
+      );
       pendingAnswer = entry;
     }
     entry.text = text;
@@ -466,10 +489,8 @@
   // A local line for text sent with Say: the server speaks it without a transcript event.
   let lastSaid = null;
   function addSaidLine(text) {
-    lastSaid = addEntry(
-      { role: "assistant", source: "say", text, final: true, interrupted: false },
-      newLine("assistant"),
-    );
+    const entry = { role: "assistant", source: "say", text, final: true, interrupted: false };
+    lastSaid = addEntry({ ...entry, language: avatarCall.language }, newLine("assistant"));
   }
 
   function markCut() {
@@ -804,6 +825,7 @@
     serverTemplate = id;
     avatarCall.currentTemplate = id;
     switchingTo = null;
+    setLanguage(message.language);
     const ms = typeof message.switch_ms === "number" ? message.switch_ms : performance.now() - switchRequestedAt;
     setTemplateStatus(`switched in ${ms < 10 ? ms.toFixed(1) : Math.round(ms)} ms`);
     renderTemplates();

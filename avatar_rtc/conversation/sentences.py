@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import re
 
+from avatar_rtc.media.spoken_text import is_ideograph
+
 # Abbreviations whose trailing period does not end a sentence.
 _ABBREVIATIONS = frozenset(
     "mr mrs ms dr prof sr jr st vs etc e.g i.e no fig approx dept est inc ltd co".split()
 )
-# Full-width punctuation ends a sentence on its own; ASCII punctuation needs a space or the end after it.
+# Full-width punctuation ends a sentence on its own; ASCII punctuation needs a space, the end, or a
+# Chinese character after it (small models often write "你好!我是..." with ASCII marks).
 _CJK_END = "。！？；…"
 _ASCII_END = ".!?;"
 _CLAUSE_END = ",，、:：—"
-_CLOSERS = "\"')]}”’」』）"
+_CLOSERS = "\"')]}”’」』）》"
+# Where a length stands in for speaking time (the first clause, a run-on's cut) an ideograph counts as
+# this many characters: Mandarin is spoken at about 4-5 characters a second, English at about 14
+# letters and spaces, so 16 characters are about a second of either.
+_IDEOGRAPH_WEIGHT = 3
 
 
 class SentenceChunker:
-    """Feed text as it streams in; get complete sentences back. English and Chinese punctuation."""
+    """Feed text as it streams in; get complete sentences back. English and Chinese punctuation; in the
+    lengths a Chinese character counts as three, so a Chinese first clause is about as long to say as
+    an English one."""
 
     def __init__(self, max_chars: int = 300, first_clause_chars: int = 0) -> None:
         """``first_clause_chars`` > 0 lets the first chunk end at a comma once it is that long, so the
@@ -46,9 +55,11 @@ class SentenceChunker:
 
     def _find_cut(self, text: str) -> int | None:
         clause_from = self._first_clause_chars if self._first_clause_chars and not self._emitted else None
+        spoken = 0  # spoken length of text[:i]
+        limit = None  # where a run-on gets too long to wait for its end
         for i, ch in enumerate(text):
-            if clause_from is not None and i >= clause_from and ch in _CLAUSE_END and i + 1 < len(text):
-                if ch in "，、：" or text[i + 1].isspace():
+            if clause_from is not None and spoken >= clause_from and ch in _CLAUSE_END and i + 1 < len(text):
+                if ch in "，、：" or text[i + 1].isspace() or is_ideograph(text[i + 1]):
                     return i + 1
             if ch in _CJK_END:
                 return self._after_closers(text, i + 1)
@@ -56,6 +67,8 @@ class SentenceChunker:
                 end = self._after_closers(text, i + 1)
                 if end >= len(text):
                     return None  # wait: the next chunk may continue a number or an abbreviation
+                if is_ideograph(text[end]):
+                    return end  # "你好!我是": Chinese with ASCII punctuation
                 if not text[end].isspace():
                     continue  # "3.5", "e.g.x", "U.S.A"
                 if ch == "." and self._is_abbreviation(text[:i]):
@@ -63,13 +76,16 @@ class SentenceChunker:
                 return end
             if ch == "\n" and text[:i].strip():
                 return i + 1
-        if len(text) > self._max_chars:
+            spoken += _IDEOGRAPH_WEIGHT if is_ideograph(ch) else 1
+            if limit is None and spoken > self._max_chars:
+                limit = i
+        if limit is not None:
             # A run-on without punctuation: cut at the last comma or space so TTS is not starved.
             for sep in "，,、 ":
-                pos = text.rfind(sep, 0, self._max_chars)
+                pos = text.rfind(sep, 0, limit)
                 if pos > 0:
                     return pos + 1
-            return self._max_chars
+            return limit
         return None
 
     @staticmethod

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import io
 import logging
 import shutil
+import subprocess
 import threading
 import wave
 from collections.abc import AsyncIterator
@@ -31,8 +33,35 @@ class TextToSpeech(Protocol):
     def synthesize(self, text: str) -> AsyncIterator[np.ndarray]: ...
 
 
-# espeak-ng voice names for the conversation languages (espeak calls Mandarin "cmn").
-ESPEAK_VOICES = {"en": "en-us", "zh": "cmn"}
+# espeak-ng voices for the conversation languages, best first. Mandarin is "cmn", but Debian's
+# espeak-ng 1.51 looks characters up as tone-numbered pinyin ("ni3") and then, in that voice, reads the
+# Latin letters as English: "ni three hao three", which Whisper base writes back as digits.
+# "cmn-latn-pinyin" reads the same pinyin as Mandarin with its tones (base transcribes short
+# sentences of it exactly: scripts/bench_voice.py --asr); older espeak-ng releases lack it.
+ESPEAK_VOICE_CHOICES: dict[str, tuple[str, ...]] = {"en": ("en-us",), "zh": ("cmn-latn-pinyin", "cmn")}
+
+
+@functools.cache
+def _installed_espeak_voices() -> frozenset[str]:
+    """Names ``espeak-ng -v`` accepts: each voice's language and its file (``sit/cmn``, ``cmn``)."""
+    binary = shutil.which("espeak-ng") or shutil.which("espeak")
+    if binary is None:
+        return frozenset()
+    listing = subprocess.run([binary, "--voices"], capture_output=True, text=True, check=False).stdout
+    names: set[str] = set()
+    for line in listing.splitlines()[1:]:  # "Pty Language Age/Gender VoiceName File Other Languages"
+        fields = line.split()
+        if len(fields) >= 5:
+            names.update({fields[1].lower(), fields[4].lower(), fields[4].rsplit("/", 1)[-1].lower()})
+    return frozenset(names)
+
+
+def espeak_voice(language: str) -> str:
+    """The best installed espeak-ng voice for ``language`` (the language code itself if none is known)."""
+    choices = ESPEAK_VOICE_CHOICES.get(language, (language,))
+    installed = _installed_espeak_voices()
+    return next((voice for voice in choices if voice.lower() in installed), choices[0])
+
 # Piper voice files start with their locale: en_US-joe-medium.onnx, zh_CN-huayan-medium.onnx.
 _PIPER_PREFIXES = {"en": ("en_",), "zh": ("zh_",)}
 

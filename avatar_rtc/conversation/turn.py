@@ -26,6 +26,7 @@ from avatar_rtc.conversation.sentences import SentenceChunker
 from avatar_rtc.conversation.speaker import Speaker, StageTimeoutError, stall_timeout
 from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.conversation.vad import SpeechDropped, SpeechStarted, UtteranceEnded, VoiceActivitySegmenter
+from avatar_rtc.media.spoken_text import join_spoken
 from avatar_rtc.media.playout import Playout, Utterance
 from avatar_rtc.render.base import Renderer
 
@@ -104,8 +105,12 @@ class Conversation:
         barge_in_confirm_s: float = 0.24,
         speculative_asr_pause_s: float = 0.15,
         stage_timeout_s: float = 20.0,
+        language: str = "en",
     ) -> None:
         self.speaker = speaker
+        # What the caller speaks and the avatar answers in; every transcript event carries it, so the
+        # page can mark its lines (a Chinese line wants Chinese fonts and line breaking).
+        self.language = language
         self.playout = playout
         self.renderer = renderer
         self.history = history
@@ -156,7 +161,9 @@ class Conversation:
         if self.busy:
             self.interrupt(cut=False)
         turn = Turn("chat", time.monotonic(), user_text=text)
-        self._emit({"type": "transcript", "role": "user", "text": text, "final": True})
+        self._emit(
+            {"type": "transcript", "role": "user", "text": text, "final": True, "language": self.language}
+        )
         self._enqueue(_Job(turn, text))
         return turn
 
@@ -172,13 +179,14 @@ class Conversation:
             self._set_state("idle")
 
     def set_speech_engines(
-        self, tts: TextToSpeech, asr: SpeechRecognizer | None, asr_unavailable: str
+        self, tts: TextToSpeech, asr: SpeechRecognizer | None, asr_unavailable: str, language: str
     ) -> None:
         """Another language: recognise and speak it with these (call after :meth:`interrupt`)."""
         self._drop_speculation()
         self.speaker.tts = tts
         self.asr = asr
         self._asr_unavailable = asr_unavailable
+        self.language = language
 
     def set_renderer(self, renderer: Renderer) -> None:
         """A new face: speech from now on goes to ``renderer`` (call after :meth:`interrupt`)."""
@@ -319,7 +327,15 @@ class Conversation:
                 ) from None
             turn.asr_done_at = time.monotonic()
             text = transcript.text.strip()
-            self._emit({"type": "transcript", "role": "user", "text": text, "final": True})
+            self._emit(
+                {
+                    "type": "transcript",
+                    "role": "user",
+                    "text": text,
+                    "final": True,
+                    "language": transcript.language,
+                }
+            )
             if not text:
                 return
         turn.user_text = text
@@ -340,12 +356,12 @@ class Conversation:
                 if turn.llm_first_token_at is None:
                     turn.llm_first_token_at = time.monotonic()
                 for sentence in chunker.push(delta):
-                    said = f"{said} {sentence}".strip()
-                    self._emit({"type": "transcript", "role": "assistant", "text": said, "final": False})
+                    said = join_spoken(said, sentence)
+                    self._emit_answer(said, final=False)
                     yield sentence
             for sentence in chunker.flush():
-                said = f"{said} {sentence}".strip()
-                self._emit({"type": "transcript", "role": "assistant", "text": said, "final": False})
+                said = join_spoken(said, sentence)
+                self._emit_answer(said, final=False)
                 yield sentence
         finally:
             with contextlib.suppress(Exception):
@@ -375,18 +391,22 @@ class Conversation:
                 if heard:
                     self.history.add_assistant(heard)
                 # The page shows "interrupted" from this flag, not by comparing texts.
-                self._emit(
-                    {
-                        "type": "transcript",
-                        "role": "assistant",
-                        "text": heard,
-                        "final": True,
-                        "interrupted": utterance.interrupted,
-                    }
-                )
+                self._emit_answer(heard, final=True, interrupted=utterance.interrupted)
                 self._prefill()
         if failure is not None:
             raise failure
+
+    def _emit_answer(self, text: str, final: bool, **extra: Any) -> None:
+        self._emit(
+            {
+                "type": "transcript",
+                "role": "assistant",
+                "text": text,
+                "final": final,
+                "language": self.language,
+                **extra,
+            }
+        )
 
     def _prefill(self) -> None:
         """While the caller thinks of a reply, let the model read the conversation so far."""

@@ -18,6 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
+from avatar_rtc.media.spoken_text import join_spoken, leading_share
+
 _utterance_ids = itertools.count(1)
 
 
@@ -73,24 +75,22 @@ class Utterance:
 
     def heard_text(self) -> str:
         """What the caller actually heard: whole sentences played out, and of the sentence playing when
-        speech was cut, the share of its words that its played share of time covers."""
+        speech was cut, the share of its words (characters, in Chinese) that its played share of time
+        covers."""
         if self.played_until is None:
             return ""
-        heard: list[str] = []
+        heard = ""
         for sentence in self.sentences:
             # Playback stops on a sample boundary: back to a whole sample index at this rate.
             played = round(self.played_until * sentence.sample_rate)
             if sentence.end_sample <= played:
-                heard.append(sentence.text)
+                heard = join_spoken(heard, sentence.text)
                 continue
             if sentence.start_sample < played:
-                words = sentence.text.split()
                 share = (played - sentence.start_sample) / (sentence.end_sample - sentence.start_sample)
-                cut = " ".join(words[: int(len(words) * share)])
-                if cut:
-                    heard.append(cut)
+                heard = join_spoken(heard, leading_share(sentence.text, share))
             break
-        return " ".join(heard)
+        return heard
 
     def metrics(self) -> dict[str, object]:
         first_audio_ms = None

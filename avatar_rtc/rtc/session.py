@@ -154,6 +154,7 @@ class Session:
             barge_in_confirm_s=talk.barge_in_confirm_ms / 1000,
             speculative_asr_pause_s=talk.early_asr_pause_ms / 1000,
             stage_timeout_s=talk.stage_timeout_s,
+            language=self.language,
         )
         self.audio_track: MediaStreamTrack = AvatarAudioTrack(self.clock, self.playout, media.audio_frame_ms)
         # The track itself, for its output size and level; video_track may be a recorder's tap on it.
@@ -383,7 +384,7 @@ class Session:
                 raise
             self.conversation.interrupt()
             if speech is not None:
-                self.conversation.set_speech_engines(*speech)
+                self.conversation.set_speech_engines(*speech, language=language)
                 self.language = language
             old_id = self.template_id
             self.template_id = template_id
@@ -496,6 +497,7 @@ class Session:
             "session_id": self.id,
             "asr": deps.asr is not None,
             "llm": deps.llm is not None,
+            "language": self.language,
         }
         if deps.asr is None:
             hello["asr_unavailable"] = deps.asr_unavailable
