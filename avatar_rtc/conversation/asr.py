@@ -145,6 +145,7 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 def character_error_rate(reference: str, hypothesis: str) -> float:
     """The same over characters, spaces and punctuation left out: the measure for Chinese, which
     writes no spaces between words."""
+
     def characters(text: str) -> list[str]:
         return list("".join(_normalise_words(text)))
 

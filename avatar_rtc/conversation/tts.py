@@ -62,6 +62,7 @@ def espeak_voice(language: str) -> str:
     installed = _installed_espeak_voices()
     return next((voice for voice in choices if voice.lower() in installed), choices[0])
 
+
 # Piper voice files start with their locale: en_US-joe-medium.onnx, zh_CN-huayan-medium.onnx.
 _PIPER_PREFIXES = {"en": ("en_",), "zh": ("zh_",)}
 

@@ -26,8 +26,8 @@ from avatar_rtc.conversation.sentences import SentenceChunker
 from avatar_rtc.conversation.speaker import Speaker, StageTimeoutError, stall_timeout
 from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.conversation.vad import SpeechDropped, SpeechStarted, UtteranceEnded, VoiceActivitySegmenter
-from avatar_rtc.media.spoken_text import join_spoken
 from avatar_rtc.media.playout import Playout, Utterance
+from avatar_rtc.media.spoken_text import join_spoken
 from avatar_rtc.render.base import Renderer
 
 log = logging.getLogger(__name__)

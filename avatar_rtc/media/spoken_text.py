@@ -16,7 +16,6 @@ _SPOKEN_UNIT = re.compile(f"[{IDEOGRAPHS}][^\\w\\s]*|[^\\s{IDEOGRAPHS}]+")
 _NO_SPACE_AFTER = re.compile(f"[{IDEOGRAPHS}\u3000-\u303f\uff00-\uffef…”’」』）》]")
 
 
-
 def is_ideograph(ch: str) -> bool:
     return _IDEOGRAPH.match(ch) is not None
 
