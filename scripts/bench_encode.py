@@ -42,7 +42,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from avatar_rtc.avatar import face
 from avatar_rtc.avatar.photo import default_photo
-from avatar_rtc.rtc.encoders import X264PresetEncoder, probe_nvenc
+from avatar_rtc.rtc.encoders import TunedVp8Encoder, Vp8Tuning, X264PresetEncoder, probe_nvenc
 from avatar_rtc.rtc.resolution import interpolation
 from avatar_rtc.testing.lipsync import mouth_box
 
@@ -105,9 +105,16 @@ class TalkingCanvas:
 
 def encode_run(canvas: TalkingCanvas, codec: str, bitrate: int | None, frames: int) -> dict[str, float]:
     """One run: a fresh encoder, ``frames`` frames; CPU and wall time of conversion and encoding."""
-    # "H264-veryfast": libx264 at that preset, as media.x264_preset sets it; plain names: aiortc's own.
-    name, _, preset = codec.partition("-")
-    encoder: Encoder = X264PresetEncoder(preset) if preset else get_encoder(CODECS[name])  # type: ignore[arg-type]
+    # "H264-veryfast": libx264 at that preset, as media.x264_preset sets it; "VP8-tuned": libvpx at the
+    # project's default media.vp8_* settings; plain names: aiortc's own encoders.
+    name, _, variant = codec.partition("-")
+    encoder: Encoder
+    if name == "VP8" and variant:
+        encoder = TunedVp8Encoder(Vp8Tuning())
+    elif variant:
+        encoder = X264PresetEncoder(variant)  # type: ignore[arg-type]
+    else:
+        encoder = get_encoder(CODECS[name])
     if bitrate is not None:
         encoder.target_bitrate = bitrate  # type: ignore[attr-defined]  # what the sender sets from REMB
     time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
@@ -196,7 +203,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="video encoded per run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--codecs", default="VP8,H264,H264-veryfast", help="H264-<preset>: libx264 at an x264 preset"
+        "--codecs",
+        default="VP8,VP8-tuned,H264,H264-veryfast",
+        help="H264-<preset>: libx264 at an x264 preset; VP8-tuned: the media.vp8_* defaults",
     )
     parser.add_argument("--bitrates", default="default,max")
     parser.add_argument("--json", type=Path, default=Path("docs/figures/encode.json"))
