@@ -58,10 +58,16 @@ VIDEO_BLUE_JS = """
 }
 """
 
-VIDEO_PLAYING_JS = f"""() => {{
+
+def video_playing_js(width: int = VIDEO_SIZE) -> str:
+    """The page's video plays, ``width`` px wide (a template's own width: the default is 512 square)."""
+    return f"""() => {{
   const v = document.getElementById("remote-video");
-  return v.videoWidth === {VIDEO_SIZE} && !v.paused && v.currentTime > 1.0;
+  return v.videoWidth === {width} && !v.paused && v.currentTime > 1.0;
 }}"""
+
+
+VIDEO_PLAYING_JS = video_playing_js()
 
 
 # The big upload: a short, noisy, nearly lossless video of the default face, several MB on disk.
@@ -375,7 +381,8 @@ def test_upload_a_real_sized_video_with_a_token_from_the_fragment(tmp_path: Path
         )
         event = _template_events(page)[-1]
         assert event["id"] == BIG_TEMPLATE_ID and 0 <= event["switch_ms"] < 1000, event
-        page.wait_for_function(VIDEO_PLAYING_JS, timeout=20_000)
+        # The uploaded video's own framing (640x480), not a face crop.
+        page.wait_for_function(video_playing_js(640), timeout=20_000)
         page.click("#hangup-btn")
         errors = page.evaluate("window.avatarCall.events.filter((e) => e.type === 'error')")
         assert not errors, f"server sent errors: {errors}"
