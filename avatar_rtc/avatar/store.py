@@ -207,15 +207,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _read_verified_array(path: Path, meta: Mapping[str, Any], template_id: str) -> np.ndarray:
-    """The array in ``path`` after checking it against its manifest entry.
-
-    One read and one hash over the bytes: the array is a view into the buffer that was hashed, so what
-    is checked is exactly what is used.
-    """
+def _read_checked(path: Path, meta: Mapping[str, Any], template_id: str) -> bytes:
+    """The bytes of a cache file, after checking their size and sha256 against its manifest entry."""
     name = path.name
     try:
-        data = bytearray(path.read_bytes())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise TemplateCacheError(f"template {template_id!r}: {name} is missing") from None
     except OSError as exc:
@@ -224,6 +220,17 @@ def _read_verified_array(path: Path, meta: Mapping[str, Any], template_id: str) 
         raise TemplateCacheError(
             f"template {template_id!r}: {name} checksum mismatch (truncated, corrupt or changed on disk)"
         )
+    return data
+
+
+def _read_verified_array(path: Path, meta: Mapping[str, Any], template_id: str) -> np.ndarray:
+    """The array in ``path`` after checking it against its manifest entry.
+
+    One read and one hash over the bytes: the array is a view into the buffer that was hashed, so what
+    is checked is exactly what is used.
+    """
+    name = path.name
+    data = bytearray(_read_checked(path, meta, template_id))
     try:
         header = io.BytesIO(memoryview(data)[:4096])
         version = np.lib.format.read_magic(header)
@@ -385,18 +392,8 @@ def _read_jpeg_frames(
         or np.any(np.diff(offsets) <= 0)
     ):
         raise TemplateCacheError(f"template {template_id!r}: {OFFSETS_NAME} does not index {FRAMES_NAME}")
-    try:
-        data = (directory / FRAMES_NAME).read_bytes()
-    except FileNotFoundError:
-        raise TemplateCacheError(f"template {template_id!r}: {FRAMES_NAME} is missing") from None
-    except OSError as exc:
-        raise TemplateCacheError(f"template {template_id!r}: cannot read {FRAMES_NAME}: {exc}") from exc
     # The checksum first: what is decoded is exactly what was written.
-    if len(data) != meta.get("bytes") or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-        raise TemplateCacheError(
-            f"template {template_id!r}: {FRAMES_NAME} checksum mismatch "
-            "(truncated, corrupt or changed on disk)"
-        )
+    data = _read_checked(directory / FRAMES_NAME, meta, template_id)
     frames = np.empty((count, height, width, 3), dtype=np.uint8)
     starts = offsets.tolist()
 
