@@ -207,6 +207,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """Shape and dtype from the ``.npy`` header at ``f``'s position (left just past it); only the plain,
+    C-ordered arrays this cache writes are accepted."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+    if fortran_order or dtype.hasobject:
+        raise ValueError("only C-ordered plain arrays are stored")
+    return tuple(shape), dtype
+
+
 def _read_checked(path: Path, meta: Mapping[str, Any], template_id: str) -> bytes:
     """The bytes of a cache file, after checking their size and sha256 against its manifest entry."""
     name = path.name
@@ -233,13 +246,7 @@ def _read_verified_array(path: Path, meta: Mapping[str, Any], template_id: str) 
     data = bytearray(_read_checked(path, meta, template_id))
     try:
         header = io.BytesIO(memoryview(data)[:4096])
-        version = np.lib.format.read_magic(header)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(header)
-        else:
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(header)
-        if fortran_order or dtype.hasobject:
-            raise ValueError("only C-ordered plain arrays are stored")
+        shape, dtype = _npy_header(header)
         array = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=header.tell()).reshape(shape)
     except (ValueError, TypeError) as exc:
         raise TemplateCacheError(f"template {template_id!r}: cannot read {name}: {exc}") from exc
@@ -433,13 +440,7 @@ def _open_verified_npy(path: Path, meta: Mapping[str, Any], template_id: str) ->
                     "(truncated, corrupt or changed on disk)"
                 )
             f.seek(0)
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
-            if fortran_order or dtype.hasobject:
-                raise ValueError("only C-ordered plain arrays are stored")
+            shape, dtype = _npy_header(f)
             array = np.memmap(f, dtype=dtype, mode="r", offset=f.tell(), shape=tuple(shape))
     except FileNotFoundError:
         raise TemplateCacheError(f"template {template_id!r}: {name} is missing") from None
