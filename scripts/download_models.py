@@ -9,7 +9,8 @@ the models for other languages and renderers:
   python scripts/download_models.py musetalk --models-dir /data/models
 
 Each file lands at the path the server looks for (see --list); a file already there with the expected
-size is skipped. --endpoint points at a mirror of the Hugging Face hub.
+size is skipped. A file with a pinned sha256 (the default LLM) is checked before it is put in place.
+--endpoint points at a mirror of the Hugging Face hub.
 """
 
 from __future__ import annotations
@@ -20,12 +21,20 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from avatar_rtc.conversation.gguf_models import DEFAULT_LLM, sha256_of  # noqa: E402
+
 
 @dataclass(frozen=True)
 class HubFile:
     repo_id: str
     filename: str  # path inside the repository
     target: str  # path under the models directory
+    # Pinned contents, where the project depends on exactly this file.
+    size: int | None = None
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,20 @@ MODELS: dict[str, ModelSpec] = {
         "see the voice's MODEL_CARD",
         "US English piper voice",
     ),
+    # The same bytes that scripts/setup.sh joins from PyPI chunk packages, straight from Qwen.
+    "qwen2.5-coder-0.5b": ModelSpec(
+        f"{DEFAULT_LLM.name} (GGUF): the default in-process LLM, for machines without the PyPI chunks",
+        DEFAULT_LLM.licence,
+        (
+            HubFile(
+                "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
+                DEFAULT_LLM.filename,
+                f"llm/{DEFAULT_LLM.filename}",
+                size=DEFAULT_LLM.size,
+                sha256=DEFAULT_LLM.sha256,
+            ),
+        ),
+    ),
     "qwen2.5-0.5b": ModelSpec(
         "Qwen2.5-0.5B-Instruct (GGUF, Q4_K_M): a stronger in-process LLM, English and Chinese",
         "Apache-2.0",
@@ -104,6 +127,13 @@ class DownloadError(RuntimeError):
     pass
 
 
+def _already_there(target: Path, item: HubFile) -> bool:
+    if not target.is_file():
+        return False
+    size = target.stat().st_size
+    return size == item.size if item.size is not None else size > 0
+
+
 def download(names: list[str], models_dir: Path, endpoint: str | None = None) -> list[Path]:
     """Fetch the named models' files into ``models_dir``; returns the paths written or found."""
     unknown = [n for n in names if n not in MODELS]
@@ -116,7 +146,7 @@ def download(names: list[str], models_dir: Path, endpoint: str | None = None) ->
     for name in names:
         for item in MODELS[name].files:
             target = models_dir / item.target
-            if target.is_file() and target.stat().st_size > 0:
+            if _already_there(target, item):
                 paths.append(target)
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +161,11 @@ def download(names: list[str], models_dir: Path, endpoint: str | None = None) ->
                 raise DownloadError(
                     f"{name}: could not fetch {item.repo_id}/{item.filename}: {error}"
                 ) from error
+            if item.sha256 is not None and (actual := sha256_of(fetched)) != item.sha256:
+                fetched.unlink()
+                raise DownloadError(
+                    f"{name}: {item.repo_id}/{item.filename} has sha256 {actual}, expected {item.sha256}"
+                )
             shutil.move(fetched, target)
             paths.append(target)
             print(f"{name}: {target}", flush=True)

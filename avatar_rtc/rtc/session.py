@@ -142,7 +142,9 @@ class Session:
             speaker=Speaker(deps.tts, self.playout, self.renderer, stall_timeout_s=talk.stage_timeout_s),
             playout=self.playout,
             renderer=self.renderer,
-            history=ConversationHistory(talk.system_prompt, talk.history_turns, talk.history_chars),
+            history=ConversationHistory(
+                talk.system_prompt, talk.history_turns, talk.history_chars, language=self.language
+            ),
             emit=self.send_event,
             llm=deps.llm,
             asr=deps.asr,
@@ -386,6 +388,8 @@ class Session:
             if speech is not None:
                 self.conversation.set_speech_engines(*speech, language=language)
                 self.language = language
+                # The model is told the call's language, and judged by it before its replies are kept.
+                self.conversation.history.language = language
             old_id = self.template_id
             self.template_id = template_id
             await self._install_renderer(renderer, template)
