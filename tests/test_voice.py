@@ -86,10 +86,13 @@ async def test_spoken_question_gets_a_transcript_and_a_spoken_answer(server) -> 
     spoken = _audio_between(rec, mic.clip_ended_at[0], rec.audio_arrival[-1])
     assert _rms(spoken) > 500, "no speech energy in the avatar's answer"
     # Frame pacing held while ASR, the LLM and TTS ran: no stall. A model run on the event loop stops
-    # every frame for hundreds of ms; a busy machine (CI shares its cores) only delays one now and then,
-    # so the bound is two and a half frame periods, not a pacing figure (bench_voice.py measures those).
+    # the frames for hundreds of ms (tiny.en on this clip: 1.1 s); a busy machine (CI shares its
+    # cores) delays a frame now and then, so the bounds are stalls, not pacing figures (bench_voice.py
+    # measures those).
     gaps = np.diff([t for t in rec.video_arrival if t >= mic.clip_started_at[0]]) * 1000
+    print(f"inter-frame gap p99 {np.percentile(gaps, 99):.1f} ms, longest {gaps.max():.1f} ms")
     assert np.percentile(gaps, 99) <= 100, f"inter-frame gap p99 {np.percentile(gaps, 99):.1f} ms"
+    assert gaps.max() <= 200, f"the video stalled for {gaps.max():.0f} ms"
 
 
 async def test_barge_in_stops_the_avatar_and_keeps_only_what_was_heard(server) -> None:
