@@ -43,8 +43,10 @@ class CallReceiver:
         probe: FrameProbe | None = None,
         keep_snapshots: Callable[[float], bool] | None = None,
         mic: MediaStreamTrack | None = None,
+        configuration: RTCConfiguration | None = None,
     ):
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        # No ICE servers unless a test brings its own (a TURN server on loopback, say).
+        self.pc = RTCPeerConnection(configuration or RTCConfiguration(iceServers=[]))
         self.channel = self.pc.createDataChannel("events")
         if mic is not None:
             self.pc.addTransceiver(mic, direction="sendrecv")
