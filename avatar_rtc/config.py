@@ -293,9 +293,10 @@ class ClusterSettings(BaseModel):
     """Several nodes behind one front door (haproxy), sharing state through Redis (docs/deploy.md,
     "A cluster"). Off unless ``redis_url`` is set: a node without it behaves as a lone server."""
 
-    # redis://host:6379/0. Set: this node registers itself, counts offers and sessions cluster-wide,
-    # and shares template events; without Redis it keeps its calls and refuses new ones (503).
-    redis_url: str | None = None
+    # redis://host:6379/0 (redis://:PASSWORD@host:6379/0: a secret, masked by `avatar-rtc config`).
+    # Set: this node registers itself, counts offers and sessions cluster-wide, and shares template
+    # events; without Redis it keeps its calls and refuses new ones (503).
+    redis_url: SecretStr | None = None
     # This node's name: the front door routes /api/sessions/<node_id>.<...> to it, so it is also the
     # prefix of every session id it makes. Letters, digits, '_' and '-' (never '.', the separator).
     node_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,40}$")

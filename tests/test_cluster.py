@@ -46,6 +46,8 @@ NODE_SETTINGS = {
     "AVATAR_RTC_CLUSTER__HEARTBEAT_S": str(HEARTBEAT_S),
     "AVATAR_RTC_CLUSTER__NODE_TTL_S": str(NODE_TTL_S),
     "AVATAR_RTC_CLUSTER__DRAIN_TIMEOUT_S": "60",
+    # An offer whose caller never connects (the forged TURN credential) frees its slot soon.
+    "AVATAR_RTC_LIMITS__CONNECT_TIMEOUT_S": "3",
     "AVATAR_RTC_TTS__ENGINE": "espeak",
 }
 
@@ -276,21 +278,23 @@ async def test_pages_get_turn_credentials_that_coturn_accepts(
     call = CallReceiver(configuration=relay_only)
     try:
         await call.connect_http(cluster.front_url, http)
+        offered = call.pc.localDescription.sdp
+        assert "typ relay" in offered and "typ host" not in offered
         await call.wait_event(lambda e: e.get("type") == "hello", 10)
         assert await frames_keep_coming(call)
     finally:
         await call.close()
-    # A credential not minted from coturn's secret gets no relay, so no call.
+    # A credential not minted from coturn's secret gets no relay (coturn answers 401), so no call.
     forged = RTCConfiguration(
         iceServers=[RTCIceServer(turn["urls"], turn["username"], "Zm9yZ2VkIGNyZWRlbnRpYWw=")],
         iceTransportPolicy=RTCIceTransportPolicy.RELAY,
     )
-    call = CallReceiver(configuration=forged)
+    caller = CallReceiver(configuration=forged)
     try:
-        with pytest.raises((TimeoutError, aiohttp.ClientError, ConnectionError, OSError)):
-            await asyncio.wait_for(call.connect_http(cluster.front_url, http), 6)
+        await caller.pc.setLocalDescription(await caller.pc.createOffer())
+        assert "typ relay" not in caller.pc.localDescription.sdp
     finally:
-        await call.close()
+        await caller.close()
 
 
 async def test_without_redis_new_calls_get_503_and_live_calls_go_on(
@@ -322,13 +326,15 @@ async def test_without_redis_new_calls_get_503_and_live_calls_go_on(
 async def test_drain_lets_live_calls_finish_and_takes_no_new_ones(
     cluster: Cluster, http: aiohttp.ClientSession
 ) -> None:
-    calls = [await open_call(http, cluster.front_url) for _ in range(2)]
-    by_node = {node_of(call): call for call in calls}
     draining, other = cluster.node("n1"), cluster.node("n2")
+    calls = [await open_call(http, draining.url), await open_call(http, other.url)]
+    by_node = {node_of(call): call for call in calls}
     live = by_node["n1"]
     cluster.send_signal("n1", signal.SIGTERM)  # as systemd or Kubernetes stop it
     await wait_for(lambda: _is_draining(http, draining), 5, "n1 draining")
-    await wait_for(lambda: _async(cluster.haproxy_status()["n1"] == "DRAIN"), 3, "haproxy sees the drain")
+    await wait_for(
+        lambda: _async(cluster.haproxy_status()["n1"].startswith("DRAIN")), 3, "haproxy sees the drain"
+    )
     status, body = await offer_status(http, draining.url)
     assert status == 503 and "draining" in body["error"]
     await by_node["n2"].close()
@@ -365,8 +371,8 @@ async def _async(value: bool) -> bool:
 async def test_a_killed_node_is_routed_around_within_two_seconds(
     cluster: Cluster, http: aiohttp.ClientSession
 ) -> None:
-    calls = [await open_call(http, cluster.front_url) for _ in range(2)]
-    survivor = next(call for call in calls if node_of(call) == "n2")
+    calls = [await open_call(http, node.url) for node in cluster.nodes]
+    survivor = calls[1]
     try:
         cluster.stop("n1", signal.SIGKILL)
         killed_at = time.monotonic()

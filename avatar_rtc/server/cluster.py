@@ -149,8 +149,9 @@ class ClusterNode:
         self.templates_channel = f"{prefix}:templates"
         self._offers_prefix = f"{prefix}:offers:"
         self._nodes_pattern = f"{prefix}:node:*"
-        self._redis = redis_client(cluster.redis_url, cluster.redis_timeout_s)
-        self._subscriber = redis_client(cluster.redis_url, None)
+        redis_url = cluster.redis_url.get_secret_value()
+        self._redis = redis_client(redis_url, cluster.redis_timeout_s)
+        self._subscriber = redis_client(redis_url, None)
         self._admit = self._redis.register_script(_ADMIT_OFFER)
         self._renew = self._redis.register_script(_RENEW_LEASES)
         # Session ids this node holds leases for: the heartbeat renews the live ones, removes the rest.
