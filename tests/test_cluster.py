@@ -34,8 +34,8 @@ SKIP_REASON = (
     "(AVATAR_RTC_WITH_TESTS=1)"
 )
 
-NODE_SESSIONS = 2  # limits.max_sessions of each node
-CLUSTER_SESSIONS = 3  # cluster.max_sessions: fewer than the nodes' slots together
+NODE_SESSIONS = 3  # limits.max_sessions of each node
+CLUSTER_SESSIONS = 4  # cluster.max_sessions: fewer than the nodes' slots together
 OFFERS_PER_MINUTE = 30
 HEARTBEAT_S = 0.5
 NODE_TTL_S = 1.5
@@ -112,7 +112,7 @@ async def _all_up_and_idle(cluster: Cluster, http: aiohttp.ClientSession) -> boo
             return False
     async with http.get(f"{cluster.nodes[0].url}/api/cluster") as resp:
         state = await resp.json()
-    return state["sessions"] == 0 and len(state["nodes"]) == len(cluster.nodes)
+    return resp.status == 200 and state["sessions"] == 0 and len(state["nodes"]) == len(cluster.nodes)
 
 
 async def wait_for(check: Any, timeout_s: float, what: str) -> float:
@@ -203,7 +203,7 @@ async def test_limits_hold_across_nodes(cluster: Cluster, http: aiohttp.ClientSe
         assert r.status == 429 and "across the cluster" in (await r.json())["error"]
         assert int(r.headers["Retry-After"]) >= 1
 
-    # Sessions in all: three across the two nodes, though the nodes have four slots together.
+    # Sessions in all: four across the two nodes, though the nodes have six slots together.
     calls = [await open_call(http, cluster.front_url) for _ in range(CLUSTER_SESSIONS)]
     try:
         counts = {n.node_id: sum(node_of(c) == n.node_id for c in calls) for n in cluster.nodes}
@@ -376,18 +376,19 @@ async def test_a_killed_node_is_routed_around_within_two_seconds(
     try:
         cluster.stop("n1", signal.SIGKILL)
         killed_at = time.monotonic()
-        # New calls succeed at once: an offer sent to the dead node is sent to the other.
-        new = await open_call(http, cluster.front_url)
+        # New calls succeed at once. Of two in a row the front door sends one to the dead node before
+        # its checks notice: that offer's connection is refused and it goes to the other node.
+        new = [await open_call(http, cluster.front_url) for _ in range(2)]
         first_call_s = time.monotonic() - killed_at
-        await new.close()
-        assert node_of(new) == "n2" and first_call_s < 2.0
+        await close_all(new)
+        assert [node_of(call) for call in new] == ["n2", "n2"] and first_call_s < 2.0
         down_s = await wait_for(
             lambda: _async(cluster.haproxy_status()["n1"].startswith("DOWN")), 2.0, "haproxy marks n1 down"
         )
         gone_s = await wait_for(
             lambda: _registry_is(http, cluster, ["n2"]), NODE_TTL_S + 1.5, "n1's registry entry expired"
         )
-        print(f"kill: first new call {first_call_s:.2f} s, down {down_s:.2f} s, unregistered {gone_s:.2f} s")
+        print(f"kill: two new calls {first_call_s:.2f} s, down {down_s:.2f} s, unregistered {gone_s:.2f} s")
         assert await frames_keep_coming(survivor)
         route = f"{cluster.front_url}/api/sessions/{survivor.session_id}/stats"
         async with http.get(route, headers=survivor.session_headers) as r:
@@ -419,8 +420,8 @@ def test_the_agent_reports_free_capacity_and_drain() -> None:
     assert node.agent_status() == "ready 100%\n"
     Sessions.count = 3
     assert node.agent_status() == "ready 25%\n"
-    Sessions.count = 4
-    assert node.agent_status() == "drain\n"
+    Sessions.count = 4  # full: the least weight (pages still load), not drain
+    assert node.agent_status() == "ready 1%\n"
     Sessions.count = 1
     node.draining = True
     assert node.agent_status() == "drain\n"

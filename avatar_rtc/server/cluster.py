@@ -5,8 +5,8 @@ must be shared through Redis (docs/deploy.md, "A cluster").
   capacity, load, draining) with a TTL of ``cluster.node_ttl_s``: a node killed without a word leaves
   the registry by itself.
 - **Capacity for the front door.** A tiny TCP server answers haproxy's ``agent-check`` with the share
-  of free session slots (``ready 50%``), or ``drain`` when the node is full or draining: haproxy then
-  sends it no new calls, yet still routes the calls it holds (their ``/api/sessions/<node>.…`` routes).
+  of free session slots (``ready 50%``; 1% when full), or ``drain`` while draining: haproxy then sends
+  it nothing new, yet still routes the calls it holds (their ``/api/sessions/<node>.…`` routes).
 - **Cluster-wide limits.** Offers per client address a minute and sessions in all, counted in Redis by
   one Lua script per offer (atomic across nodes, timed by Redis's own clock). Sessions are leases in a
   sorted set that the heartbeat renews; a dead node's leases run out after ``node_ttl_s``.
@@ -109,8 +109,9 @@ class Admission:
 
 
 def redis_client(url: str, timeout_s: float | None) -> Redis:
-    """A client that fails fast: one try per command, ``timeout_s`` per connect and per reply (None:
-    replies may take as long as they take, for a subscription)."""
+    """A client that fails fast: ``timeout_s`` per connect and per reply (None: replies may take as long
+    as they take, for a subscription), and one immediate second try, which is what a pooled connection
+    that a restarted Redis closed needs (a Redis that is down refuses it at once as well)."""
     from redis.asyncio import Redis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
@@ -119,7 +120,7 @@ def redis_client(url: str, timeout_s: float | None) -> Redis:
         url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s or 1.0,
-        retry=Retry(NoBackoff(), 0),
+        retry=Retry(NoBackoff(), 1),
         decode_responses=True,
     )
 
@@ -168,10 +169,12 @@ class ClusterNode:
 
     def agent_status(self) -> str:
         """haproxy's agent-check answer: the share of free slots as the server's weight, or ``drain``
-        (no new calls; the calls it holds still reach it)."""
-        free = self.capacity - self.sessions.count
-        if self.draining or free <= 0:
+        while draining (nothing new; the calls it holds still reach it). A full node keeps the least
+        weight rather than drain: when every node is full the pages and the template API must still
+        load, and an offer that reaches it gets the node's own 503 (haproxy tries another node)."""
+        if self.draining:
             return "drain\n"
+        free = self.capacity - self.sessions.count
         return f"ready {max(1, round(100 * free / self.capacity))}%\n"
 
     def registry_entry(self) -> dict[str, str]:
