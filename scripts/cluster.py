@@ -227,6 +227,28 @@ def wait_until_up(url: str, timeout_s: float, process: subprocess.Popen[bytes] |
     raise TimeoutError(f"{url} did not answer in {timeout_s:.0f} s")
 
 
+def _exited(pid: int, process: subprocess.Popen[bytes] | None, wait_s: float) -> bool:
+    """Whether the process has gone within ``wait_s``: our own child is waited for; one started by an
+    earlier `up` (another parent) is polled."""
+    if process is not None:
+        try:
+            process.wait(wait_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            # Exited, but its parent (the `up` that started it, now gone) never reaped it.
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 @dataclass
 class LocalCluster:
     """The processes of one cluster under ``run_dir`` (pid files, logs, haproxy.cfg)."""
@@ -312,15 +334,16 @@ class LocalCluster:
             os.killpg(pid, signum)
 
     def stop(self, name: str, signum: int = signal.SIGTERM, wait_s: float = 10) -> None:
-        self.send_signal(name, signum)
+        pid_file = self.run_dir / f"{name}.pid"
         process = self.processes.pop(name, None)
-        if process is not None:
-            try:
-                process.wait(wait_s)
-            except subprocess.TimeoutExpired:
-                self.send_signal(name, signal.SIGKILL)
-                process.wait(5)
-        (self.run_dir / f"{name}.pid").unlink(missing_ok=True)
+        pid = process.pid if process is not None else int(pid_file.read_text())
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signum)
+        if not _exited(pid, process, wait_s):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            _exited(pid, process, 5)
+        pid_file.unlink(missing_ok=True)
 
     def stop_all(self) -> None:
         # Nodes first and at once (SIGINT: no drain), then the front door, TURN and Redis.
