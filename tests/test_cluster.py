@@ -449,8 +449,9 @@ def test_the_front_door_routes_each_node_s_sessions_to_it() -> None:
     config = haproxy_config(
         [NodeSpec("n1", "10.0.0.11", 8080, 9100), NodeSpec("n2", "10.0.0.12", 8080, 9100)], "0.0.0.0", 80
     )
-    assert "use-server n2 if { path_beg /api/sessions/n2. } || { path_beg /api/nodes/n2/ }" in config
-    assert "server n1 10.0.0.11:8080 agent-port 9100" in config
+    lines = [line.strip() for line in config.splitlines()]
+    assert "use-server n2 if { path_beg /api/sessions/n2. } || { path_beg /api/nodes/n2/ }" in lines
+    assert "server n1 10.0.0.11:8080 agent-port 9100" in lines
     assert "agent-check" in config and "http-request set-header X-Forwarded-For %[src]" in config
 
 
