@@ -189,6 +189,9 @@ async def test_calls_spread_over_nodes_and_session_routes_reach_their_node(
             assert r.status == 200
     finally:
         await close_all(calls)
+    # haproxy's health checks, twice a second per node, stay out of the access log.
+    log = (cluster.run_dir / "n1.log").read_text()
+    assert '"POST /offer' in log and '"GET /healthz' not in log
 
 
 async def test_limits_hold_across_nodes(cluster: Cluster, http: aiohttp.ClientSession) -> None:
