@@ -182,6 +182,13 @@ async def test_calls_spread_over_nodes_and_session_routes_reach_their_node(
                 assert r.status == 200 and (await r.json())["session_id"] == call.session_id
             async with http.post(f"{route}/interrupt", headers=call.session_headers) as r:
                 assert r.status == 200
+        # A call's routes on a node that is not in the cluster (any more): no node has it.
+        async with http.get(
+            f"{front}/api/sessions/n9.AAAAAAAAAAAA/stats", headers=calls[0].session_headers
+        ) as r:
+            assert r.status == 404
+        async with http.post(f"{front}/api/nodes/n9/drain") as r:
+            assert r.status == 404 and "not n9" in (await r.json())["error"]
         # The pages and the template API answer from any node.
         async with http.get(f"{front}/api/templates") as r:
             assert r.status == 200 and (await r.json())["default"] == "default"

@@ -171,7 +171,12 @@ def server_options(settings: Settings) -> dict[str, Any]:
     head in time are closed, and the access log never holds a token."""
     return {
         "keepalive_timeout": settings.security.header_timeout_s,
-        "access_log_class": observability.RedactingAccessLogger,
+        # A cluster's front door checks every node's /healthz twice a second: not worth a log line each.
+        "access_log_class": (
+            observability.ProbeQuietAccessLogger
+            if settings.cluster.enabled
+            else observability.RedactingAccessLogger
+        ),
     }
 
 
