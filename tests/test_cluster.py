@@ -62,11 +62,19 @@ class Cluster(LocalCluster):
 
 
 @pytest.fixture(scope="module")
-def cluster(
-    tmp_path_factory: pytest.TempPathFactory, template_cache_dir: Path, default_template: Template
-) -> Iterator[Cluster]:
+def binaries() -> None:
+    """Skips before anything is prepared for a cluster that cannot start."""
     if MISSING:
         pytest.skip(SKIP_REASON)
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    binaries: None,
+    tmp_path_factory: pytest.TempPathFactory,
+    template_cache_dir: Path,
+    default_template: Template,
+) -> Iterator[Cluster]:
     run_dir = tmp_path_factory.mktemp("cluster")
     nodes = [NodeSpec(f"n{i}", "127.0.0.1", free_port(), free_port()) for i in (1, 2)]
     running = Cluster(
