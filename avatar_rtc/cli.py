@@ -34,6 +34,15 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(logs.json_logs, "DEBUG" if args.verbose else logs.log_level)
     services = build_services(settings)
     app = create_app(services)
+    if settings.cluster.enabled:
+        import signal
+
+        from avatar_rtc.server.cluster import CLUSTER_NODE
+
+        # SIGTERM drains (live calls finish, then exit); the drain ends in aiohttp's own SIGINT exit.
+        node = app[CLUSTER_NODE]
+        node.handle_sigterm = True
+        node.exit_when_drained = lambda: signal.raise_signal(signal.SIGINT)
     url = f"http://{settings.host}:{settings.port}"
     web.run_app(
         app,

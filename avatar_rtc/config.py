@@ -289,6 +289,50 @@ class LimitSettings(BaseModel):
     max_render_audio_s: float = Field(120.0, gt=0, le=3600)
 
 
+class ClusterSettings(BaseModel):
+    """Several nodes behind one front door (haproxy), sharing state through Redis (docs/deploy.md,
+    "A cluster"). Off unless ``redis_url`` is set: a node without it behaves as a lone server."""
+
+    # redis://host:6379/0 (redis://:PASSWORD@host:6379/0: a secret, masked by `avatar-rtc config`).
+    # Set: this node registers itself, counts offers and sessions cluster-wide, and shares template
+    # events; without Redis it keeps its calls and refuses new ones (503).
+    redis_url: SecretStr | None = None
+    # This node's name: the front door routes /api/sessions/<node_id>.<...> to it, so it is also the
+    # prefix of every session id it makes. Letters, digits, '_' and '-' (never '.', the separator).
+    node_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    # host:port where the front door and operators reach this node; empty: host:port it listens on.
+    advertise: str | None = None
+    # haproxy's agent-check reads this node's free capacity from this TCP port ("ready 50%", "drain");
+    # 0: no agent (the front door then balances without knowing capacity).
+    agent_port: int = Field(0, ge=0, le=65535)
+    agent_host: str = "127.0.0.1"
+    # Sessions across all nodes together (each node still has limits.max_sessions); 0: no such limit.
+    max_sessions: int = Field(0, ge=0)
+    # The registry entry and this node's session leases live node_ttl_s past the last heartbeat: a
+    # node killed without a word leaves the registry (and frees its cluster-wide slots) that long after.
+    heartbeat_s: float = Field(1.0, gt=0, le=60)
+    node_ttl_s: float = Field(3.0, gt=0, le=600)
+    # Each Redis command gives up after this long: an unreachable Redis costs an offer this, not more.
+    redis_timeout_s: float = Field(0.5, gt=0, le=30)
+    # SIGTERM (or POST /api/nodes/<node_id>/drain): no new calls; live ones may go on this long, then
+    # the node exits. Rolling upgrades drain one node at a time.
+    drain_timeout_s: float = Field(900.0, ge=0, le=86400)
+    # Every key and channel of this cluster starts with this, so clusters can share one Redis.
+    key_prefix: str = Field("avatar_rtc", pattern=r"^[A-Za-z0-9_:-]{1,64}$")
+
+    @property
+    def enabled(self) -> bool:
+        return self.redis_url is not None
+
+    @model_validator(mode="after")
+    def _a_cluster_node_has_a_name(self) -> ClusterSettings:
+        if self.redis_url is not None and not self.node_id:
+            raise ValueError("cluster.node_id is required with cluster.redis_url")
+        if self.node_ttl_s <= self.heartbeat_s:
+            raise ValueError("cluster.node_ttl_s must be longer than cluster.heartbeat_s")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AVATAR_RTC_", env_nested_delimiter="__")
 
@@ -312,3 +356,4 @@ class Settings(BaseSettings):
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     recording: RecordingSettings = Field(default_factory=RecordingSettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)

@@ -8,6 +8,10 @@ The largest healthy count is then held for --minutes and reported.
 
     python scripts/load_test.py --minutes 2            # ramp, then hold the capacity for 2 min
     python scripts/load_test.py --calls 4 --minutes 2  # no ramp: hold 4 calls
+    python scripts/load_test.py --url http://127.0.0.1:8080 --calls 8   # a cluster's front door
+
+Through a cluster's front door (scripts/cluster.sh up) every line adds per-node figures: calls, frames
+and late rate of each node, told apart by the node name each session id starts with.
 
 The callers run in this process on the same machine, so they take CPU from the server (decoding
 video, as a browser would): the count is a lower bound for a server with its callers elsewhere.
@@ -24,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -41,6 +45,24 @@ SENTENCES = (
     "The weather today looks bright, with a light breeze in the afternoon.",
     "Your order left the warehouse this morning and should arrive tomorrow.",
 )
+
+
+def node_of(session_id: str) -> str:
+    """The node holding a call: a cluster node's session ids are ``<node>.<token>``; a lone server's
+    have no dot."""
+    node, dot, _ = session_id.partition(".")
+    return node if dot else "-"
+
+
+@dataclass
+class NodeFigures:
+    calls: int = 0
+    frames_sent: int = 0
+    frames_late: int = 0
+
+    def text(self, node: str) -> str:
+        rate = self.frames_late / max(1, self.frames_sent)
+        return f"{node}: {self.calls} calls, {self.frames_sent} frames, late {rate * 100:.2f}%"
 
 
 @dataclass
@@ -61,14 +83,18 @@ class StepResult:
     worst_p99_ms: float
     server_cpu_percent: float | None
     server_rss_mb: float | None
+    per_node: dict[str, NodeFigures] = field(default_factory=dict)
 
     def line(self) -> str:
         cpu = f"{self.server_cpu_percent:.0f}%" if self.server_cpu_percent is not None else "-"
         rss = f"{self.server_rss_mb:.0f} MB" if self.server_rss_mb is not None else "-"
+        nodes = ""
+        if set(self.per_node) != {"-"}:
+            nodes = "  [" + "; ".join(f.text(n) for n, f in sorted(self.per_node.items())) + "]"
         return (
             f"{self.calls:3d} calls  {self.seconds:6.0f} s  frames {self.frames_sent:7d}  "
             f"late {self.late_rate * 100:6.2f}%  worst p99 lateness {self.worst_p99_ms:6.1f} ms  "
-            f"server CPU {cpu}  RSS {rss}"
+            f"server CPU {cpu}  RSS {rss}{nodes}"
         )
 
 
@@ -176,14 +202,32 @@ async def measure(run: LoadRun, seconds: float, server: psutil.Process | None) -
     after = await run.stats()
     sent = late = 0
     worst_p99 = 0.0
+    per_node: dict[str, NodeFigures] = {}
     for s in after:
         b = before.get(s.session_id)
-        sent += s.frames_sent - (b.frames_sent if b else 0)
-        late += (s.frames_late + s.frames_dropped) - ((b.frames_late + b.frames_dropped) if b else 0)
+        call_sent = s.frames_sent - (b.frames_sent if b else 0)
+        call_late = (s.frames_late + s.frames_dropped) - ((b.frames_late + b.frames_dropped) if b else 0)
+        sent += call_sent
+        late += call_late
         worst_p99 = max(worst_p99, s.p99_ms or 0.0)
+        figures = per_node.setdefault(node_of(s.session_id), NodeFigures())
+        figures.calls += 1
+        figures.frames_sent += call_sent
+        figures.frames_late += call_late
     cpu = server.cpu_percent() if server is not None else None
     rss = server.memory_info().rss / 1e6 if server is not None else None
-    return StepResult(len(run.calls), seconds, sent, late / max(1, sent), worst_p99, cpu, rss)
+    return StepResult(len(run.calls), seconds, sent, late / max(1, sent), worst_p99, cpu, rss, per_node)
+
+
+def _summed_nodes(results: list[StepResult]) -> dict[str, NodeFigures]:
+    total: dict[str, NodeFigures] = {}
+    for result in results:
+        for node, figures in result.per_node.items():
+            into = total.setdefault(node, NodeFigures())
+            into.calls = figures.calls
+            into.frames_sent += figures.frames_sent
+            into.frames_late += figures.frames_late
+    return total
 
 
 def healthy(step: StepResult, max_late: float, max_p99_ms: float) -> bool:
@@ -234,6 +278,7 @@ async def ramp_and_hold(args: argparse.Namespace, url: str, server: psutil.Proce
                 max(r.worst_p99_ms for r in results),
                 results[-1].server_cpu_percent,
                 results[-1].server_rss_mb,
+                _summed_nodes(results),
             )
             print("TOTAL", summary.line(), flush=True)
             return summary
@@ -243,7 +288,10 @@ async def ramp_and_hold(args: argparse.Namespace, url: str, server: psutil.Proce
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", help="an already running server (default: start one on a free port)")
+    p.add_argument(
+        "--url",
+        help="an already running server or a cluster's front door (default: start one on a free port)",
+    )
     p.add_argument("--token", help="API token, when the server wants one")
     p.add_argument("--calls", type=int, help="hold this many calls instead of ramping")
     p.add_argument("--max-calls", type=int, default=32)

@@ -12,6 +12,13 @@ if [[ "${AVATAR_RTC_WITH_BROWSER:-0}" == "1" ]]; then
   # Headless Chromium for the end-to-end browser test (Debian's, never a downloaded build).
   command -v chromium >/dev/null || want_apt+=(chromium)
 fi
+if [[ "${AVATAR_RTC_WITH_TESTS:-0}" == "1" || "${AVATAR_RTC_WITH_CLUSTER:-0}" == "1" ]]; then
+  # The cluster's parts (tests/test_cluster.py runs them on loopback; scripts/cluster.sh starts them):
+  # Redis for the registry and limits, haproxy as the front door, coturn for TURN.
+  command -v redis-server >/dev/null || want_apt+=(redis-server)
+  command -v haproxy >/dev/null || want_apt+=(haproxy)
+  command -v turnserver >/dev/null || want_apt+=(coturn)
+fi
 if ((${#want_apt[@]})); then
   if [[ $(id -u) -eq 0 ]]; then SUDO=(); else SUDO=(sudo); fi
   "${SUDO[@]}" apt-get update -q

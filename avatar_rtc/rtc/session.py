@@ -95,8 +95,12 @@ class PingBudget:
 
 
 def rtc_configuration(settings: Settings) -> RTCConfiguration:
+    # A TURN server listed without credentials is one whose credentials are minted per page from a shared
+    # secret (security.turn_secret): it is for the callers; the server's own connections skip it.
     servers = [
-        RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in settings.ice_servers
+        RTCIceServer(urls=s.urls, username=s.username, credential=s.credential)
+        for s in settings.ice_servers
+        if s.username or not any(url.startswith(("turn:", "turns:")) for url in s.urls)
     ]
     # An explicit (possibly empty) list: with None aiortc would fall back to a public STUN server.
     return RTCConfiguration(iceServers=servers)
@@ -111,7 +115,11 @@ class Session:
         on_closed: Callable[[Session], None],
         record: bool = False,
     ) -> None:
-        self.id = secrets.token_urlsafe(9)
+        cluster = deps.settings.cluster
+        # In a cluster the id starts with the node's name: the front door routes every
+        # /api/sessions/<id>/... request to the node that holds the call by that prefix alone.
+        node_prefix = f"{cluster.node_id}." if cluster.enabled else ""
+        self.id = node_prefix + secrets.token_urlsafe(9)
         # The caller's proof of ownership: only the /offer answer carries it, and every HTTP route
         # scoped to this session wants it back (the id alone is visible in logs and events).
         self.key = secrets.token_urlsafe(24)

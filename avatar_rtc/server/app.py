@@ -15,7 +15,7 @@ from avatar_rtc.config import SecuritySettings, Settings
 from avatar_rtc.rtc.manager import SessionManager, TooManySessionsError
 from avatar_rtc.rtc.recorder import recording_wanted
 from avatar_rtc.rtc.session import Session, SessionError, TextTooLongError
-from avatar_rtc.server import observability, security
+from avatar_rtc.server import cluster, observability, security
 from avatar_rtc.server.responses import ApiError, json_error, read_json_body
 from avatar_rtc.server.services import Services
 from avatar_rtc.server.templates_api import TemplatesApi, setup_templates_api
@@ -48,7 +48,12 @@ async def index(request: web.Request) -> web.StreamResponse:
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response(
-        {"status": "ok", "version": __version__, "sessions": len(_sessions(request).sessions)}
+        {
+            "status": "ok",
+            "version": __version__,
+            "sessions": len(_sessions(request).sessions),
+            **cluster.cluster_health(request.app),
+        }
     )
 
 
@@ -90,6 +95,7 @@ async def offer(request: web.Request) -> web.Response:
     except (ValueError, TypeError, AttributeError, IndexError, KeyError, AssertionError) as error:
         # Parsed but unusable: no fingerprint, no common codec, bad ICE credentials, ...
         return json_error(400, f"unusable SDP offer: {error or type(error).__name__}")
+    request[cluster.OFFERED_SESSION_ID] = session.id
     return web.json_response(
         {"sdp": answer.sdp, "type": answer.type, "session_id": session.id, "session_key": session.key}
     )
@@ -165,7 +171,12 @@ def server_options(settings: Settings) -> dict[str, Any]:
     head in time are closed, and the access log never holds a token."""
     return {
         "keepalive_timeout": settings.security.header_timeout_s,
-        "access_log_class": observability.RedactingAccessLogger,
+        # A cluster's front door checks every node's /healthz twice a second: not worth a log line each.
+        "access_log_class": (
+            observability.ProbeQuietAccessLogger
+            if settings.cluster.enabled
+            else observability.RedactingAccessLogger
+        ),
     }
 
 
@@ -179,10 +190,22 @@ def create_app(services: Services) -> web.Application:
         session_count=lambda: services.sessions.count,
         body_limits={"POST /api/templates": upload_bytes, "POST /api/render": render_bytes},
     )
+    # Cluster mode (cluster.redis_url set): membership, cluster-wide limits, template events, drain.
+    node = (
+        cluster.ClusterNode(settings, services.sessions, services.library)
+        if settings.cluster.enabled
+        else None
+    )
     app = web.Application(
         client_max_size=settings.security.max_body_bytes,
-        middlewares=[*security.middlewares(policy), json_errors],
+        middlewares=[
+            *security.middlewares(policy),
+            *(cluster.middlewares(node) if node is not None else []),
+            json_errors,
+        ],
     )
+    if node is not None:
+        cluster.setup_cluster(app, node)
     app[SERVICES] = services
     app[security.ACCESS_POLICY_KEY] = policy
     renderer = services.sessions.deps.renderer
@@ -212,6 +235,7 @@ def create_app(services: Services) -> web.Application:
             max_render_audio_s=settings.limits.max_render_audio_s,
             max_render_audio_bytes=int(settings.limits.max_render_audio_mb * 1e6),
             body_timeout_s=settings.security.body_timeout_s,
+            on_change=node.publish_template_event if node is not None else None,
         ),
     )
     app.router.add_static("/static", services.settings.static_dir)

@@ -37,9 +37,11 @@ _CALL_ROUTES = re.compile(
     r"^(POST /offer|GET /api/config|GET /api/templates|GET /api/templates/[^/]+/thumbnail\.jpg"
     r"|(GET|POST) /api/sessions/.*)$"
 )
-# Routes that change what the server stores or make it work for minutes: never from another site's
-# page, whatever the CORS settings say.
-_SAME_ORIGIN_ONLY = re.compile(r"^((POST|PATCH|DELETE) /api/templates(/.*)?|POST /api/render)$")
+# Routes that change what the server stores, make it work for minutes or stop it (a cluster node's
+# drain): never from another site's page, whatever the CORS settings say.
+_SAME_ORIGIN_ONLY = re.compile(
+    r"^((POST|PATCH|DELETE) /api/templates(/.*)?|POST /api/render|POST /api/nodes/.*)$"
+)
 
 Scope = Literal["open", "call", "admin"]
 

@@ -27,7 +27,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -77,6 +77,9 @@ class TemplatesApi:
     max_render_audio_bytes: int = 50 * 1024 * 1024
     # A request body that sends nothing for this long is abandoned (408).
     body_timeout_s: float = 30.0
+    # Told (event, template id) after a template is prepared ("ready"), changed or deleted: a cluster
+    # node announces it to the others, which share the template directory.
+    on_change: Callable[[str, str], Awaitable[None]] | None = None
     _render_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -116,6 +119,12 @@ def _template_id(value: str) -> str:
         raise ApiError(400, str(exc)) from None
 
 
+async def _announce(request: web.Request, event: str, template_id: str) -> None:
+    on_change = _api(request).on_change
+    if on_change is not None:
+        await on_change(event, template_id)
+
+
 # -- listing, thumbnails, settings, deletion ------------------------------------------------------------
 async def list_templates(request: web.Request) -> web.Response:
     library = _api(request).library
@@ -149,6 +158,7 @@ async def update_template(request: web.Request) -> web.Response:
                     400, f"field {key!r} must be a string of at most {_MAX_FIELD_BYTES} characters"
                 )
         info = await asyncio.to_thread(_api(request).library.update_info, template_id, **data)
+        await _announce(request, "updated", template_id)
     except ApiError as exc:
         return json_error(exc.status, exc.message)
     except TemplateNotFoundError as exc:
@@ -164,6 +174,7 @@ async def delete_template(request: web.Request) -> web.Response:
         if template_id == _api(request).library.default_id:
             raise ApiError(409, "the default template is what every call starts with: it cannot be deleted")
         await asyncio.to_thread(_api(request).library.delete, template_id)
+        await _announce(request, "deleted", template_id)
     except ApiError as exc:
         return json_error(exc.status, exc.message)
     except TemplateNotFoundError as exc:
@@ -339,6 +350,7 @@ async def _stream_preparation(
                 "seconds": round(result.seconds, 3),
                 "template": template,
             }
+            await _announce(request, "ready", template_id)
         except (FaceNotFoundError, SourceMediaError, TemplateCacheError, ValueError, OSError) as exc:
             last = {"state": "failed", "error": str(exc)}
         except Exception as exc:  # the stream has begun: the client must still get a last line

@@ -49,9 +49,11 @@ class CallReceiver:
         keep_snapshots: Callable[[float], bool] | None = None,
         mic: MediaStreamTrack | None = None,
         host_addresses: tuple[str, ...] = LOOPBACK,
+        configuration: RTCConfiguration | None = None,
     ):
         self.host_addresses = host_addresses
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        # No ICE servers unless a test brings its own (a TURN server on loopback, say).
+        self.pc = RTCPeerConnection(configuration or RTCConfiguration(iceServers=[]))
         self.channel = self.pc.createDataChannel("events")
         if mic is not None:
             self.pc.addTransceiver(mic, direction="sendrecv")
