@@ -31,7 +31,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from avatar_rtc.testing.receiver import CallReceiver  # noqa: E402
-from avatar_rtc.wiring import restrict_ice_host_addresses  # noqa: E402
 from scripts.cluster import LocalCluster, NodeSpec, free_port, wait_until_up  # noqa: E402
 
 NODE_SETTINGS = {
@@ -53,7 +52,7 @@ async def timed_ms(http: aiohttp.ClientSession, method: str, url: str, **kwargs:
 
 async def added_latency(cluster: LocalCluster, offers: int) -> dict[str, float]:
     caller = CallReceiver()
-    await caller.pc.setLocalDescription(await caller.pc.createOffer())
+    await caller.make_offer()
     offer = {"sdp": caller.pc.localDescription.sdp, "type": "offer"}
     # The front door sends every other offer to each node, so the direct ones alternate as well: an
     # offer leaves a session behind for a second (never connected), and a node holding more of them
@@ -122,7 +121,6 @@ async def failover(cluster: LocalCluster) -> dict[str, float]:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    restrict_ice_host_addresses(["127.0.0.1"])
     with tempfile.TemporaryDirectory(prefix="bench_cluster_") as work:
         run_dir = Path(work)
         nodes = [NodeSpec(f"n{i}", "127.0.0.1", free_port(), free_port()) for i in (1, 2)]

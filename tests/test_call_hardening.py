@@ -24,7 +24,8 @@ from test_templates import make_moving_face_video
 from avatar_rtc.avatar.template import Template
 from avatar_rtc.avatar.video import MediaLimits, SourceMediaError, iter_video_frames, probe_source
 from avatar_rtc.metrics import METRICS
-from avatar_rtc.testing.receiver import CallReceiver
+from avatar_rtc.rtc.ice import host_candidates
+from avatar_rtc.testing.receiver import LOOPBACK, CallReceiver
 
 TOKEN = "admin-token-for-hardening"
 PAGE_TOKEN = "page-token-for-hardening"
@@ -44,7 +45,8 @@ async def _half_open_offer() -> dict[str, str]:
     pc.createDataChannel("events")
     pc.addTransceiver("audio", direction="recvonly")
     pc.addTransceiver("video", direction="recvonly")
-    await pc.setLocalDescription(await pc.createOffer())
+    with host_candidates(LOOPBACK):
+        await pc.setLocalDescription(await pc.createOffer())
     sdp = pc.localDescription.sdp
     await pc.close()
     stripped = "".join(

@@ -151,7 +151,7 @@ async def offer_status(http: aiohttp.ClientSession, url: str, **headers: str) ->
     """POST /offer with a real offer from a throw-away peer; (status, body)."""
     call = CallReceiver()
     try:
-        await call.pc.setLocalDescription(await call.pc.createOffer())
+        await call.make_offer()
         offer = {"sdp": call.pc.localDescription.sdp, "type": "offer"}
         async with http.post(f"{url}/offer", json=offer, headers=headers) as resp:
             return resp.status, await resp.json()
@@ -309,7 +309,7 @@ async def test_pages_get_turn_credentials_that_coturn_accepts(
     )
     caller = CallReceiver(configuration=forged)
     try:
-        await caller.pc.setLocalDescription(await caller.pc.createOffer())
+        await caller.make_offer()
         assert "typ relay" not in caller.pc.localDescription.sdp
     finally:
         await caller.close()

@@ -112,10 +112,14 @@ class CallReceiver:
                     if self._keep_snapshot is not None and self._keep_snapshot(now):
                         rec.snapshots.append((now, image))
 
-    async def connect(self, answer_for: Callable[[RTCSessionDescription], Awaitable[dict[str, Any]]]) -> None:
+    async def make_offer(self) -> RTCSessionDescription:
+        """This caller's offer, its ICE candidates gathered on ``host_addresses`` only."""
         with host_candidates(self.host_addresses):
             await self.pc.setLocalDescription(await self.pc.createOffer())
-        reply = await answer_for(self.pc.localDescription)
+        return self.pc.localDescription
+
+    async def connect(self, answer_for: Callable[[RTCSessionDescription], Awaitable[dict[str, Any]]]) -> None:
+        reply = await answer_for(await self.make_offer())
         self.session_id = reply.get("session_id")
         self.session_key = reply.get("session_key")
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=reply["sdp"], type=reply["type"]))
