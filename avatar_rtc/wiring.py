@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from avatar_rtc.avatar.library import TemplateLibrary
 from avatar_rtc.config import Settings
+from avatar_rtc.media import executors
 from avatar_rtc.server.services import Services
 
 if TYPE_CHECKING:
@@ -62,16 +63,20 @@ def build_asr(settings: Settings) -> tuple[SpeechRecognizer | None, str]:
     """The speech recogniser, or None and the reason (text chat keeps working without one)."""
     if settings.asr.engine == "none":
         return None, "speech recognition is turned off (asr.engine = none)"
-    from avatar_rtc.conversation.asr import AsrUnavailableError, create_speech_recognizer
+    from avatar_rtc.conversation.asr import AsrUnavailableError, choose_asr_device, create_speech_recognizer
 
     asr = settings.asr
+    device = choose_asr_device(asr.device)
     try:
-        return (
-            create_speech_recognizer(
-                asr.model, asr.models_dir, settings.conversation.language, asr.compute_type, asr.cpu_threads
-            ),
-            "",
+        recognizer = create_speech_recognizer(
+            asr.model,
+            asr.models_dir,
+            settings.conversation.language,
+            asr.compute_type,
+            asr.cpu_threads,
+            device=device,
         )
+        return recognizer, ""
     except (AsrUnavailableError, ImportError) as error:
         log.warning("voice input disabled: %s", error)
         return None, str(error)
@@ -106,7 +111,12 @@ def build_llm(settings: Settings) -> tuple[LanguageModel | None, str]:
             log.warning("chat disabled: %s", reason)
             return None, reason
     model = LlamaCppLLM(
-        path, n_ctx=llm.n_ctx, n_threads=llm.n_threads, max_tokens=llm.max_tokens, temperature=llm.temperature
+        path,
+        n_ctx=llm.n_ctx,
+        n_threads=llm.n_threads,
+        max_tokens=llm.max_tokens,
+        temperature=llm.temperature,
+        session_state_mb=llm.session_state_mb,
     )
     try:
         model.load_blocking()
@@ -194,6 +204,8 @@ def build_services(
 ) -> Services:
     """Build everything from ``settings``; engines already loaded in this process may be passed in."""
     asr_unavailable = llm_unavailable = ""
+    # Before any engine is built: the engines run their jobs on these pools.
+    executors.configure(settings.executors.model_workers, settings.executors.media_workers)
     restrict_ice_host_addresses(settings.ice_host_addresses)
     renderer = renderer or build_renderer(settings)
     library = library or build_library(settings, renderer)

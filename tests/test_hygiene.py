@@ -87,12 +87,15 @@ class ScriptedLLM:
         self.replies = list(replies)
         self.requests: list[list[ChatMessage]] = []
 
-    async def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
+    async def stream(self, messages: list[ChatMessage], *, session: str = "") -> AsyncIterator[str]:
         self.requests.append([dict(m) for m in messages])
         for word in self.replies.pop(0).split(" "):
             yield word + " "
 
-    async def prefill(self, messages: list[ChatMessage]) -> None:
+    async def prefill(self, messages: list[ChatMessage], *, session: str = "") -> None:
+        return None
+
+    def forget(self, session: str) -> None:
         return None
 
 
