@@ -63,12 +63,18 @@ def build_asr(settings: Settings) -> tuple[SpeechRecognizer | None, str]:
     """The speech recogniser, or None and the reason (text chat keeps working without one)."""
     if settings.asr.engine == "none":
         return None, "speech recognition is turned off (asr.engine = none)"
-    from avatar_rtc.conversation.asr import AsrUnavailableError, choose_asr_device, create_speech_recognizer
+    from avatar_rtc.conversation.asr import (
+        AsrDevice,
+        AsrUnavailableError,
+        choose_asr_device,
+        create_speech_recognizer,
+    )
 
     asr = settings.asr
     device = choose_asr_device(asr.device)
-    try:
-        recognizer = create_speech_recognizer(
+
+    def recognizer_on(device: AsrDevice) -> SpeechRecognizer:
+        return create_speech_recognizer(
             asr.model,
             asr.models_dir,
             settings.conversation.language,
@@ -76,7 +82,17 @@ def build_asr(settings: Settings) -> tuple[SpeechRecognizer | None, str]:
             asr.cpu_threads,
             device=device,
         )
-        return recognizer, ""
+
+    try:
+        try:
+            return recognizer_on(device), ""
+        except AsrUnavailableError as error:
+            if asr.device != "auto" or device == "cpu":
+                raise
+            # A GPU that CTranslate2 counts but cannot use (no cuBLAS or cuDNN for it): the CPU
+            # still serves voice, where failing would turn voice input off.
+            log.warning("Whisper could not load on CUDA (%s); using the CPU", error)
+            return recognizer_on("cpu"), ""
     except (AsrUnavailableError, ImportError) as error:
         log.warning("voice input disabled: %s", error)
         return None, str(error)

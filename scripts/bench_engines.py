@@ -86,6 +86,8 @@ async def run(
                 evaluated.append(llm.prompt_tokens_evaluated - before)
             call.append({"role": "assistant", "content": "".join(pieces).strip()})
             await llm.prefill(call, session=name)
+    if sessions > 1 and llm.saved_prompts.nbytes:
+        print(f"  (saved prompts now: {llm.saved_prompts.nbytes / 1e6:.1f} MB)")
     for name in names:
         llm.forget(name)
     return statistics.median(latencies), statistics.median(evaluated)

@@ -268,3 +268,22 @@ def test_wiring_builds_whisper_on_the_chosen_device(
     recognizer, reason = build_asr(Settings())
     assert recognizer == "recognizer" and reason == ""
     assert built["device"] == device
+
+
+def test_whisper_falls_back_to_the_cpu_when_cuda_cannot_load_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    tried: list[str] = []
+
+    def fake_recognizer(*args: Any, device: str, **options: Any) -> str:
+        tried.append(device)
+        if device == "cuda":
+            raise asr_module.AsrUnavailableError("libcublas.so.12 not found")
+        return "recognizer"
+
+    monkeypatch.setattr(asr_module, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(asr_module, "create_speech_recognizer", fake_recognizer)
+    assert build_asr(Settings()) == ("recognizer", "")
+    assert tried == ["cuda", "cpu"]
+    # Asked for CUDA by name: no quiet fallback, voice input says why it is off.
+    tried.clear()
+    recognizer, reason = build_asr(Settings(asr={"device": "cuda"}))
+    assert recognizer is None and "libcublas" in reason and tried == ["cuda"]
