@@ -185,7 +185,7 @@ class LlmSettings(BaseModel):
 class ExecutorSettings(BaseModel):
     # Threads for model inference (ASR, LLM, TTS: each engine runs one job at a time, so about one
     # per engine), and for media work (renderer warm-ups, loading a template's language engines).
-    # The event loop's default executor stays aiortc's and aiohttp's (avatar_rtc/executors.py).
+    # The event loop's default executor stays aiortc's and aiohttp's (avatar_rtc/media/executors.py).
     model_workers: int = Field(4, ge=1, le=64)
     media_workers: int = Field(4, ge=1, le=64)
 

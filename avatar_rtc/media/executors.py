@@ -5,11 +5,12 @@ each other in the event loop's default executor.
   engine runs one job at a time behind its :class:`~avatar_rtc.conversation.fair.FairLock`, which is
   taken on the event loop *before* a job is submitted, so these threads never sit waiting for a lock:
   a few threads (one per engine that may run at once) are enough.
-- ``media``: renderer warm-ups (moving a template's data to the device) and engine loading for a
-  template's language: I/O-heavy work that must not wait behind a long answer's generation.
+- ``media``: renderer warm-ups (moving a template's data to the device), the template API's work
+  (listing, thumbnails, preparing uploads, decoding audio), offline renders, the encoder probe and
+  loading a template's language engines: work that must not wait behind a long answer's generation.
 
-The event loop's default executor is left to aiortc and aiohttp (and to the template library's own
-reads), which use it implicitly.
+The event loop's default executor is left to aiortc and aiohttp, which use it implicitly (and to the
+template library's ``acquire_async``, which lives in ``avatar/`` and uses asyncio.to_thread).
 
 The pools are created on first use; :func:`configure` (called by ``wiring.build_services`` from the
 settings, before anything is submitted) sets their sizes.
