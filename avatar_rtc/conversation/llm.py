@@ -334,7 +334,8 @@ class LlamaCppLLM:
         return len(self._loaded_llama().llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
     def forget(self, session: str) -> None:
-        self._loaded_llama().prompts.forget(session)
+        if self._loaded is not None:  # a model never loaded holds nothing for anyone
+            self._loaded.prompts.forget(session)
 
     def _loaded_llama(self) -> _LoadedLlama:
         if self._loaded is not None:
