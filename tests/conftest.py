@@ -18,11 +18,7 @@ from avatar_rtc.conversation.asr import SpeechRecognizer
 from avatar_rtc.conversation.llm import LanguageModel
 from avatar_rtc.conversation.tts import PiperTTS, TextToSpeech, find_piper_voice
 from avatar_rtc.server.services import Services
-from avatar_rtc.wiring import SpeechEnginesByLanguage, restrict_ice_host_addresses
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    restrict_ice_host_addresses(["127.0.0.1"])
+from avatar_rtc.wiring import SpeechEnginesByLanguage
 
 
 @pytest.fixture(scope="session")
@@ -120,11 +116,10 @@ async def make_server(
     async def start(**overrides: Any) -> RunningServer:
         wanted = dict(overrides.pop("settings", {}))
         settings = Settings(
-            ice_host_addresses=["127.0.0.1"],
+            ice_host_addresses=wanted.pop("ice_host_addresses", ["127.0.0.1"]),
             avatar={"cache_dir": template_cache_dir, **wanted.pop("avatar", {})},
             **wanted,
         )
-        restrict_ice_host_addresses(settings.ice_host_addresses)
         engines: dict[str, Any] = {
             "tts": piper_tts,
             "renderer": WarpEngine(),

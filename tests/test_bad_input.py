@@ -25,7 +25,10 @@ MALFORMED_OFFERS = 50
 GARBAGE_MESSAGES = 1000
 # observer + attacker + the malformed burst; the offers after those must hit the limit
 OFFERS_PER_MINUTE = 2 + MALFORMED_OFFERS
-PACING_TOLERANCE_MS = 10.0
+# The attack runs in the server's own process and event loop, on the same two cores, so it may delay a
+# frame; it must not cost one: the observer's p99 gap may grow by at most one frame period (40 ms at
+# 25 fps). A stall (a blocking parse, a flood handled on the loop) costs several periods and fails this.
+PACING_TOLERANCE_MS = 40.0
 
 
 def _malformed_sdp(rng: random.Random, n: int) -> str:
@@ -175,8 +178,8 @@ async def test_hostile_input_leaves_other_calls_alone(make_server) -> None:
         )
         assert noisy <= quiet + PACING_TOLERANCE_MS, (quiet, noisy)
         # The attackers run in this very process and event loop (1,000 SCTP sends, 200 HTTP requests),
-        # so the server's own send lateness also pays for them: it must stay under one frame period,
+        # so the server's own send lateness also pays for them: it may grow by up to one frame period,
         # i.e. no frame misses its slot; the caller-side gap above is the target's measure.
-        assert noisy_late <= max(quiet_late + PACING_TOLERANCE_MS, 40.0), (quiet_late, noisy_late)
+        assert noisy_late <= quiet_late + PACING_TOLERANCE_MS, (quiet_late, noisy_late)
         await observer.close()
         await attacker.close()

@@ -102,7 +102,7 @@ async def test_warm_switch_shows_the_new_face_within_100_ms(
         # No torn frames (half old, half new) and no return to the old face: every later frame is new.
         assert np.all(np.abs(probe[changed[0] :] - before) > 30)
         gaps = np.diff(rec.video_arrival[first_index:]) * 1000
-        assert gaps.max() < 120, "video froze during the switch"
+        assert gaps.max() < 200, "video froze during the switch"  # a freeze is several frame periods
     await receiver.close()
     print(
         f"warm switches ({shape}): first new frame {[round(d * 1000) for d in delays]} ms after the request"

@@ -7,6 +7,10 @@ from __future__ import annotations
 import asyncio
 import fractions
 import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -85,9 +89,14 @@ async def test_spoken_question_gets_a_transcript_and_a_spoken_answer(server) -> 
     rec = receiver.received
     spoken = _audio_between(rec, mic.clip_ended_at[0], rec.audio_arrival[-1])
     assert _rms(spoken) > 500, "no speech energy in the avatar's answer"
-    # Frame pacing held while ASR, the LLM and TTS ran.
+    # Frame pacing held while ASR, the LLM and TTS ran: no stall. A model run on the event loop stops
+    # the frames for hundreds of ms (tiny.en on this clip: 1.1 s); a busy machine (CI shares its
+    # cores) delays a frame now and then, so the bounds are stalls, not pacing figures (bench_voice.py
+    # measures those).
     gaps = np.diff([t for t in rec.video_arrival if t >= mic.clip_started_at[0]]) * 1000
-    assert np.percentile(gaps, 99) <= 60, f"inter-frame gap p99 {np.percentile(gaps, 99):.1f} ms"
+    print(f"inter-frame gap p99 {np.percentile(gaps, 99):.1f} ms, longest {gaps.max():.1f} ms")
+    assert np.percentile(gaps, 99) <= 100, f"inter-frame gap p99 {np.percentile(gaps, 99):.1f} ms"
+    assert gaps.max() <= 200, f"the video stalled for {gaps.max():.0f} ms"
 
 
 async def test_barge_in_stops_the_avatar_and_keeps_only_what_was_heard(server) -> None:
@@ -233,11 +242,20 @@ async def test_without_asr_voice_reports_an_error_and_text_chat_still_works(make
 
 class EchoingMic(ScriptedMic):
     """A caller's microphone that picks up the avatar's own voice from the speakers: what the call
-    received, delayed and attenuated (as if echo cancellation were weak)."""
+    received, played back late and quieter, with a weaker second reflection from the room (as if echo
+    cancellation were weak)."""
 
-    def __init__(self, receiver: CallReceiver, delay_frames: int = 6, gain: float = 0.15) -> None:
+    def __init__(
+        self,
+        receiver: CallReceiver,
+        delay_frames: int = 6,
+        gain: float = 0.15,
+        reflection_frames: int = 2,
+        reflection_gain: float = 0.05,
+    ) -> None:
         super().__init__()
         self.receiver, self.delay_frames, self.gain = receiver, delay_frames, gain
+        self.reflection_frames, self.reflection_gain = reflection_frames, reflection_gain
         self._index = 0
 
     async def recv(self):  # type: ignore[override]
@@ -245,8 +263,13 @@ class EchoingMic(ScriptedMic):
         received = self.receiver.received.audio_pcm
         i = len(received) - self.delay_frames
         if 0 <= i < len(received):
-            echo = (received[i].astype(np.float32) * self.gain).astype(np.int16)
-            frame = av.AudioFrame.from_ndarray(echo.reshape(1, -1), format="s16", layout="mono")
+            echo = received[i].astype(np.float32) * self.gain
+            j = i - self.reflection_frames
+            if j >= 0 and len(received[j]) == len(echo):
+                echo += received[j].astype(np.float32) * self.reflection_gain
+            frame = av.AudioFrame.from_ndarray(
+                echo.astype(np.int16).reshape(1, -1), format="s16", layout="mono"
+            )
             frame.sample_rate, frame.pts, frame.time_base = (
                 48000,
                 self._index * 960,
@@ -256,16 +279,31 @@ class EchoingMic(ScriptedMic):
         return frame
 
 
+@pytest.fixture
+def cpu_hog() -> Iterator[None]:
+    """Two processes that keep this machine's cores busy (as a CI neighbour or a second call's models
+    would), beside the server and the caller."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
 @pytest.mark.xfail(
     strict=False,
     reason=(
-        "issue 13 (open): the echo guard is load-sensitive. On 2026-12-01 this failed about one run in four,"
-        " on the code before this change as well: the first echo onset is judged from ~0.25 s of audio and"
-        " its level spread (3.2-4.2 dB) lands just past the 3 dB limit, in the range real callers show"
-        " (3.9-7.2 dB). Quarantined until the guard is fixed there; it still runs and reports XPASS."
+        "issue 13 (open): the echo guard under a CPU hog. With the test's caller in the server's own"
+        " event loop, a loaded machine delays the echo itself past the guard's 0.6 s search (1.5-2 s"
+        " measured with the hog and four other jobs on 2 cores); it still runs and reports XPASS."
     ),
 )
-async def test_the_avatars_own_echo_does_not_interrupt_it(server) -> None:
+async def test_the_avatars_own_echo_does_not_interrupt_it(server, cpu_hog) -> None:
+    """The guard stamps the caller's audio with the caller's own timestamps and the avatar's with its
+    media time: with the load only on when each is handled, a busy machine no longer smears either
+    contour (stamped on handling, this failed about one run in four under load)."""
     receiver = CallReceiver()
     mic = EchoingMic(receiver)
     receiver.pc.getTransceivers()[0].sender.replaceTrack(mic)

@@ -166,6 +166,7 @@ class Playout:
         self._active: list[Utterance] = []
         # (wall time, RMS) of each 5 ms of outgoing audio: what the caller's microphone may hear back.
         self.sent_levels: deque[tuple[float, float]] = deque(maxlen=600)
+        self._sent_levels_end = 0.0  # wall time the last stamped read ends at
         self._level_block = sample_rate // 200
 
     # -- writers (speech pipeline, renderer pump) -------------------------------------------------
@@ -243,8 +244,9 @@ class Playout:
         self.template = template
 
     # -- readers (the two tracks) -----------------------------------------------------------------
-    def read_audio(self, start: int, count: int) -> np.ndarray:
-        """Samples for media samples [start, start + count): speech where scheduled, else silence."""
+    def read_audio(self, start: int, count: int, sent: bool = True) -> np.ndarray:
+        """Samples for media samples [start, start + count): speech where scheduled, else silence.
+        ``sent=False``: samples consumed without being sent (a track too late to play them)."""
         out = np.zeros(count, np.int16)
         end = start + count
         for span in self._spans:
@@ -263,8 +265,15 @@ class Playout:
             utterance.pending_spans -= 1
             if utterance.pending_spans == 0 and utterance.audio_complete:
                 self._finish(utterance, span.end / self.sample_rate)
+        if not sent:
+            return out
         self.stats.audio_frames_sent += 1
-        now = time.monotonic()
+        # Each read leaves now, but the caller hears the reads one after another (its jitter buffer
+        # plays a burst out in order): a burst of late reads on a busy machine is stamped back to back,
+        # not all at the same moment, or the contour the echo guard compares the caller's microphone
+        # with would fold onto itself.
+        now = max(time.monotonic(), self._sent_levels_end)
+        self._sent_levels_end = now + count / self.sample_rate
         block = self._level_block
         if self._active and count % block == 0:
             levels = np.sqrt(np.mean(np.square(out.reshape(-1, block), dtype=np.float32), axis=1))

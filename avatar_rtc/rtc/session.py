@@ -37,10 +37,11 @@ from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.conversation.turn import Conversation, ConversationError, Turn
 from avatar_rtc.conversation.vad import MicResampler, VoiceActivitySegmenter
 from avatar_rtc.media import executors
-from avatar_rtc.media.clock import MediaClock
+from avatar_rtc.media.clock import MediaClock, RemoteTimeline
 from avatar_rtc.media.playout import Playout
 from avatar_rtc.render.base import Renderer, RendererEngine
 from avatar_rtc.rtc.encoders import Vp8Tuning, use_h264_encoder
+from avatar_rtc.rtc.ice import host_candidates
 from avatar_rtc.rtc.recorder import SessionRecorder
 from avatar_rtc.rtc.tracks import AvatarAudioTrack, AvatarVideoTrack
 
@@ -220,7 +221,8 @@ class Session:
             if transceiver.sender is video_sender and codecs:
                 transceiver.setCodecPreferences(codecs)
         await self.pc.setRemoteDescription(offer)
-        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        with host_candidates(self.deps.settings.ice_host_addresses):
+            await self.pc.setLocalDescription(await self.pc.createAnswer())
         self._pump_task = self._spawn(self._pump_frames(self.renderer))
         self._spawn(self._watch_connection())
         self.conversation.start()
@@ -483,10 +485,13 @@ class Session:
     async def _listen(self, track: MediaStreamTrack) -> None:
         """The caller's microphone, resampled to 16 kHz, into VAD (and from there ASR and barge-in)."""
         resampler = MicResampler()
+        # Times from the caller's own timestamps, not from when this loop got round to each frame.
+        timeline = RemoteTimeline()
         with contextlib.suppress(MediaStreamError):
             while True:
                 frame = await track.recv()
-                self.conversation.hear(resampler.push(frame), time.monotonic())
+                at = timeline.wall_time(frame.time, time.monotonic()) + frame.samples / frame.sample_rate
+                self.conversation.hear(resampler.push(frame), at)
 
     # -- callbacks ------------------------------------------------------------------------------
     def _on_datachannel(self, channel: RTCDataChannel) -> None:

@@ -48,7 +48,7 @@ class AvatarAudioTrack(MediaStreamTrack):
         late = await self._clock.sleep_until(self._next_sample / self._rate)
         if late > _MAX_AUDIO_BACKLOG_S:
             skipped = int(late * self._rate) // self._samples * self._samples
-            self._playout.read_audio(self._next_sample, skipped)  # consume what can no longer play
+            self._playout.read_audio(self._next_sample, skipped, sent=False)  # too late to play
             self._next_sample += skipped
         pcm = self._playout.read_audio(self._next_sample, self._samples)
         frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")

@@ -15,6 +15,11 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from avatar_rtc.rtc.ice import host_candidates
+
+# Test and benchmark callers talk to 127.0.0.1 only (see the shared README on WebRTC tests).
+LOOPBACK = ("127.0.0.1",)
+
 FrameProbe = Callable[[np.ndarray], float]
 
 
@@ -43,7 +48,9 @@ class CallReceiver:
         probe: FrameProbe | None = None,
         keep_snapshots: Callable[[float], bool] | None = None,
         mic: MediaStreamTrack | None = None,
+        host_addresses: tuple[str, ...] = LOOPBACK,
     ):
+        self.host_addresses = host_addresses
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.channel = self.pc.createDataChannel("events")
         if mic is not None:
@@ -104,7 +111,8 @@ class CallReceiver:
                         rec.snapshots.append((now, image))
 
     async def connect(self, answer_for: Callable[[RTCSessionDescription], Awaitable[dict[str, Any]]]) -> None:
-        await self.pc.setLocalDescription(await self.pc.createOffer())
+        with host_candidates(self.host_addresses):
+            await self.pc.setLocalDescription(await self.pc.createOffer())
         reply = await answer_for(self.pc.localDescription)
         self.session_id = reply.get("session_id")
         self.session_key = reply.get("session_key")

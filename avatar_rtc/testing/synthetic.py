@@ -18,6 +18,9 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
+from avatar_rtc.rtc.ice import host_candidates
+from avatar_rtc.testing.receiver import LOOPBACK
+
 RATE = 48000
 
 
@@ -100,7 +103,8 @@ class SyntheticSender:
         self.pc.addTrack(self.audio)
         self.pc.addTrack(self.video)
         await self.pc.setRemoteDescription(offer)
-        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        with host_candidates(LOOPBACK):
+            await self.pc.setLocalDescription(await self.pc.createAnswer())
         return {"sdp": self.pc.localDescription.sdp, "type": self.pc.localDescription.type}
 
     async def close(self) -> None:
