@@ -150,6 +150,9 @@ class AsrSettings(BaseModel):
     models_dir: Path = Path("models")
     compute_type: str = "int8"
     cpu_threads: int = Field(2, ge=1, le=64)
+    # auto: a CUDA GPU when CTranslate2 sees one (ctranslate2.get_cuda_device_count() > 0), else the
+    # CPU. On a GPU host Whisper then leaves the CPU cores to the media.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class LlmSettings(BaseModel):
@@ -173,6 +176,18 @@ class LlmSettings(BaseModel):
     # the previous system prompt), got 50 right at 0 and 43 at 0.7; small models guess worse when sampled.
     temperature: float = Field(0.0, ge=0, le=2)
     timeout_s: float = Field(60.0, gt=0)
+    # llama-cpp: memory for the sessions' saved prompts (their KV cache cells, about 12 KiB a token
+    # for the default model), so one caller's turn does not make the next caller's read their whole
+    # history again. Least recently used first out; 0 turns saving off.
+    session_state_mb: float = Field(256, ge=0)
+
+
+class ExecutorSettings(BaseModel):
+    # Threads for model inference (ASR, LLM, TTS: each engine runs one job at a time, so about one
+    # per engine), and for media work (renderer warm-ups, loading a template's language engines).
+    # The event loop's default executor stays aiortc's and aiohttp's (avatar_rtc/media/executors.py).
+    model_workers: int = Field(4, ge=1, le=64)
+    media_workers: int = Field(4, ge=1, le=64)
 
 
 class ConversationSettings(BaseModel):
@@ -357,3 +372,4 @@ class Settings(BaseSettings):
     recording: RecordingSettings = Field(default_factory=RecordingSettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    executors: ExecutorSettings = Field(default_factory=ExecutorSettings)

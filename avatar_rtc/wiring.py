@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from avatar_rtc.avatar.library import TemplateLibrary
 from avatar_rtc.config import Settings
+from avatar_rtc.media import executors
 from avatar_rtc.server.services import Services
 
 if TYPE_CHECKING:
@@ -52,16 +53,36 @@ def build_asr(settings: Settings) -> tuple[SpeechRecognizer | None, str]:
     """The speech recogniser, or None and the reason (text chat keeps working without one)."""
     if settings.asr.engine == "none":
         return None, "speech recognition is turned off (asr.engine = none)"
-    from avatar_rtc.conversation.asr import AsrUnavailableError, create_speech_recognizer
+    from avatar_rtc.conversation.asr import (
+        AsrDevice,
+        AsrUnavailableError,
+        choose_asr_device,
+        create_speech_recognizer,
+    )
 
     asr = settings.asr
-    try:
-        return (
-            create_speech_recognizer(
-                asr.model, asr.models_dir, settings.conversation.language, asr.compute_type, asr.cpu_threads
-            ),
-            "",
+    device = choose_asr_device(asr.device)
+
+    def recognizer_on(device: AsrDevice) -> SpeechRecognizer:
+        return create_speech_recognizer(
+            asr.model,
+            asr.models_dir,
+            settings.conversation.language,
+            asr.compute_type,
+            asr.cpu_threads,
+            device=device,
         )
+
+    try:
+        try:
+            return recognizer_on(device), ""
+        except AsrUnavailableError as error:
+            if asr.device != "auto" or device == "cpu":
+                raise
+            # A GPU that CTranslate2 counts but cannot use (no cuBLAS or cuDNN for it): the CPU
+            # still serves voice, where failing would turn voice input off.
+            log.warning("Whisper could not load on CUDA (%s); using the CPU", error)
+            return recognizer_on("cpu"), ""
     except (AsrUnavailableError, ImportError) as error:
         log.warning("voice input disabled: %s", error)
         return None, str(error)
@@ -96,7 +117,12 @@ def build_llm(settings: Settings) -> tuple[LanguageModel | None, str]:
             log.warning("chat disabled: %s", reason)
             return None, reason
     model = LlamaCppLLM(
-        path, n_ctx=llm.n_ctx, n_threads=llm.n_threads, max_tokens=llm.max_tokens, temperature=llm.temperature
+        path,
+        n_ctx=llm.n_ctx,
+        n_threads=llm.n_threads,
+        max_tokens=llm.max_tokens,
+        temperature=llm.temperature,
+        session_state_mb=llm.session_state_mb,
     )
     try:
         model.load_blocking()
@@ -184,6 +210,8 @@ def build_services(
 ) -> Services:
     """Build everything from ``settings``; engines already loaded in this process may be passed in."""
     asr_unavailable = llm_unavailable = ""
+    # Before any engine is built: the engines run their jobs on these pools.
+    executors.configure(settings.executors.model_workers, settings.executors.media_workers)
     renderer = renderer or build_renderer(settings)
     library = library or build_library(settings, renderer)
     if asr is None:

@@ -38,7 +38,7 @@ class OddLengthTTS:
     def __init__(self, seed: int) -> None:
         self._rng = np.random.default_rng(seed)
 
-    async def synthesize(self, text: str) -> AsyncIterator[np.ndarray]:
+    async def synthesize(self, text: str, *, session: str = "") -> AsyncIterator[np.ndarray]:
         samples = int(self._rng.integers(1_100, 3_900)) * 2 + 1
         yield np.full(samples, 3000, np.int16)
 
@@ -51,13 +51,16 @@ class CyclingLLM:
     def __init__(self) -> None:
         self.turn = 0
 
-    async def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
+    async def stream(self, messages: list[ChatMessage], *, session: str = "") -> AsyncIterator[str]:
         reply = REPLIES[self.turn % len(REPLIES)]
         self.turn += 1
         for word in reply.split(" "):
             yield word + " "
 
-    async def prefill(self, messages: list[ChatMessage]) -> None:
+    async def prefill(self, messages: list[ChatMessage], *, session: str = "") -> None:
+        return None
+
+    def forget(self, session: str) -> None:
         return None
 
 

@@ -241,8 +241,41 @@ async def test_session_limit_holds_for_simultaneous_offers(make_server, template
         codes = await asyncio.gather(
             *(_send(http, "POST", f"{server.url}/offer", json=offer) for _ in range(20))
         )
-    assert sorted(s for s, _ in codes).count(200) == 3
+    statuses = sorted(s for s, _ in codes)
+    assert statuses.count(200) == 3
+    # The rest are refused as the server refuses a full house: 503, with the reason.
+    assert statuses.count(503) == 17
+    assert all("limit of 3 sessions" in body["error"] for s, body in codes if s == 503)
     assert len(server.services.sessions.sessions) == 3
+
+
+class _BrokenLibrary:
+    """Every acquire fails after a moment: a session set-up that dies half way."""
+
+    default_id = "default"
+
+    async def acquire_async(self, template_id: str) -> Template:
+        await asyncio.sleep(0.05)
+        raise OSError("the template cache is gone")
+
+
+async def test_a_session_set_up_that_fails_gives_its_slot_back() -> None:
+    from types import SimpleNamespace
+
+    from aiortc import RTCSessionDescription
+
+    from avatar_rtc.config import Settings
+    from avatar_rtc.rtc.manager import SessionManager, TooManySessionsError
+
+    deps = SimpleNamespace(settings=Settings(limits={"max_sessions": 2}))
+    manager = SessionManager(deps, _BrokenLibrary())  # type: ignore[arg-type]
+    offer = RTCSessionDescription(sdp="", type="offer")
+    outcomes = await asyncio.gather(*(manager.create(offer) for _ in range(5)), return_exceptions=True)
+    # Two slots were reserved before the first await, so three offers were refused at once...
+    assert sum(isinstance(outcome, TooManySessionsError) for outcome in outcomes) == 3
+    assert sum(isinstance(outcome, OSError) for outcome in outcomes) == 2
+    # ...and the two failed set-ups gave their slots back.
+    assert manager.count == 0
 
 
 # -- 5. origins: the Host header proves nothing ------------------------------------------------------------

@@ -66,9 +66,9 @@ class FaultyTTS:
         self.real, self.cue = real, cue
         self.sample_rate = real.sample_rate
 
-    async def synthesize(self, text: str) -> AsyncIterator[np.ndarray]:
+    async def synthesize(self, text: str, *, session: str = "") -> AsyncIterator[np.ndarray]:
         mode = self.cue.take() if FAILING_TEXT_MARK in text else None
-        async for chunk in self.real.synthesize(text):
+        async for chunk in self.real.synthesize(text, session=session):
             yield chunk[: len(chunk) // 2]
             await _misbehave(mode, "speech synthesis")
             yield chunk[len(chunk) // 2 :]
@@ -80,17 +80,20 @@ class FaultyLLM:
     def __init__(self, real: LanguageModel, cue: Cue) -> None:
         self.real, self.cue = real, cue
 
-    async def stream(self, messages: list[Any]) -> AsyncIterator[str]:
+    async def stream(self, messages: list[Any], *, session: str = "") -> AsyncIterator[str]:
         mode = self.cue.take()
         count = 0
-        async for token in self.real.stream(messages):
+        async for token in self.real.stream(messages, session=session):
             yield token
             count += 1
             if count == 3:
                 await _misbehave(mode, "the language model")
 
-    async def prefill(self, messages: list[Any]) -> None:
-        await self.real.prefill(messages)
+    async def prefill(self, messages: list[Any], *, session: str = "") -> None:
+        await self.real.prefill(messages, session=session)
+
+    def forget(self, session: str) -> None:
+        self.real.forget(session)
 
 
 class FaultyRenderer:

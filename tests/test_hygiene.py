@@ -3,6 +3,7 @@ or repeats itself is not fed back to it verbatim (trimmed to its clean sentences
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -86,14 +87,21 @@ class ScriptedLLM:
     def __init__(self, replies: list[str]) -> None:
         self.replies = list(replies)
         self.requests: list[list[ChatMessage]] = []
+        # The session keys each call was made for, and those the model was told to forget.
+        self.sessions: list[str] = []
+        self.forgotten: list[str] = []
 
-    async def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
+    async def stream(self, messages: list[ChatMessage], *, session: str = "") -> AsyncIterator[str]:
         self.requests.append([dict(m) for m in messages])
+        self.sessions.append(session)
         for word in self.replies.pop(0).split(" "):
             yield word + " "
 
-    async def prefill(self, messages: list[ChatMessage]) -> None:
-        return None
+    async def prefill(self, messages: list[ChatMessage], *, session: str = "") -> None:
+        self.sessions.append(session)
+
+    def forget(self, session: str) -> None:
+        self.forgotten.append(session)
 
 
 async def test_a_call_hears_the_whole_reply_but_the_model_is_not_fed_its_drift(make_server) -> None:
@@ -114,6 +122,14 @@ async def test_a_call_hears_the_whole_reply_but_the_model_is_not_fed_its_drift(m
     receiver.send({"type": "chat", "text": "Thanks!"})
     await receiver.wait_event(final_answer, wait_s=30, after=after_first)
     await receiver.close()
+    # Every request named the call it was for (the key the model keeps its prompt under), and the
+    # model was told to forget the call once it ended.
+    assert receiver.session_id and set(llm.sessions) == {receiver.session_id}
+    for _ in range(100):
+        if llm.forgotten:
+            break
+        await asyncio.sleep(0.05)
+    assert llm.forgotten == [receiver.session_id]
 
     # What the caller heard and saw: the whole reply, its sentences joined as the page shows them.
     assert first["text"] == join_spoken("Paris is the capital of France.", "巴黎很美。")

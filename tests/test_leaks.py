@@ -17,6 +17,7 @@ import aiohttp
 import psutil
 import pytest
 
+from avatar_rtc.media import executors
 from avatar_rtc.testing.receiver import CallReceiver
 
 pytestmark = pytest.mark.slow
@@ -36,13 +37,19 @@ def _tasks() -> int:
 DEFAULT_EXECUTOR_MAX = min(32, (os.cpu_count() or 1) + 4)
 
 
+# Thread pools that start their workers lazily and keep them, up to their size: the event loop's
+# default executor and the product's model and media pools (avatar_rtc/media/executors.py).
+POOL_PREFIXES = ("asyncio_", "avatar-models", "avatar-media")
+POOLS_MAX = DEFAULT_EXECUTOR_MAX + executors.DEFAULT_MODEL_WORKERS + executors.DEFAULT_MEDIA_WORKERS
+
+
 def _threads() -> list[str]:
-    """Every thread but the default executor's workers."""
-    return sorted(t.name for t in threading.enumerate() if not t.name.startswith("asyncio_"))
+    """Every thread but the thread pools' workers."""
+    return sorted(t.name for t in threading.enumerate() if not t.name.startswith(POOL_PREFIXES))
 
 
 def _executor_threads() -> int:
-    return sum(t.name.startswith("asyncio_") for t in threading.enumerate())
+    return sum(t.name.startswith(POOL_PREFIXES) for t in threading.enumerate())
 
 
 def _rss_mb() -> float:
@@ -102,5 +109,5 @@ async def test_connect_say_disconnect_cycles_leak_nothing(make_server) -> None:
     assert server.services.sessions.sessions == {}
     assert _tasks() <= tasks_at_start
     assert _threads() == threads_at_start, (threads_at_start, _threads())
-    assert _executor_threads() <= DEFAULT_EXECUTOR_MAX
+    assert _executor_threads() <= POOLS_MAX
     assert rss_end - rss_baseline < RSS_SLACK_MB

@@ -5,7 +5,6 @@ multilingual Whisper base (assembled by scripts/pypi_models.py; those tests skip
 from __future__ import annotations
 
 import re
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -23,6 +22,7 @@ from avatar_rtc.conversation.asr import (
     find_whisper_model,
     to_simplified,
 )
+from avatar_rtc.conversation.fair import FairLock
 from avatar_rtc.conversation.sentences import SentenceChunker, split_sentences
 from avatar_rtc.media.playout import SpokenSentence, Utterance
 from avatar_rtc.media.spoken_text import join_spoken, leading_share
@@ -123,19 +123,19 @@ def _fake_model_dir(root: Path, name: str, vocabulary_size: int) -> Path:
 
 
 @pytest.fixture
-def scripted_models(monkeypatch: pytest.MonkeyPatch) -> dict[tuple[str, str, int], Any]:
+def scripted_models(monkeypatch: pytest.MonkeyPatch) -> dict[tuple[str, str, str, int], Any]:
     """An empty process-wide model table for the test, restored afterwards."""
-    table: dict[tuple[str, str, int], Any] = {}
+    table: dict[tuple[str, str, str, int], Any] = {}
     monkeypatch.setattr(asr_module, "_loaded_models", table)
     return table
 
 
 async def test_traditional_characters_from_whisper_come_out_simplified(
-    tmp_path: Path, scripted_models: dict[tuple[str, str, int], Any]
+    tmp_path: Path, scripted_models: dict[tuple[str, str, str, int], Any]
 ) -> None:
     model_dir = _fake_model_dir(tmp_path, "faster-whisper-base", 51865)
     whisper = _ScriptedWhisper([" 我們明天去北京。", " 這是我的朋友，歡迎光臨！"])
-    scripted_models[(str(model_dir.resolve()), "int8", 2)] = (whisper, threading.Lock())
+    scripted_models[(str(model_dir.resolve()), "cpu", "int8", 2)] = (whisper, FairLock())
     chinese = FasterWhisperASR(model_dir, language="zh")
     transcript = await chinese.transcribe(np.ones(16000, np.int16))
     # Simplified, and the segments joined without a space: Chinese has none between them.
@@ -171,7 +171,7 @@ class _CountingWhisperModel:
 
 @pytest.fixture
 def fake_models(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scripted_models: dict[tuple[str, str, int], Any]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scripted_models: dict[tuple[str, str, str, int], Any]
 ) -> dict[str, Path]:
     """A models directory with an English-only tiny.en (standing in for the packaged one) and a
     multilingual base, loaded by a counting stand-in for WhisperModel."""

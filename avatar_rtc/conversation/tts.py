@@ -17,6 +17,9 @@ from typing import Protocol
 
 import numpy as np
 
+from avatar_rtc.conversation.fair import NO_SESSION, FairLock, run_exclusive
+from avatar_rtc.media import executors
+
 log = logging.getLogger(__name__)
 
 
@@ -25,12 +28,13 @@ class TtsUnavailableError(RuntimeError):
 
 
 class TextToSpeech(Protocol):
-    """Speech for one sentence at a time; chunks are mono int16 at ``sample_rate``."""
+    """Speech for one sentence at a time; chunks are mono int16 at ``sample_rate``. ``session`` is the
+    key that sessions sharing the engine are served in turn by (NO_SESSION for work of no session)."""
 
     name: str
     sample_rate: int
 
-    def synthesize(self, text: str) -> AsyncIterator[np.ndarray]: ...
+    def synthesize(self, text: str, *, session: str = NO_SESSION) -> AsyncIterator[np.ndarray]: ...
 
 
 # espeak-ng voices for the conversation languages, best first. Mandarin is "cmn", but Debian's
@@ -85,7 +89,9 @@ def find_piper_voice(models_dir: Path = Path("models"), language: str = "en") ->
 
 
 class PiperTTS:
-    """piper-tts (VITS, ONNX) loaded once per process and shared by every session."""
+    """piper-tts (VITS, ONNX) loaded once per process and shared by every session: one synthesis at
+    a time on the model executor, sessions served in turn (FairLock), so one session's long answer
+    does not hold up every other session's next sentence."""
 
     name = "piper"
 
@@ -100,19 +106,30 @@ class PiperTTS:
         self.voice_path = voice_path
         # One synthesis at a time: onnxruntime already uses every core for one sentence, and two at
         # once would only slow both (and the media threads with them).
-        self._lock = threading.Lock()
+        self._lock = FairLock(f"tts {voice_path.name}")
         # The first inference allocates onnxruntime's buffers: pay for it at start-up, not on the
         # first caller's first sentence.
-        self._synthesize_blocking("Hello.")
+        with self._lock.hold_blocking():
+            self._synthesize_holding("Hello.", threading.Event())
 
-    def _synthesize_blocking(self, text: str) -> np.ndarray:
-        with self._lock:
-            chunks = [chunk.audio_int16_array for chunk in self._voice.synthesize(text)]
+    def _synthesize_holding(self, text: str, cancelled: threading.Event) -> np.ndarray:
+        """Runs while holding the voice; piper yields a chunk per sentence of ``text``, and one that
+        nobody waits for any more stops after the chunk in progress."""
+        chunks = []
+        for chunk in self._voice.synthesize(text):
+            chunks.append(chunk.audio_int16_array)
+            if cancelled.is_set():
+                break
         return np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
 
-    async def synthesize(self, text: str) -> AsyncIterator[np.ndarray]:
-        pcm = await asyncio.to_thread(self._synthesize_blocking, text)
-        if len(pcm):
+    async def synthesize(self, text: str, *, session: str = NO_SESSION) -> AsyncIterator[np.ndarray]:
+        pcm = await run_exclusive(
+            self._lock,
+            session,
+            executors.models(),
+            lambda cancelled: self._synthesize_holding(text, cancelled),
+        )
+        if pcm is not None and len(pcm):
             yield pcm
 
 
@@ -128,7 +145,8 @@ class EspeakTTS:
         self._voice = voice
         self.sample_rate = 22050
 
-    async def synthesize(self, text: str) -> AsyncIterator[np.ndarray]:
+    async def synthesize(self, text: str, *, session: str = NO_SESSION) -> AsyncIterator[np.ndarray]:
+        # A process per sentence: the operating system shares the cores between sessions.
         proc = await asyncio.create_subprocess_exec(
             self._binary,
             "-v",

@@ -21,6 +21,7 @@ import numpy as np
 
 from avatar_rtc.conversation.asr import SpeechRecognizer, Transcript
 from avatar_rtc.conversation.echo import EchoGuard
+from avatar_rtc.conversation.fair import NO_SESSION
 from avatar_rtc.conversation.llm import ConversationHistory, LanguageModel
 from avatar_rtc.conversation.sentences import SentenceChunker
 from avatar_rtc.conversation.speaker import Speaker, StageTimeoutError, stall_timeout
@@ -106,8 +107,12 @@ class Conversation:
         speculative_asr_pause_s: float = 0.15,
         stage_timeout_s: float = 20.0,
         language: str = "en",
+        session: str = NO_SESSION,
     ) -> None:
         self.speaker = speaker
+        # The key the shared engines serve sessions in turn by, and the LLM keeps this call's
+        # evaluated prompt under.
+        self.session = session
         # What the caller speaks and the avatar answers in; every transcript event carries it, so the
         # page can mark its lines (a Chinese line wants Chinese fonts and line breaking).
         self.language = language
@@ -233,7 +238,7 @@ class Conversation:
         if audio is None:
             return
         self._drop_speculation()
-        self._speculation = (key, asyncio.ensure_future(self.asr.transcribe(audio)))
+        self._speculation = (key, asyncio.ensure_future(self.asr.transcribe(audio, session=self.session)))
 
     def _drop_speculation(self) -> None:
         if self._speculation is not None:
@@ -246,6 +251,8 @@ class Conversation:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.llm is not None:
+            self.llm.forget(self.session)  # its saved prompt would only take memory from live calls
 
     # -- voice ------------------------------------------------------------------------------------
     def _decide_barge_in(self) -> None:
@@ -318,7 +325,7 @@ class Conversation:
         text = job.text
         if turn.source == "voice":
             assert self.asr is not None and job.audio is not None
-            recognising = job.transcript or self.asr.transcribe(job.audio)
+            recognising = job.transcript or self.asr.transcribe(job.audio, session=self.session)
             try:
                 transcript = await asyncio.wait_for(recognising, self._stage_timeout_s)
             except TimeoutError:
@@ -346,9 +353,15 @@ class Conversation:
         if self.llm is None:
             raise ConversationError(f"no language model: {self._llm_unavailable}")
         self.history.add_user(text)
+        if self._prefill_task is not None:
+            # The answer reads the whole prompt anyway: a prefill still waiting for the model is
+            # skipped (one already running finishes, and the answer reuses what it read).
+            self._prefill_task.cancel()
         chunker = SentenceChunker(first_clause_chars=self._first_clause_chars)
         stream = stall_timeout(
-            self.llm.stream(self.history.messages()), self._stage_timeout_s, "the language model"
+            self.llm.stream(self.history.messages(), session=self.session),
+            self._stage_timeout_s,
+            "the language model",
         )
         said = ""
         try:
@@ -414,7 +427,10 @@ class Conversation:
             return
         if self._prefill_task is not None:
             self._prefill_task.cancel()
-        self._prefill_task = asyncio.ensure_future(self.llm.prefill(self.history.messages()))
+        # Cancelling it (the next turn, or the call's end) skips it if it has not started yet.
+        self._prefill_task = asyncio.ensure_future(
+            self.llm.prefill(self.history.messages(), session=self.session)
+        )
 
     # -- playout callbacks ------------------------------------------------------------------------
     def _on_speech_started(self, utterance: Utterance) -> None:

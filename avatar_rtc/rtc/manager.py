@@ -8,6 +8,7 @@ from aiortc import RTCSessionDescription
 
 from avatar_rtc import metrics
 from avatar_rtc.avatar.library import TemplateLibrary
+from avatar_rtc.media import executors
 from avatar_rtc.rtc.session import Session, SessionDeps
 
 
@@ -41,7 +42,7 @@ class SessionManager:
             try:
                 # The renderer's device data (MuseTalk's latents) is loaded off the event loop, so the
                 # session's own open() is cheap.
-                await asyncio.to_thread(self.deps.renderer.warm, template)
+                await executors.run_media(self.deps.renderer.warm, template)
                 session = Session(self.deps, template, self.library, on_closed=self._forget, record=record)
             except BaseException:
                 self.library.release(template.id)

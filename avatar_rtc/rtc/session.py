@@ -36,6 +36,7 @@ from avatar_rtc.conversation.speaker import Speaker
 from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.conversation.turn import Conversation, ConversationError, Turn
 from avatar_rtc.conversation.vad import MicResampler, VoiceActivitySegmenter
+from avatar_rtc.media import executors
 from avatar_rtc.media.clock import MediaClock, RemoteTimeline
 from avatar_rtc.media.playout import Playout
 from avatar_rtc.render.base import Renderer, RendererEngine
@@ -148,7 +149,9 @@ class Session:
         self._switch_lock = asyncio.Lock()
         talk = deps.settings.conversation
         self.conversation = Conversation(
-            speaker=Speaker(deps.tts, self.playout, self.renderer, stall_timeout_s=talk.stage_timeout_s),
+            speaker=Speaker(
+                deps.tts, self.playout, self.renderer, stall_timeout_s=talk.stage_timeout_s, session=self.id
+            ),
             playout=self.playout,
             renderer=self.renderer,
             history=ConversationHistory(
@@ -166,6 +169,7 @@ class Session:
             speculative_asr_pause_s=talk.early_asr_pause_ms / 1000,
             stage_timeout_s=talk.stage_timeout_s,
             language=self.language,
+            session=self.id,
         )
         self.audio_track: MediaStreamTrack = AvatarAudioTrack(self.clock, self.playout, media.audio_frame_ms)
         # The track itself, for its output size and level; video_track may be a recorder's tap on it.
@@ -206,7 +210,7 @@ class Session:
         media = self.deps.settings.media
         # Before the first frame, when the sender asks for its encoder. The first H.264 call probes
         # NVENC (CUDA start-up): off the event loop.
-        chosen = await asyncio.to_thread(
+        chosen = await executors.run_media(
             use_h264_encoder,
             media.hardware_encoder if media.video_codec == "H264" else "off",
             x264_preset=media.x264_preset,
@@ -384,12 +388,12 @@ class Session:
                 raise SessionError(f"template {template_id!r} cannot be used: {error}") from None
             try:
                 # Loading the renderer's device data (MuseTalk latents) is blocking work: off the loop.
-                await asyncio.to_thread(self.deps.renderer.warm, template)
+                await executors.run_media(self.deps.renderer.warm, template)
                 info = self.library.info(template_id)
                 language = info.language or self.deps.settings.conversation.language
                 speech = None
                 if language != self.language and self.deps.speech_for_language is not None:
-                    speech = await asyncio.to_thread(self.deps.speech_for_language, language)
+                    speech = await executors.run_media(self.deps.speech_for_language, language)
                 renderer = self._open_renderer(template)
             except Exception:
                 self.library.release(template_id)
@@ -468,7 +472,7 @@ class Session:
             async with self._switch_lock:
                 if self.template_id != template_id:
                     return  # the caller switched away meanwhile
-                await asyncio.to_thread(engine.warm, template)
+                await executors.run_media(engine.warm, template)
                 await self._install_renderer(self._open_renderer(template), template)
         except Exception as error:
             log.exception("session %s: completing template %r failed", self.id, template_id)

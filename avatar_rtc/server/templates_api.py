@@ -46,6 +46,7 @@ from avatar_rtc.avatar.library import (
 from avatar_rtc.avatar.store import INFO_KEYS, TemplateCacheError, validate_template_id
 from avatar_rtc.avatar.video import NotMediaError, SourceMediaError, SourceTooLargeError
 from avatar_rtc.conversation.tts import TextToSpeech
+from avatar_rtc.media import executors
 from avatar_rtc.render.base import RendererEngine
 from avatar_rtc.server.responses import ApiError, json_error, read_json_body, read_part_chunk
 
@@ -128,7 +129,7 @@ async def _announce(request: web.Request, event: str, template_id: str) -> None:
 # -- listing, thumbnails, settings, deletion ------------------------------------------------------------
 async def list_templates(request: web.Request) -> web.Response:
     library = _api(request).library
-    infos = await asyncio.to_thread(library.list)
+    infos = await executors.run_media(library.list)
     listed = [info.as_json() | {"default": info.id == library.default_id} for info in infos]
     return web.json_response({"templates": listed, "default": library.default_id})
 
@@ -136,7 +137,7 @@ async def list_templates(request: web.Request) -> web.Response:
 async def thumbnail(request: web.Request) -> web.Response:
     try:
         template_id = _template_id(request.match_info["template_id"])
-        data = await asyncio.to_thread(_api(request).library.thumbnail, template_id)
+        data = await executors.run_media(_api(request).library.thumbnail, template_id)
     except ApiError as exc:
         return json_error(exc.status, exc.message)
     except TemplateNotFoundError as exc:
@@ -157,7 +158,7 @@ async def update_template(request: web.Request) -> web.Response:
                 raise ApiError(
                     400, f"field {key!r} must be a string of at most {_MAX_FIELD_BYTES} characters"
                 )
-        info = await asyncio.to_thread(_api(request).library.update_info, template_id, **data)
+        info = await executors.run_media(_api(request).library.update_info, template_id, **data)
         await _announce(request, "updated", template_id)
     except ApiError as exc:
         return json_error(exc.status, exc.message)
@@ -173,7 +174,7 @@ async def delete_template(request: web.Request) -> web.Response:
         template_id = _template_id(request.match_info["template_id"])
         if template_id == _api(request).library.default_id:
             raise ApiError(409, "the default template is what every call starts with: it cannot be deleted")
-        await asyncio.to_thread(_api(request).library.delete, template_id)
+        await executors.run_media(_api(request).library.delete, template_id)
         await _announce(request, "deleted", template_id)
     except ApiError as exc:
         return json_error(exc.status, exc.message)
@@ -273,7 +274,7 @@ async def upload_template(request: web.Request) -> web.StreamResponse:
         from avatar_rtc.avatar.prepare import check_face_visible
 
         try:
-            await asyncio.to_thread(check_face_visible, upload, library.prepare_settings)
+            await executors.run_media(check_face_visible, upload, library.prepare_settings)
         except (SourceMediaError, FaceNotFoundError) as exc:
             raise _media_error(exc) from None
         response = await _stream_preparation(request, library, upload, source_name, template_id, info)
@@ -319,7 +320,7 @@ async def _stream_preparation(
     )
     await response.prepare(request)
     work = asyncio.create_task(
-        asyncio.to_thread(
+        executors.run_media(
             library.prepare,
             upload,
             template_id,
@@ -395,13 +396,13 @@ async def render(request: web.Request) -> web.StreamResponse:
             speech: Any = api.tts
             if audio_file is not None:
                 try:
-                    pcm = await asyncio.to_thread(decode_audio, audio_file, 48000, api.max_render_audio_s)
+                    pcm = await executors.run_media(decode_audio, audio_file, 48000, api.max_render_audio_s)
                 except SourceMediaError as exc:
                     raise _media_error(exc) from None
                 speech = AudioClipSpeech(pcm, 48000)
             output = api.work_file("render", ".mp4")
             await _while_client_waits(request, render_to_file(output, template, api.engine, speech, text))
-            data = await asyncio.to_thread(output.read_bytes)
+            data = await executors.run_media(output.read_bytes)
     except ApiError as exc:
         return json_error(exc.status, exc.message)
     finally:
