@@ -1,5 +1,9 @@
-"""100 connect / say / disconnect cycles against one in-process server: asyncio tasks and threads
+"""100 connect / talk / disconnect cycles against one in-process server: asyncio tasks and threads
 come back to where they were, and RSS stays within 50 MB of its level after the first 10 cycles.
+
+Each cycle says a few words; every fifth also switches the call to another template and back (the
+template library's RAM tier, the renderer's per-template state, an encoder restarted at a new size),
+and every tenth asks a question out loud (VAD, Whisper, the LLM, TTS: a whole voice turn).
 
 Kept fast: a two-word `say`, no frame probing on the receiving side, and the next cycle starts as
 soon as the session has left the server.
@@ -14,15 +18,20 @@ import threading
 import time
 
 import aiohttp
+import cv2
 import psutil
 import pytest
 
+from avatar_rtc.avatar.photo import default_photo, prepare_photo
 from avatar_rtc.media import executors
+from avatar_rtc.testing.mic import ScriptedMic
 from avatar_rtc.testing.receiver import CallReceiver
+from avatar_rtc.testing.speech import spoken_clip
 
 pytestmark = pytest.mark.slow
 
 CYCLES = 100
+QUESTION = spoken_clip("What is the capital of France?")
 RSS_BASELINE_AFTER = 10
 RSS_SLACK_MB = 50
 SETTLE_S = 10.0
@@ -66,30 +75,54 @@ async def _settle(server, tasks_at_start: int) -> None:
         await asyncio.sleep(0.05)
 
 
-async def _cycle(server, http: aiohttp.ClientSession) -> None:
-    receiver = CallReceiver()
+async def _cycle(server, http: aiohttp.ClientSession, n: int, other_template: str) -> None:
+    mic = ScriptedMic()
+    receiver = CallReceiver(mic=mic)
     try:
         await receiver.connect_http(server.url, http)
         receiver.send({"type": "say", "text": "Hi there."})
         await receiver.wait_event(lambda e: e.get("type") == "metrics", 15)
+        if n % 5 == 0:
+            for template_id in (other_template, "default"):
+                seen = len(receiver.events)
+                receiver.send({"type": "select_template", "id": template_id})
+                await receiver.wait_event(
+                    lambda e, t=template_id: e.get("type") == "template" and e["id"] == t, 10, after=seen
+                )
+        if n % 10 == 0:
+            seen = len(receiver.events)
+            mic.play(QUESTION)
+            await receiver.wait_event(
+                lambda e: e.get("type") == "metrics" and e.get("turn") == "voice", 60, after=seen
+            )
     finally:
         await receiver.close()
 
 
-async def test_connect_say_disconnect_cycles_leak_nothing(make_server) -> None:
+@pytest.fixture(scope="module")
+def other_template(template_library) -> str:
+    """A second, full-frame template of another size (the encoder restarts at each switch)."""
+    photo = cv2.copyMakeBorder(default_photo(), 64, 64, 0, 0, cv2.BORDER_REFLECT_101)
+    template = prepare_photo(photo, "leak_other", seconds=1.0)
+    template.extras.clear()
+    template_library.store.save(template)
+    return "leak_other"
+
+
+async def test_connect_say_disconnect_cycles_leak_nothing(make_server, other_template: str) -> None:
     # A hundred calls in under two minutes from one address: the offer rate limit is not under test.
     server = await make_server(settings={"security": {"offers_per_minute": 0}})
     async with aiohttp.ClientSession() as http:
-        # One cycle first: thread pools (asyncio's default executor, the codecs') start lazily and
-        # stay; the counts that must come back are the ones after they exist.
-        await _cycle(server, http)
+        # One cycle of each kind first: thread pools (asyncio's default executor, the codecs', the
+        # models') start lazily and stay; the counts that must come back are the ones after they exist.
+        await _cycle(server, http, 0, other_template)
         await _settle(server, _tasks())
         gc.collect()
         tasks_at_start, threads_at_start = _tasks(), _threads()
         rss_baseline = 0.0
         started = time.monotonic()
         for n in range(1, CYCLES + 1):
-            await _cycle(server, http)
+            await _cycle(server, http, n, other_template)
             await _settle(server, tasks_at_start)
             if n == RSS_BASELINE_AFTER:
                 rss_baseline = _rss_mb()
