@@ -153,10 +153,41 @@ def test_embed_frames_the_pages_that_use_the_shared_client() -> None:
 # ---------------------------------------------------------------- browser
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RunningServer]:
-    with run_server(tmp_path / "server", extra_env=NO_MODELS_ENV) as running:
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """The real server as a process, without ASR or LLM so it starts in seconds."""
+    with run_server(tmp_path_factory.mktemp("pages_server"), extra_env=NO_MODELS_ENV) as running:
         yield running
+
+
+def get_headers(url: str, origin: str | None = None) -> dict[str, str]:
+    request = urllib.request.Request(url, headers={"Origin": origin} if origin else {})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.status == 200, url
+        return {name.lower(): value for name, value in response.headers.items()}
+
+
+@pytest.mark.slow
+def test_static_scripts_are_javascript_any_origin_may_load(server: RunningServer) -> None:
+    """Module scripts run only with a JavaScript Content-Type, and from another origin only with CORS
+    (a host page's embed.js loads js/avatar_call.js so)."""
+    base = server.base_url
+    for path in (
+        "/static/embed.js",
+        "/static/app.js",
+        "/static/js/call_client.js",
+        "/static/js/avatar_call.js",
+    ):
+        headers = get_headers(f"{base}{path}", origin="http://somebody-else.example")
+        assert headers["content-type"] == "text/javascript; charset=utf-8", (path, headers)
+        assert headers["access-control-allow-origin"] == "*", (path, headers)
+    # The server's own origin keeps the CORS middleware's answer, which names it.
+    headers = get_headers(f"{base}/static/js/call_client.js", origin=base)
+    assert headers["access-control-allow-origin"] == base, headers
+    # Only scripts: a stylesheet (or page) gets nothing extra.
+    headers = get_headers(f"{base}/static/style.css", origin="http://somebody-else.example")
+    assert "access-control-allow-origin" not in headers, headers
+    assert headers["content-type"].startswith("text/css"), headers
 
 
 class PageWatch:
@@ -218,13 +249,6 @@ def test_each_page_loads_its_modules_and_connects(server: RunningServer, tmp_pat
     kiosk_modules = module_urls(
         base, set().union(*(module_graph(e) for e in page_entries(PAGES["/static/kiosk.html"])))
     )
-
-    # Headers a page on another origin needs to run the modules.
-    with urllib.request.urlopen(
-        urllib.request.Request(f"{base}/static/js/avatar_call.js", headers={"Origin": "http://example.test"})
-    ) as response:
-        assert response.headers["Content-Type"].startswith("text/javascript"), dict(response.headers)
-        assert response.headers["Access-Control-Allow-Origin"] == "*", dict(response.headers)
 
     wav = make_silence_wav(tmp_path)
     page_errors: list[str] = []

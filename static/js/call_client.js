@@ -184,12 +184,13 @@ export class CallClient extends EventTarget {
     this.channel = null;
     this.stream = null;
     this.stopTimers();
+    // Closing twice is harmless; the peer connection closes even if the channel could not.
     try {
       channel?.close();
-      pc?.close();
     } catch {
       // already closed
     }
+    pc?.close();
   }
 
   // ---------------------------------------------------------------- internals

@@ -1,13 +1,13 @@
 // The avatar gallery: the server's templates with their thumbnails, choosing one (before a call, for
 // the call; in a call, a switch over the events channel), and deleting one with a second tap.
 
+import { fetchWithToken } from "../call_client.js";
 import { apiFetch, currentToken } from "./auth.js";
 import { channelOpen, inCall, send } from "./connection.js";
 import { setNote, ui } from "./dom.js";
 import { setLanguage } from "./language.js";
 import { avatarCall } from "./state.js";
 import { fitVideoFrame } from "./video.js";
-import { fetchWithToken } from "../call_client.js";
 
 export const TEMPLATES_URL = "/api/templates";
 // States in which a template can be shown in a call.
