@@ -158,16 +158,17 @@ export class CallClient extends EventTarget {
 
     try {
       await pc.setLocalDescription(await pc.createOffer());
+      await this.iceGathered(pc);
+      if (!current()) return null;
+      const answer = await this.postOffer(pc.localDescription);
+      if (!current()) return null;
+      await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
+      return answer;
     } catch (err) {
-      if (!current()) return null; // closed while making the offer
+      // A call closed on the way fails quietly: nobody waits for it any more.
+      if (!current()) return null;
       throw err;
     }
-    await this.iceGathered(pc);
-    if (!current()) return null;
-    const answer = await this.postOffer(pc.localDescription);
-    if (!current()) return null;
-    await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
-    return answer;
   }
 
   // Sends one JSON message on the events channel; false when the channel is not open.
