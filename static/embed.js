@@ -18,96 +18,20 @@
 // fit="video" (kiosk mode) the box takes the video's shape instead: its height follows its width
 // (style="width: 360px", no height) once the first frame says what the shape is, square until then.
 // A height or max-height in the page's style still wins, and the video is letterboxed inside it.
+//
+// This file stays a classic script, so that the one line above keeps working as it always has (with
+// or without defer). It only loads the element's module, js/avatar_call.js, from the same server
+// (module scripts from another origin are fetched with CORS; the server allows any origin to load its
+// static scripts). A page may load that module itself instead.
 "use strict";
 
 (() => {
-  if (customElements.get("avatar-call")) return;
-  const scriptOrigin = document.currentScript ? new URL(document.currentScript.src).origin : location.origin;
-  const PAGES = { kiosk: "/static/kiosk.html", call: "/" };
-
-  class AvatarCall extends HTMLElement {
-    static get observedAttributes() {
-      return ["src", "token", "mode", "sleep"];
-    }
-
-    constructor() {
-      super();
-      const root = this.attachShadow({ mode: "open" });
-      const style = document.createElement("style");
-      style.textContent =
-        ":host{display:block;position:relative;width:480px;height:480px;background:#000}" +
-        ':host([fit="video"]){height:auto;aspect-ratio:1}' +
-        "iframe{position:absolute;inset:0;width:100%;height:100%;border:0}";
-      // The video's shape once the kiosk in the iframe has told it (fit="video").
-      this.shape = document.createElement("style");
-      this.frame = document.createElement("iframe");
-      this.frame.setAttribute("allow", "microphone; autoplay; fullscreen");
-      this.frame.setAttribute("allowfullscreen", "");
-      this.frame.title = "Avatar call";
-      root.append(style, this.shape, this.frame);
-      this.onMessage = (event) => this.videoSize(event);
-    }
-
-    connectedCallback() {
-      window.addEventListener("message", this.onMessage);
-      this.update();
-    }
-
-    disconnectedCallback() {
-      window.removeEventListener("message", this.onMessage);
-      // Leaving the page (or removing the element) hangs up: the iframe's pagehide closes the call.
-      this.frame.removeAttribute("src");
-    }
-
-    // The kiosk page posts {type: "avatar-call:video-size", width, height} when its video's frame size
-    // is known or changes. Only this element's own iframe, on the avatar server's origin, is heard.
-    videoSize(event) {
-      if (event.source !== this.frame.contentWindow) return;
-      let origin;
-      try {
-        origin = new URL(this.frame.src).origin;
-      } catch {
-        return;
-      }
-      const data = event.data;
-      if (event.origin !== origin || data?.type !== "avatar-call:video-size") return;
-      const width = Number(data.width);
-      const height = Number(data.height);
-      if (!(Number.isInteger(width) && Number.isInteger(height) && width > 0 && height > 0)) return;
-      this.shape.textContent = `:host([fit="video"]){aspect-ratio:${width}/${height}}`;
-    }
-
-    attributeChangedCallback() {
-      if (this.isConnected) this.update();
-    }
-
-    url() {
-      const origin = (this.getAttribute("src") || scriptOrigin).replace(/\/+$/, "");
-      const mode = this.getAttribute("mode") === "call" ? "call" : "kiosk";
-      const url = new URL(PAGES[mode], origin);
-      const sleep = this.getAttribute("sleep");
-      if (sleep && mode === "kiosk") url.searchParams.set("sleep", sleep);
-      const token = this.getAttribute("token");
-      if (token) url.hash = new URLSearchParams({ token }).toString();
-      return url.href;
-    }
-
-    update() {
-      const next = this.url();
-      const current = this.frame.getAttribute("src");
-      if (current === next) return;
-      if (current && current.split("#")[0] === next.split("#")[0]) {
-        // Only the fragment (the token) changed: setting src would just scroll the loaded page.
-        // A fresh iframe loads the page anew; the old one's pagehide ends its call.
-        const fresh = this.frame.cloneNode(false);
-        fresh.src = next;
-        this.frame.replaceWith(fresh);
-        this.frame = fresh;
-        return;
-      }
-      this.frame.src = next;
-    }
-  }
-
-  customElements.define("avatar-call", AvatarCall);
+  // document.currentScript is this <script> while it runs (null only when something evaluates this
+  // file without a script element; then the page's own server is the best guess).
+  const url = document.currentScript
+    ? new URL("js/avatar_call.js", document.currentScript.src)
+    : new URL("/static/js/avatar_call.js", location.href);
+  import(url.href).catch((err) => {
+    console.error("avatar-call: could not load the element", err);
+  });
 })();

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from aiortc import RTCSessionDescription
 from aiortc import sdp as aiortc_sdp
@@ -166,6 +166,24 @@ async def _close_sessions(app: web.Application) -> None:
     services.library.close()
 
 
+# The pages' scripts are ES modules. A browser runs a module only if its Content-Type is a JavaScript
+# one, and aiohttp guesses that from the host's mime.types (application/javascript here, possibly
+# nothing elsewhere): name the current standard type instead. A page on another origin loads modules
+# (js/avatar_call.js through embed.js, or an import of its own) in CORS mode, so the scripts say any
+# origin may read them: they are the same public files every visitor gets, fetched without cookies.
+STATIC_PREFIX = "/static/"
+SCRIPT_CONTENT_TYPE = "text/javascript; charset=utf-8"
+
+
+async def _static_script_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if not (request.path.startswith(STATIC_PREFIX) and request.path.endswith(".js")):
+        return
+    if response.status in (200, 206):
+        response.headers[hdrs.CONTENT_TYPE] = SCRIPT_CONTENT_TYPE
+    # The CORS middleware has already answered an allowed origin by name; any other gets "*".
+    response.headers.setdefault(hdrs.ACCESS_CONTROL_ALLOW_ORIGIN, "*")
+
+
 def server_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for ``web.run_app`` / ``web.AppRunner``: connections that send no request
     head in time are closed, and the access log never holds a token."""
@@ -238,6 +256,7 @@ def create_app(services: Services) -> web.Application:
             on_change=node.publish_template_event if node is not None else None,
         ),
     )
-    app.router.add_static("/static", services.settings.static_dir)
+    app.router.add_static(STATIC_PREFIX.rstrip("/"), services.settings.static_dir)
+    app.on_response_prepare.append(_static_script_headers)
     app.on_shutdown.append(_close_sessions)
     return app
