@@ -25,6 +25,7 @@ import numpy as np
 
 from avatar_rtc.avatar.template import Template
 from avatar_rtc.avatar.video import NotMediaError, SourceTooLargeError
+from avatar_rtc.conversation.phonemes import SpeechChunk
 from avatar_rtc.conversation.sentences import split_sentences
 from avatar_rtc.conversation.speaker import Speaker
 from avatar_rtc.conversation.tts import TextToSpeech
@@ -70,6 +71,11 @@ class AudioClipSpeech:
     async def synthesize(self, text: str) -> AsyncIterator[np.ndarray]:
         for lo in range(0, len(self.pcm), self._chunk):
             yield self.pcm[lo : lo + self._chunk]
+
+    async def synthesize_timed(self, text: str) -> AsyncIterator[SpeechChunk]:
+        # A recording comes with no phonemes: the face estimates its mouth from the sound.
+        async for pcm in self.synthesize(text):
+            yield SpeechChunk(pcm)
 
 
 def decode_audio(

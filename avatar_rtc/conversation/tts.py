@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import importlib.util
 import io
@@ -16,6 +17,14 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from avatar_rtc.conversation.phonemes import (
+    SpeechChunk,
+    align_to_energy,
+    espeak_phonemes,
+    load_piper_voice_with_alignments,
+    piper_chunk_phonemes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +40,11 @@ class TextToSpeech(Protocol):
     sample_rate: int
 
     def synthesize(self, text: str) -> AsyncIterator[np.ndarray]: ...
+
+    def synthesize_timed(self, text: str) -> AsyncIterator[SpeechChunk]:
+        """The same speech, each chunk with the phonemes said in it and their times when the engine
+        knows them (the face shapes its lips by them), else ``phonemes=None``."""
+        ...
 
 
 # espeak-ng voices for the conversation languages, best first. Mandarin is "cmn", but Debian's
@@ -90,12 +104,11 @@ class PiperTTS:
     name = "piper"
 
     def __init__(self, voice_path: Path) -> None:
-        from piper import PiperVoice
-
         config = Path(f"{voice_path}.json")
         if not voice_path.is_file() or not config.is_file():
             raise TtsUnavailableError(f"piper voice needs {voice_path} and {config}")
-        self._voice = PiperVoice.load(voice_path, config_path=config)
+        # Patched to report each phoneme's duration, so the face's lips follow the phonemes exactly.
+        self._voice = load_piper_voice_with_alignments(voice_path, config)
         self.sample_rate = int(self._voice.config.sample_rate)
         self.voice_path = voice_path
         # One synthesis at a time: onnxruntime already uses every core for one sentence, and two at
@@ -105,15 +118,39 @@ class PiperTTS:
         # first caller's first sentence.
         self._synthesize_blocking("Hello.")
 
-    def _synthesize_blocking(self, text: str) -> np.ndarray:
+    def _synthesize_blocking(self, text: str) -> SpeechChunk:
         with self._lock:
-            chunks = [chunk.audio_int16_array for chunk in self._voice.synthesize(text)]
-        return np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
+            chunks = list(self._voice.synthesize(text, include_alignments=True))
+        parts = [chunk.audio_int16_array for chunk in chunks]
+        pcm = np.concatenate(parts).astype(np.int16) if parts else np.zeros(0, np.int16)
+        # piper speaks each sentence of ``text`` as its own chunk; the phonemes of all are put on the
+        # timeline of the joined audio (by the energy envelope for a chunk without alignments).
+        phonemes = []
+        offset = 0
+        for chunk, part in zip(chunks, parts, strict=True):
+            timed = piper_chunk_phonemes(chunk, offset / self.sample_rate)
+            if timed is None:
+                aligned = align_to_energy(chunk.phonemes, part, self.sample_rate)
+                timed = [
+                    dataclasses.replace(
+                        p,
+                        start_s=p.start_s + offset / self.sample_rate,
+                        end_s=p.end_s + offset / self.sample_rate,
+                    )
+                    for p in aligned
+                ]
+            phonemes.extend(timed)
+            offset += len(part)
+        return SpeechChunk(pcm, tuple(phonemes))
 
     async def synthesize(self, text: str) -> AsyncIterator[np.ndarray]:
-        pcm = await asyncio.to_thread(self._synthesize_blocking, text)
-        if len(pcm):
-            yield pcm
+        async for chunk in self.synthesize_timed(text):
+            yield chunk.pcm
+
+    async def synthesize_timed(self, text: str) -> AsyncIterator[SpeechChunk]:
+        chunk = await asyncio.to_thread(self._synthesize_blocking, text)
+        if len(chunk.pcm):
+            yield chunk
 
 
 class EspeakTTS:
@@ -147,3 +184,9 @@ class EspeakTTS:
             pcm = np.frombuffer(wav.readframes(wav.getnframes()), np.int16)
         if len(pcm):
             yield pcm.copy()
+
+    async def synthesize_timed(self, text: str) -> AsyncIterator[SpeechChunk]:
+        # espeak-ng reports no timings through its command line: its phonemes are aligned to the audio.
+        async for pcm in self.synthesize(text):
+            symbols = await asyncio.to_thread(espeak_phonemes, text, self._voice)
+            yield SpeechChunk(pcm, align_to_energy(symbols, pcm, self.sample_rate) or None)
