@@ -109,6 +109,7 @@ class PiperTTS:
             raise TtsUnavailableError(f"piper voice needs {voice_path} and {config}")
         # Patched to report each phoneme's duration, so the face's lips follow the phonemes exactly.
         self._voice = load_piper_voice_with_alignments(voice_path, config)
+        self._pad_ids = len(self._voice.config.phoneme_id_map.get("_", [0]))
         self.sample_rate = int(self._voice.config.sample_rate)
         self.voice_path = voice_path
         # One synthesis at a time: onnxruntime already uses every core for one sentence, and two at
@@ -128,7 +129,7 @@ class PiperTTS:
         phonemes = []
         offset = 0
         for chunk, part in zip(chunks, parts, strict=True):
-            timed = piper_chunk_phonemes(chunk, offset / self.sample_rate)
+            timed = piper_chunk_phonemes(chunk, offset / self.sample_rate, self._pad_ids)
             if timed is None:
                 aligned = align_to_energy(chunk.phonemes, part, self.sample_rate)
                 timed = [
