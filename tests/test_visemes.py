@@ -341,3 +341,20 @@ def test_an_open_mouth_shows_teeth_a_tongue_and_a_shaded_cavity(
     # Teeth are drawn just under the upper lip, the tongue low in the mouth.
     teeth_rows, tongue_rows = np.nonzero(teeth)[0], np.nonzero(tongue)[0]
     assert np.median(teeth_rows) < np.median(tongue_rows)
+
+
+async def test_espeak_phonemes_are_aligned_to_its_audio() -> None:
+    """The fallback TTS gives phonemes too: espeak-ng's own, placed on its audio by energy."""
+    from avatar_rtc.conversation.tts import EspeakTTS, TtsUnavailableError
+
+    try:
+        tts = EspeakTTS()
+    except TtsUnavailableError as error:
+        pytest.skip(str(error))
+    chunks = [chunk async for chunk in tts.synthesize_timed("My map, a bee.")]
+    assert len(chunks) == 1 and chunks[0].phonemes
+    phonemes = chunks[0].phonemes
+    assert phonemes[-1].end_s == pytest.approx(len(chunks[0].pcm) / tts.sample_rate)
+    assert all(a.end_s <= b.start_s + 1e-9 for a, b in itertools.pairwise(phonemes))
+    visemes = [viseme_of_phoneme(p.phoneme) for p in phonemes]
+    assert visemes.count(Viseme.CLOSED) >= 3 and Viseme.SPREAD in visemes
