@@ -7,7 +7,7 @@ Usage::
     # The same strip from another checkout (an older renderer), audio-driven as that one was:
     PYTHONPATH=/path/to/old/checkout python scripts/viseme_gallery.py --strip-only before
 
-The strip shows the mouth every other frame (12.5 per second) over the sentence, the same frames in
+The strip shows the mouth every other frame (12.5 per second) from the sentence's start, the same frames in
 both versions, so the two strips compare frame by frame.
 """
 
@@ -25,7 +25,10 @@ import numpy as np
 SENTENCE = "Move your lips for me, please: a bee, a bow, a fine view."
 OUT_DIR = Path("docs/visemes")
 FPS = 25
-TILE_SCALE = 1.5
+TILE_SCALE = 1.0
+# The PNGs are kept small (a few hundred KB in all): tiles at the photo's own scale, 128 colours.
+PNG_COLOURS = 128
+STRIP_TILES = 18
 
 
 def _mouth_box(landmarks: np.ndarray, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -35,8 +38,8 @@ def _mouth_box(landmarks: np.ndarray, image_size: tuple[int, int]) -> tuple[int,
     left, right = landmarks[face.MOUTH_LEFT_CORNER], landmarks[face.MOUTH_RIGHT_CORNER]
     width = float(np.hypot(*(right - left)))
     centre = 0.5 * (left + right)
-    x0, x1 = int(centre[0] - 0.85 * width), int(centre[0] + 0.85 * width)
-    y0, y1 = int(centre[1] - 0.45 * width), int(centre[1] + 0.6 * width)
+    x0, x1 = int(centre[0] - 0.7 * width), int(centre[0] + 0.7 * width)
+    y0, y1 = int(centre[1] - 0.35 * width), int(centre[1] + 0.5 * width)
     return max(x0, 0), max(y0, 0), min(x1, image_size[0]), min(y1, image_size[1])
 
 
@@ -44,8 +47,8 @@ def _tile(image: np.ndarray, box: tuple[int, int, int, int], label: str) -> np.n
     x0, y0, x1, y1 = box
     tile = cv2.resize(image[y0:y1, x0:x1], None, fx=TILE_SCALE, fy=TILE_SCALE, interpolation=cv2.INTER_CUBIC)
     if label:
-        cv2.putText(tile, label, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 3, cv2.LINE_AA)
-        cv2.putText(tile, label, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+        cv2.putText(tile, label, (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(tile, label, (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
     return tile
 
 
@@ -62,7 +65,10 @@ def _grid(tiles: list[np.ndarray], columns: int) -> np.ndarray:
 def _write(name: str, image: np.ndarray) -> None:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     path = OUT_DIR / name
-    cv2.imwrite(str(path), image, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    from PIL import Image  # pillow (a test dependency): a palette PNG is a third of the size
+
+    rgb = Image.fromarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+    rgb.quantize(colors=PNG_COLOURS, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
     print(f"{path}: {image.shape[1]}x{image.shape[0]}, {path.stat().st_size // 1024} KiB")
 
 
@@ -97,9 +103,9 @@ async def sentence_strip(template: Any, with_visemes: bool) -> np.ndarray:
     if with_visemes:
         from avatar_rtc.render.visemes import visemes_from_phonemes
 
-        chunk = [c async for c in tts.synthesize_timed(SENTENCE)][0]
-        pcm = chunk.pcm
-        timed = visemes_from_phonemes((p.phoneme, p.start_s, p.end_s) for p in chunk.phonemes or ())
+        chunks = [c async for c in tts.synthesize_timed(SENTENCE)]
+        pcm = np.concatenate([c.pcm for c in chunks])
+        timed = visemes_from_phonemes((p.phoneme, p.start_s, p.end_s) for p in chunks[0].phonemes or ())
         renderer.push_audio(resample_pcm(pcm, tts.sample_rate, renderer.sample_rate), 0.0)
         renderer.push_visemes(timed, 0.0)
         for index in range(int(len(pcm) / tts.sample_rate * FPS) + 1):
@@ -117,10 +123,10 @@ async def sentence_strip(template: Any, with_visemes: bool) -> np.ndarray:
             break
     await renderer.aclose()
     box = _mouth_box(template.landmarks[0], template.size)
-    # From the first sound to the end, every other frame, at most 36 tiles.
-    picked = [index for index in sorted(frames) if index % 2 == 0][2:38]
+    # From the first sound on, every other frame.
+    picked = [index for index in sorted(frames) if index % 2 == 0][2 : 2 + STRIP_TILES]
     tiles = [_tile(frames[index], box, labels.get(index, "") or f"{index / FPS:.2f}s") for index in picked]
-    return _grid(tiles, 12)
+    return _grid(tiles, STRIP_TILES // 2)
 
 
 def main() -> None:

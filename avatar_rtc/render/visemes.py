@@ -42,8 +42,9 @@ class MouthPose:
     opening: float = 0.0  # inner-lip gap as a share of the natural maximum, 0..1 (< 0: pressed)
     jaw: float = 0.5  # share of that gap that is open between the teeth (the rest shows teeth), 0..1
     roundness: float = 0.0  # +1 rounded and narrow, -1 spread and wide
-    # How much of the template's own lip gap is kept: 1 at rest (a smiling template keeps its smile);
-    # 0 while speaking, where the gap is ``opening`` alone (so m, b, p close even a parted mouth).
+    # Whether the opening starts from the template's own lip gap (1: rest and vowels, so a template that
+    # smiles with parted lips keeps them parted and opens further) or from closed lips (0: consonants that
+    # shape the lips themselves, so m, b, p close even a parted mouth).
     rest: float = 1.0
     lip_tuck: float = 0.0  # 1: the lower lip rests against the upper teeth (f, v)
     tongue_tip: float = 0.0  # 1: the tongue tip shows between the teeth (th)
@@ -61,18 +62,18 @@ REST_POSE = MouthPose()
 # short closure still shuts the mouth.
 PRESSED_LIPS = -0.08
 
-# Target poses. Openings are shares of the natural maximum (render.warp.MouthRange): /a/ nearly all of
-# it, mid vowels about half, close vowels and consonants with parted lips a sixth to a third.
+# Target poses. Openings are shares of the natural range (render.warp.MouthRange): /a/ nearly all of it,
+# mid vowels about half, close vowels and consonants with parted lips a sixth to a third.
 VISEME_POSES: dict[Viseme, MouthPose] = {
     Viseme.REST: REST_POSE,
     Viseme.CLOSED: MouthPose(opening=PRESSED_LIPS, jaw=0.0, roundness=0.05, rest=0.0),
     Viseme.LABIODENTAL: MouthPose(opening=0.16, jaw=0.0, roundness=-0.3, rest=0.0, lip_tuck=1.0),
     Viseme.DENTAL: MouthPose(opening=0.24, jaw=0.35, roundness=-0.2, rest=0.0, tongue_tip=1.0),
-    Viseme.ROUNDED: MouthPose(opening=0.26, jaw=0.55, roundness=1.0, rest=0.0),
-    Viseme.ROUNDED_OPEN: MouthPose(opening=0.5, jaw=0.6, roundness=0.7, rest=0.0),
-    Viseme.SPREAD: MouthPose(opening=0.3, jaw=0.15, roundness=-1.0, rest=0.0),
-    Viseme.MID: MouthPose(opening=0.56, jaw=0.55, roundness=-0.2, rest=0.0),
-    Viseme.OPEN: MouthPose(opening=0.9, jaw=0.55, roundness=0.0, rest=0.0),
+    Viseme.ROUNDED: MouthPose(opening=0.26, jaw=0.55, roundness=1.0, rest=1.0),
+    Viseme.ROUNDED_OPEN: MouthPose(opening=0.5, jaw=0.6, roundness=0.7, rest=1.0),
+    Viseme.SPREAD: MouthPose(opening=0.3, jaw=0.15, roundness=-1.0, rest=1.0),
+    Viseme.MID: MouthPose(opening=0.56, jaw=0.55, roundness=-0.2, rest=1.0),
+    Viseme.OPEN: MouthPose(opening=0.9, jaw=0.55, roundness=0.0, rest=1.0),
     Viseme.TEETH: MouthPose(opening=0.16, jaw=0.1, roundness=-0.35, rest=0.0),
     Viseme.POSTALVEOLAR: MouthPose(opening=0.24, jaw=0.1, roundness=0.6, rest=0.0),
 }

@@ -55,7 +55,7 @@ class MouthRange:
 LOWER_LIP_SHARE_OPENING = 0.8
 LOWER_LIP_SHARE_CLOSING = 0.55
 # Geometry, in mouth widths (corner to corner) unless noted.
-ROUND_CORNER_PULL = 0.28  # fraction of the half-width the corners move in at roundness +1
+ROUND_CORNER_PULL = 0.4  # fraction of the half-width the corners move in at roundness +1
 SPREAD_CORNER_PUSH = 0.10  # ... and out at roundness -1
 CHIN_FADE_START = 0.10  # below the jaw line, the jaw drop starts fading ...
 CHIN_FADE_LENGTH = 0.60  # ... and is gone this much further down
@@ -280,23 +280,24 @@ def build_rig(
 
 def pose_from_audio(openness: float, roundness: float) -> MouthPose:
     """The pose for an audio-only estimate (:func:`mouth_shape`): silence is the template's own mouth,
-    full openness the natural maximum; rounded sounds open a little taller than spread ones."""
+    full openness the natural maximum, linearly between; rounded sounds open a little taller than
+    spread ones."""
     if openness <= 1e-3:
         return MouthPose()
     openness = min(float(openness), 1.0)
     roundness = float(np.clip(roundness, -1.0, 1.0))
     opening = min(openness * (1.0 + 0.2 * roundness), 1.0)
-    return MouthPose(
-        opening=opening, jaw=0.6 - 0.25 * max(-roundness, 0.0), roundness=roundness, rest=1.0 - openness
-    )
+    return MouthPose(opening=opening, jaw=0.6 - 0.25 * max(-roundness, 0.0), roundness=roundness, rest=1.0)
 
 
 def lip_travel(rig: MouthRig, pose: MouthPose) -> tuple[float, float]:
     """(lower lip down, upper lip up) at the midline in px for ``pose``; negative values close the lips.
 
-    The inner-lip gap the pose asks for is the template's own where it rests and a share of the
-    natural maximum where it speaks, never more than that maximum (``MouthRange``)."""
-    gap = pose.rest * rig.rest_gap + pose.opening * rig.max_gap
+    The inner-lip gap the pose asks for: its ``opening`` share of the way from its base (the template's
+    own gap for rest and vowels, closed lips for the consonants that shape them) to the natural maximum
+    (``MouthRange``), never more than that maximum."""
+    base = pose.rest * rig.rest_gap
+    gap = base + pose.opening * max(rig.max_gap - base, 0.0)
     # Below zero the lips press together (m, b, p), by a little at most.
     gap = min(max(gap, PRESSED_LIPS * rig.max_gap), max(rig.max_gap, rig.rest_gap))
     change = gap - rig.rest_gap
@@ -434,8 +435,8 @@ def _paint_interior(
 
     # Teeth: the part of the opening the jaw leaves closed shows teeth, mostly the upper ones; with the
     # lower lip tucked under them (f, v) the upper teeth fill it.
-    # A template that shows its own upper teeth keeps them (they move with the upper lip): then only
-    # the lower teeth, which the lower lip uncovers as it drops, are drawn.
+    # A template that shows its own teeth keeps them (the upper row moves with the upper lip, the lower
+    # row with the lower lip): then none are drawn, and the opening between them is the dark cavity.
     # The upper incisors show a few millimetres below the lip as soon as the lips part.
     upper_share = (0.6 + 0.4 * tuck) * rig.painted_teeth
     teeth_height = (1.0 - jaw) * gap
@@ -446,7 +447,7 @@ def _paint_interior(
         teeth_height - np.minimum(upper_height, teeth_height), LOWER_TEETH_MAX * mouth_width
     )
     # Teeth recede along the dental arch: none in the dark corners of the mouth.
-    teeth_presence = _smoothstep((lens - 0.08) * (1.0 / 0.35))
+    teeth_presence = rig.painted_teeth * _smoothstep((lens - 0.08) * (1.0 / 0.35))
     upper_height *= teeth_presence
     lower_height *= teeth_presence
     cavity = np.maximum(gap - upper_height - lower_height, 0.0)
@@ -546,8 +547,8 @@ class WarpRenderer(StreamingRenderer):
     # A window centred on the frame time: the mouth shape then matches the sound heard with it.
     window_before_s = 0.04
     lookahead_s = 0.04
-    # With visemes, loudness still scales the opening a little: stressed syllables open further.
-    viseme_quiet_scale = 0.7
+    # With visemes, the share of a vowel's opening that follows the loudness (the rest is the vowel's).
+    loudness_share = 0.6
 
     def __init__(self, template: Template, rigs: _TemplateRigs) -> None:
         super().__init__(template)
@@ -568,7 +569,13 @@ class WarpRenderer(StreamingRenderer):
         pose = self._visemes.pose_at(job.index / self.fps)
         if pose is None:
             return pose_from_audio(openness, roundness)
-        return pose.scaled(self.viseme_quiet_scale + (1.0 - self.viseme_quiet_scale) * openness)
+        # The vowel sets the lip shape and how high the jaw goes relative to other vowels; how loud it
+        # is sets how far it goes (stressed, louder syllables open wider). Consonants that shape the lips
+        # themselves (rest = 0) ignore the loudness.
+        vowel = float(np.clip(pose.rest, 0.0, 1.0))
+        loudness_share = self.loudness_share * vowel
+        opening = (1.0 - loudness_share) * pose.opening + loudness_share * openness
+        return dataclasses.replace(pose, opening=opening)
 
     def render_pose(self, template_index: int, pose: MouthPose) -> np.ndarray:
         return render_mouth(self.template.frames[template_index], self._rigs.rig(template_index), pose)
