@@ -1,10 +1,12 @@
-"""The default CPU renderer: opens the template's mouth by warping the lower face with the audio.
+"""The default CPU renderer: shapes the template's mouth by warping the lower face as it speaks.
 
 Per template frame a *rig* is precomputed from the landmarks: the lower-face crop, coordinates along
-and across the mouth, and smooth weight maps saying how far each pixel follows the jaw, the upper
-lip and the lip corners. Per video frame, openness and roundness from :func:`mouth_shape` scale those
-maps into one backward map for ``cv2.remap`` over the crop only, and the gap that opens between the
-lips is painted as a mouth interior. Everything outside the crop is the template frame, untouched.
+and across the mouth, smooth weight maps saying how far each pixel follows the jaw, the upper lip and
+the lip corners, and the natural range of the opening (:class:`MouthRange`). Per video frame a
+:class:`~avatar_rtc.render.visemes.MouthPose` (from the visemes the TTS spoke at the frame's time, else
+from the audio around it via :func:`mouth_shape`) scales those maps into one backward map for
+``cv2.remap`` over the crop only; lips that part show a drawn interior (teeth, tongue, a shaded cavity),
+lips that close (m, b, p) meet. Everything outside the crop is the template frame, untouched.
 """
 
 from __future__ import annotations
