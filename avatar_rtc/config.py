@@ -100,6 +100,12 @@ class RendererSettings(BaseModel):
     # its weights or packages are missing. With musetalk raise media.speech_lead_ms to about 120.
     engine: Literal["warp", "musetalk"] = "warp"
     musetalk: MuseTalkSettings = Field(default_factory=MuseTalkSettings)
+    # The warp renderer's largest inner-lip opening, whichever is smaller: a share of the mouth's width
+    # (corner to corner) or of the face's height (nasion to chin). Speech opens about 1 cm at most, 0.3
+    # of an adult's mouth width and 0.14 of the nasion-chin height (sources: render/warp.py); loud
+    # speech never opens further.
+    mouth_max_opening_mouth_widths: float = Field(0.30, gt=0, le=1.0)
+    mouth_max_opening_face_heights: float = Field(0.14, gt=0, le=0.5)
 
 
 class AvatarSettings(BaseModel):

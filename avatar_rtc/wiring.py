@@ -140,9 +140,14 @@ def build_llm(settings: Settings) -> tuple[LanguageModel | None, str]:
 def build_renderer(settings: Settings) -> RendererEngine:
     """The configured renderer; MuseTalk without its weights or packages falls back to warp, which
     is also its light renderer for new sessions when the GPU worker cannot keep up."""
-    from avatar_rtc.render.warp import WarpEngine
+    from avatar_rtc.render.warp import MouthRange, WarpEngine
 
-    warp = WarpEngine()
+    warp = WarpEngine(
+        mouth_range=MouthRange(
+            mouth_widths=settings.renderer.mouth_max_opening_mouth_widths,
+            face_heights=settings.renderer.mouth_max_opening_face_heights,
+        )
+    )
     if settings.renderer.engine == "musetalk":
         from avatar_rtc.render.musetalk import MuseTalkEngine, MuseTalkUnavailableError
 

@@ -16,6 +16,7 @@ import aiohttp
 import numpy as np
 
 from avatar_rtc.conversation.llm import ChatMessage
+from avatar_rtc.conversation.phonemes import SpeechChunk
 from avatar_rtc.media.spoken_text import join_spoken
 from avatar_rtc.testing.receiver import CallReceiver
 
@@ -41,6 +42,10 @@ class OddLengthTTS:
     async def synthesize(self, text: str, *, session: str = "") -> AsyncIterator[np.ndarray]:
         samples = int(self._rng.integers(1_100, 3_900)) * 2 + 1
         yield np.full(samples, 3000, np.int16)
+
+    async def synthesize_timed(self, text: str, *, session: str = "") -> AsyncIterator[SpeechChunk]:
+        async for pcm in self.synthesize(text, session=session):
+            yield SpeechChunk(pcm)  # no phonemes: the face follows the sound
 
 
 class CyclingLLM:

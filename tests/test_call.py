@@ -83,7 +83,9 @@ async def test_call_streams_speech_with_lips_in_sync(make_server, default_templa
     speech_frames = openness[-int(25 * 4.5) : -int(25 * 2.0)]
     idle_frames = openness[10:45]
     assert speech_frames.std() > 5 * max(idle_frames.std(), 1e-3), (speech_frames.std(), idle_frames.std())
-    assert speech_frames.max() > idle_frames.max() + 0.05
+    # The opening is a natural one (issue 16): at 512 px the astronaut's lips part at most 9 px beyond
+    # her smile, a few hundred dark pixels in the probe's box.
+    assert speech_frames.max() > idle_frames.max() + 0.015
     assert abs(openness[-10:].mean() - idle_frames.mean()) < 0.01, "mouth did not close after speech"
 
     sync = lip_offset(rec)

@@ -8,7 +8,7 @@ The fakes wrap the real engines and fail on cue. A hang is ended by the product'
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -17,8 +17,10 @@ import pytest
 
 from avatar_rtc.avatar.template import Template
 from avatar_rtc.conversation.llm import LanguageModel
+from avatar_rtc.conversation.phonemes import SpeechChunk
 from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.render.base import RenderedFrame, Renderer
+from avatar_rtc.render.visemes import TimedViseme
 from avatar_rtc.render.warp import WarpEngine
 from avatar_rtc.testing.receiver import CallReceiver
 
@@ -67,11 +69,16 @@ class FaultyTTS:
         self.sample_rate = real.sample_rate
 
     async def synthesize(self, text: str, *, session: str = "") -> AsyncIterator[np.ndarray]:
+        async for chunk in self.synthesize_timed(text, session=session):
+            yield chunk.pcm
+
+    async def synthesize_timed(self, text: str, *, session: str = "") -> AsyncIterator[SpeechChunk]:
         mode = self.cue.take() if FAILING_TEXT_MARK in text else None
-        async for chunk in self.real.synthesize(text, session=session):
-            yield chunk[: len(chunk) // 2]
+        async for chunk in self.real.synthesize_timed(text, session=session):
+            half = len(chunk.pcm) // 2
+            yield SpeechChunk(chunk.pcm[:half], chunk.phonemes)  # timed from the first sample on
             await _misbehave(mode, "speech synthesis")
-            yield chunk[len(chunk) // 2 :]
+            yield SpeechChunk(chunk.pcm[half:])
 
 
 class FaultyLLM:
@@ -118,6 +125,9 @@ class FaultyRenderer:
             self.cue.take()
             raise RuntimeError("renderer exploded")
         self.real.push_audio(pcm, media_time)
+
+    def push_visemes(self, visemes: Sequence[TimedViseme], media_time: float) -> None:
+        self.real.push_visemes(visemes, media_time)
 
     def flush(self) -> None:
         self.real.flush()

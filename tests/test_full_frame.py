@@ -111,7 +111,9 @@ def test_rendered_file_keeps_the_shape_and_changes_only_the_mouth(prepared: Temp
         blocks = block_means(np.where(outside, difference, 0.0))
         assert blocks.max() < 12, f"frame {index}: a block outside the mouth changed by {blocks.max():.1f}"
         mouth_change.append(float(difference[~outside].mean()))
-    assert max(mouth_change) > 3 * np.median(mouth_change[:3] or [1.0]) + 2, "the mouth moved"
+    # The lips part by a natural amount (issue 16), a small part of this lower-face box: its mean change
+    # rises well above the codec's noise, not to several times it.
+    assert max(mouth_change) > np.median(mouth_change[:3] or [1.0]) + 2.5, "the mouth moved"
 
 
 def test_sources_past_the_bound_are_scaled_down_with_even_sides() -> None:

@@ -7,6 +7,7 @@ import asyncio
 import numpy as np
 
 from avatar_rtc.avatar.template import Template
+from avatar_rtc.conversation.phonemes import SpeechChunk
 from avatar_rtc.media.playout import Playout, Utterance
 
 
@@ -129,6 +130,10 @@ async def test_a_sentence_played_to_its_last_sample_is_heard_whole(default_templ
         async def synthesize(self, text: str, *, session: str = ""):
             yield np.full(int(rng.integers(4_000, 30_000)), 800, np.int16)
 
+        async def synthesize_timed(self, text: str, *, session: str = ""):
+            async for pcm in self.synthesize(text):
+                yield SpeechChunk(pcm)
+
     text = "Every word of this answer was played, one two three four five six seven."
     engine = WarpEngine()
     dropped = []
@@ -160,6 +165,10 @@ async def test_a_cut_during_a_long_first_sentence_still_knows_what_was_heard(def
 
         async def synthesize(self, text: str, *, session: str = ""):
             yield (np.sin(np.arange(16000 * 2) / 10) * 8000).astype(np.int16)
+
+        async def synthesize_timed(self, text: str, *, session: str = ""):
+            async for pcm in self.synthesize(text):
+                yield SpeechChunk(pcm)
 
     clock = FakeClock()
     playout = Playout(clock, default_template, lead_s=0.05, max_ahead_s=0.5)

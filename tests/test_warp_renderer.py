@@ -13,7 +13,7 @@ from avatar_rtc.avatar.store import TemplateStore
 from avatar_rtc.avatar.template import Template
 from avatar_rtc.render.base import Renderer
 from avatar_rtc.render.mouth_shape import mouth_shape
-from avatar_rtc.render.warp import WarpEngine, WarpRenderer
+from avatar_rtc.render.warp import WarpEngine, WarpRenderer, lip_travel, pose_from_audio
 
 SAMPLE_RATE = 16000
 FPS = 25
@@ -126,10 +126,11 @@ def test_open_mouth_shows_a_dark_interior(renderer: WarpRenderer, template: Temp
     closed = _dark_mask(template.frames[0], template).sum()
     half = _dark_mask(renderer.render_frame(0, 0.5, 0.0), template).sum()
     wide_open = _dark_mask(renderer.render_frame(0, 1.0, 0.0), template).sum()
-    mouth_width = (
-        template.landmarks[0, face.MOUTH_RIGHT_CORNER, 0] - template.landmarks[0, face.MOUTH_LEFT_CORNER, 0]
-    )
-    assert half > closed + 0.05 * mouth_width**2
+    # The opening is a natural one (a few pixels more than the template's own smile at 512 px): its
+    # dark part is a fair share of the lens-shaped area the lips part by, the teeth and tongue the rest.
+    rig = renderer._rigs.rig(0)
+    half_opening_px = sum(lip_travel(rig, pose_from_audio(0.5, 0.0)))
+    assert half > closed + 0.12 * (2 * rig.lens_half_width) * half_opening_px
     assert wide_open > half * 1.4
 
 
@@ -203,7 +204,7 @@ async def test_streamed_speech_moves_the_mouth_in_sync(engine: WarpEngine, templ
     darkness = np.array([_dark_mask(frame.image, template).sum() for frame in frames], dtype=np.float64)
     frame_times = np.array(indices) / FPS
     level = 0.5 - 0.5 * np.cos(2 * np.pi * 4.0 * frame_times)
-    assert darkness.max() > darkness.min() + 200
+    assert darkness.max() > darkness.min() + 100
     assert np.corrcoef(darkness, level)[0, 1] > 0.7
 
     def lagged_correlation(lag: int) -> float:

@@ -40,6 +40,7 @@ NOSE_BOTTOM = 2  # where the columella meets the upper lip
 NOSE_LEFT_WING = 129
 NOSE_RIGHT_WING = 358
 CHIN = 152
+NASION = 168  # between the eyes, at the bridge of the nose
 FOREHEAD_TOP = 10
 # Face outline from the left cheek (at eye level) down round the chin to the right cheek.
 JAW_CONTOUR = (

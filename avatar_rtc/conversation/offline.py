@@ -26,6 +26,7 @@ import numpy as np
 from avatar_rtc.avatar.template import Template
 from avatar_rtc.avatar.video import NotMediaError, SourceTooLargeError
 from avatar_rtc.conversation.fair import NO_SESSION
+from avatar_rtc.conversation.phonemes import SpeechChunk
 from avatar_rtc.conversation.sentences import split_sentences
 from avatar_rtc.conversation.speaker import Speaker
 from avatar_rtc.conversation.tts import TextToSpeech
@@ -72,6 +73,11 @@ class AudioClipSpeech:
     async def synthesize(self, text: str, *, session: str = NO_SESSION) -> AsyncIterator[np.ndarray]:
         for lo in range(0, len(self.pcm), self._chunk):
             yield self.pcm[lo : lo + self._chunk]
+
+    async def synthesize_timed(self, text: str, *, session: str = NO_SESSION) -> AsyncIterator[SpeechChunk]:
+        # A recording comes with no phonemes: the face estimates its mouth from the sound.
+        async for pcm in self.synthesize(text, session=session):
+            yield SpeechChunk(pcm)
 
 
 def decode_audio(

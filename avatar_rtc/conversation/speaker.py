@@ -12,9 +12,11 @@ import numpy as np
 
 from avatar_rtc.conversation.audio import resample_pcm
 from avatar_rtc.conversation.fair import NO_SESSION
+from avatar_rtc.conversation.phonemes import TimedPhoneme
 from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.media.playout import Playout, SpokenSentence, Utterance
 from avatar_rtc.render.base import Renderer
+from avatar_rtc.render.visemes import visemes_from_phonemes
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -82,17 +84,26 @@ class Speaker:
 
     async def speak_sentence(self, sentence: str, utterance: Utterance) -> None:
         synthesis = stall_timeout(
-            self.tts.synthesize(sentence, session=self.session), self.stall_timeout_s, "speech synthesis"
+            self.tts.synthesize_timed(sentence, session=self.session),
+            self.stall_timeout_s,
+            "speech synthesis",
         )
-        async for pcm in synthesis:
+        async for chunk in synthesis:
             if utterance.first_tts_audio_at is None:
                 utterance.first_tts_audio_at = time.monotonic()
-            await self._schedule(pcm, self.tts.sample_rate, utterance, sentence)
+            await self._schedule(chunk.pcm, self.tts.sample_rate, utterance, sentence, chunk.phonemes)
         # A sentence boundary ends a renderer segment: its last frames need not wait for the next
         # sentence's audio as lookahead.
         self.renderer.flush()
 
-    async def _schedule(self, pcm: np.ndarray, rate: int, utterance: Utterance, sentence: str) -> None:
+    async def _schedule(
+        self,
+        pcm: np.ndarray,
+        rate: int,
+        utterance: Utterance,
+        sentence: str,
+        phonemes: tuple[TimedPhoneme, ...] | None = None,
+    ) -> None:
         """Queue one chunk of a sentence's speech, piece by piece as the playout makes room."""
         out_rate, render_rate = self.playout.sample_rate, self.renderer.sample_rate
         playout_pcm = resample_pcm(pcm, rate, out_rate)
@@ -113,6 +124,10 @@ class Speaker:
                 # over whole. The playout places the later pieces right after it while speech is queued.
                 first_start = start
                 self.renderer.push_audio(render_pcm, start)
+                if phonemes:
+                    # Timed from the chunk's first sample, like the audio: the lips shape what is said.
+                    visemes = visemes_from_phonemes((p.phoneme, p.start_s, p.end_s) for p in phonemes)
+                    self.renderer.push_visemes(visemes, start)
             elif abs(start - (first_start + lo / out_rate)) > 0.5 / out_rate:
                 log.warning(
                     "speech piece placed %.3f s late: the face runs ahead of the voice",

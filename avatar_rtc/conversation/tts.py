@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import importlib.util
 import io
@@ -18,6 +19,13 @@ from typing import Protocol
 import numpy as np
 
 from avatar_rtc.conversation.fair import NO_SESSION, FairLock, run_exclusive
+from avatar_rtc.conversation.phonemes import (
+    SpeechChunk,
+    align_to_energy,
+    espeak_phonemes,
+    load_piper_voice_with_alignments,
+    piper_chunk_phonemes,
+)
 from avatar_rtc.media import executors
 
 log = logging.getLogger(__name__)
@@ -35,6 +43,11 @@ class TextToSpeech(Protocol):
     sample_rate: int
 
     def synthesize(self, text: str, *, session: str = NO_SESSION) -> AsyncIterator[np.ndarray]: ...
+
+    def synthesize_timed(self, text: str, *, session: str = NO_SESSION) -> AsyncIterator[SpeechChunk]:
+        """The same speech, each chunk with the phonemes said in it and their times when the engine
+        knows them (the face shapes its lips by them), else ``phonemes=None``."""
+        ...
 
 
 # espeak-ng voices for the conversation languages, best first. Mandarin is "cmn", but Debian's
@@ -96,12 +109,12 @@ class PiperTTS:
     name = "piper"
 
     def __init__(self, voice_path: Path) -> None:
-        from piper import PiperVoice
-
         config = Path(f"{voice_path}.json")
         if not voice_path.is_file() or not config.is_file():
             raise TtsUnavailableError(f"piper voice needs {voice_path} and {config}")
-        self._voice = PiperVoice.load(voice_path, config_path=config)
+        # Patched to report each phoneme's duration, so the face's lips follow the phonemes exactly.
+        self._voice = load_piper_voice_with_alignments(voice_path, config)
+        self._pad_ids = len(self._voice.config.phoneme_id_map.get("_", [0]))
         self.sample_rate = int(self._voice.config.sample_rate)
         self.voice_path = voice_path
         # One synthesis at a time: onnxruntime already uses every core for one sentence, and two at
@@ -112,25 +125,48 @@ class PiperTTS:
         with self._lock.hold_blocking():
             self._synthesize_holding("Hello.", threading.Event())
 
-    def _synthesize_holding(self, text: str, cancelled: threading.Event) -> np.ndarray:
-        """Runs while holding the voice; piper yields a chunk per sentence of ``text``, and one that
-        nobody waits for any more stops after the chunk in progress."""
+    def _synthesize_holding(self, text: str, cancelled: threading.Event) -> SpeechChunk:
+        """Runs while holding the voice; piper yields a chunk per sentence of ``text`` (one that nobody
+        waits for any more stops after the chunk in progress). The phonemes of all chunks are put on the
+        timeline of the joined audio (by the energy envelope for a chunk without alignments)."""
         chunks = []
-        for chunk in self._voice.synthesize(text):
-            chunks.append(chunk.audio_int16_array)
+        for chunk in self._voice.synthesize(text, include_alignments=True):
+            chunks.append(chunk)
             if cancelled.is_set():
                 break
-        return np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
+        parts = [chunk.audio_int16_array for chunk in chunks]
+        pcm = np.concatenate(parts).astype(np.int16) if parts else np.zeros(0, np.int16)
+        phonemes = []
+        offset = 0
+        for chunk, part in zip(chunks, parts, strict=True):
+            timed = piper_chunk_phonemes(chunk, offset / self.sample_rate, self._pad_ids)
+            if timed is None:
+                aligned = align_to_energy(chunk.phonemes, part, self.sample_rate)
+                timed = [
+                    dataclasses.replace(
+                        p,
+                        start_s=p.start_s + offset / self.sample_rate,
+                        end_s=p.end_s + offset / self.sample_rate,
+                    )
+                    for p in aligned
+                ]
+            phonemes.extend(timed)
+            offset += len(part)
+        return SpeechChunk(pcm, tuple(phonemes))
 
     async def synthesize(self, text: str, *, session: str = NO_SESSION) -> AsyncIterator[np.ndarray]:
-        pcm = await run_exclusive(
+        async for chunk in self.synthesize_timed(text, session=session):
+            yield chunk.pcm
+
+    async def synthesize_timed(self, text: str, *, session: str = NO_SESSION) -> AsyncIterator[SpeechChunk]:
+        chunk = await run_exclusive(
             self._lock,
             session,
             executors.models(),
             lambda cancelled: self._synthesize_holding(text, cancelled),
         )
-        if pcm is not None and len(pcm):
-            yield pcm
+        if chunk is not None and len(chunk.pcm):
+            yield chunk
 
 
 class EspeakTTS:
@@ -165,3 +201,9 @@ class EspeakTTS:
             pcm = np.frombuffer(wav.readframes(wav.getnframes()), np.int16)
         if len(pcm):
             yield pcm.copy()
+
+    async def synthesize_timed(self, text: str, *, session: str = NO_SESSION) -> AsyncIterator[SpeechChunk]:
+        # espeak-ng reports no timings through its command line: its phonemes are aligned to the audio.
+        async for pcm in self.synthesize(text, session=session):
+            symbols = await executors.run_media(espeak_phonemes, text, self._voice)
+            yield SpeechChunk(pcm, align_to_energy(symbols, pcm, self.sample_rate) or None)

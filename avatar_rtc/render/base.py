@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -10,6 +10,7 @@ import numpy as np
 
 from avatar_rtc.avatar.engine import TemplateEngine
 from avatar_rtc.avatar.template import Template
+from avatar_rtc.render.visemes import TimedViseme
 
 # Where a renderer sends events for its session's caller (the session's data channel).
 EventSink = Callable[[dict[str, Any]], None]
@@ -61,6 +62,12 @@ class Renderer(Protocol):
         batches across sessions schedules frames by it) and where its events for the caller go."""
 
     def push_audio(self, pcm: np.ndarray, media_time: float) -> None: ...
+
+    def push_visemes(self, visemes: Sequence[TimedViseme], media_time: float) -> None:
+        """What is said in the audio pushed at ``media_time``, as visemes timed from that moment (from
+        the TTS's phonemes). A renderer that shapes the lips from them uses them where they cover a
+        frame's time and the audio elsewhere; one that works from the audio alone ignores them. Pushed
+        right after the audio they describe."""
 
     def flush(self) -> None:
         """The current utterance has no more audio: render its last frames without waiting."""

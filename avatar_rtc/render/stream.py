@@ -12,6 +12,7 @@ import numpy as np
 
 from avatar_rtc.avatar.template import Template
 from avatar_rtc.render.base import EventSink, RenderedFrame
+from avatar_rtc.render.visemes import TimedViseme
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,10 @@ class StreamingRenderer:
             self._segments.append(current)
         current.append(pcm)
         self._changed.set()
+
+    def push_visemes(self, visemes: Sequence[TimedViseme], media_time: float) -> None:
+        """Ignored here: a renderer that draws from the audio alone (MuseTalk) has no use for them; the
+        warp renderer overrides this."""
 
     def flush(self) -> None:
         if self._segments:

@@ -1,10 +1,12 @@
-"""The default CPU renderer: opens the template's mouth by warping the lower face with the audio.
+"""The default CPU renderer: shapes the template's mouth by warping the lower face as it speaks.
 
 Per template frame a *rig* is precomputed from the landmarks: the lower-face crop, coordinates along
-and across the mouth, and smooth weight maps saying how far each pixel follows the jaw, the upper
-lip and the lip corners. Per video frame, openness and roundness from :func:`mouth_shape` scale those
-maps into one backward map for ``cv2.remap`` over the crop only, and the gap that opens between the
-lips is painted as a mouth interior. Everything outside the crop is the template frame, untouched.
+and across the mouth, smooth weight maps saying how far each pixel follows the jaw, the upper lip and
+the lip corners, and the natural range of the opening (:class:`MouthRange`). Per video frame a
+:class:`~avatar_rtc.render.visemes.MouthPose` (from the visemes the TTS spoke at the frame's time, else
+from the audio around it via :func:`mouth_shape`) scales those maps into one backward map for
+``cv2.remap`` over the crop only; lips that part show a drawn interior (teeth, tongue, a shaded cavity),
+lips that close (m, b, p) meet. Everything outside the crop is the template frame, untouched.
 """
 
 from __future__ import annotations
@@ -23,20 +25,53 @@ from avatar_rtc.avatar.template import Template
 from avatar_rtc.render.base import TierStats
 from avatar_rtc.render.mouth_shape import mouth_shape
 from avatar_rtc.render.stream import FrameJob, StreamingRenderer
+from avatar_rtc.render.visemes import PRESSED_LIPS, MouthPose, TimedViseme, VisemeTrack
 
+# How far a mouth opens in speech, from measurements of real lips. Fromkin (1964, "Lip positions in
+# American English vowels", Language and Speech 7) photographed the lips frontally during vowels: the
+# midline opening of the most open vowels (/a/, /ae/) is about 1 cm against a mouth about 5 cm wide,
+# and close vowels open a few millimetres. Lip-pellet studies of connected speech (Westbury & Hashi
+# 1997, J. Phonetics 25) agree: lip separation for open vowels is around 10-15 mm. Adult faces are about
+# 11-12 cm from nasion to chin (Farkas' anthropometric norms), so loud speech tops out near 0.3 of the
+# mouth width or 0.13-0.14 of the nasion-chin height. Both are used, whichever is smaller: a smile widens
+# the mouth by a fifth and more, the face height does not change.
+DEFAULT_MAX_OPENING_MOUTH_WIDTHS = 0.30
+DEFAULT_MAX_OPENING_FACE_HEIGHTS = 0.14
+
+
+@dataclasses.dataclass(frozen=True)
+class MouthRange:
+    """The largest inner-lip opening (midline, upper to lower lip) the renderer draws, relative to the
+    face: the smaller of ``mouth_widths`` of the mouth (corner to corner) and ``face_heights`` of the
+    face (nasion to chin). Speech at any loudness stays within it."""
+
+    mouth_widths: float = DEFAULT_MAX_OPENING_MOUTH_WIDTHS
+    face_heights: float = DEFAULT_MAX_OPENING_FACE_HEIGHTS
+
+    def max_gap_px(self, mouth_width: float, face_height: float) -> float:
+        return min(self.mouth_widths * mouth_width, self.face_heights * face_height)
+
+
+# Of an opening beyond the template's own, the lower lip (with the jaw) does most, the upper lip rises a
+# little; closing (m, b, p on a template with parted lips) brings both lips about equally.
+LOWER_LIP_SHARE_OPENING = 0.8
+LOWER_LIP_SHARE_CLOSING = 0.55
 # Geometry, in mouth widths (corner to corner) unless noted.
-JAW_DROP = 0.36  # lower lip / chin travel at full openness
-UPPER_LIP_RISE = 0.07  # upper lip travel at full openness
-ROUND_CORNER_PULL = 0.16  # fraction of the half-width the corners move in at roundness +1
+ROUND_CORNER_PULL = 0.4  # fraction of the half-width the corners move in at roundness +1
 SPREAD_CORNER_PUSH = 0.10  # ... and out at roundness -1
-ROUND_HEIGHT_GAIN = 0.25  # rounded: taller opening; spread: flatter
 CHIN_FADE_START = 0.10  # below the jaw line, the jaw drop starts fading ...
 CHIN_FADE_LENGTH = 0.60  # ... and is gone this much further down
-# Mouth interior colours (BGR, 0-255): dark red-brown at the lips, near black deep inside.
-INTERIOR_EDGE = np.array([34.0, 44.0, 96.0], dtype=np.float32)
-INTERIOR_DEEP = np.array([12.0, 14.0, 30.0], dtype=np.float32)
-TONGUE = np.array([60.0, 72.0, 150.0], dtype=np.float32)
-TEETH = np.array([196.0, 204.0, 214.0], dtype=np.float32)
+UPPER_TEETH_MAX = 0.13  # visible length of the upper incisors below the lip, at most
+UPPER_TEETH_EXPOSURE = 0.06  # ... and at least, once the lips part (about 3 mm)
+LOWER_TEETH_MAX = 0.09
+TOOTH_WIDTH_UPPER = 0.095  # a central incisor is about a fifth of the visible dental arch
+TOOTH_WIDTH_LOWER = 0.07
+# Mouth interior colours (BGR, 0-255): dark red-brown near the lips, near black deep inside, a dull
+# red tongue, off-white teeth.
+INTERIOR_EDGE = np.array([30.0, 36.0, 88.0], dtype=np.float32)
+INTERIOR_DEEP = np.array([14.0, 14.0, 30.0], dtype=np.float32)
+TONGUE = np.array([78.0, 86.0, 168.0], dtype=np.float32)
+TEETH = np.array([200.0, 210.0, 222.0], dtype=np.float32)
 
 # Landmarks whose position defines a rig; a template frame whose points are all within this many
 # pixels of an existing rig (after a whole-pixel shift) reuses that rig.
@@ -49,6 +84,7 @@ _RIG_POINTS = np.array(
             *face.LIP_INNER_LOWER,
             *face.JAW_CONTOUR,
             face.NOSE_BOTTOM,
+            face.NASION,
         }
     )
 )
@@ -84,13 +120,22 @@ class MouthRig:
     mouth_rows: tuple[int, int]  # crop rows the interior can reach at full opening
     mouth_cols: tuple[int, int]
     painted_teeth: float  # 1 for a closed mouth; 0 when the template already shows its teeth
+    rest_gap: float  # the template's own inner-lip opening at the midline, px
+    max_gap: float  # the largest inner-lip opening speech may show (MouthRange), px
+    # The weight maps at the inner-lip centre points (jaw near, jaw far; upper lip): the lips there move
+    # by the travel divided out by these, so the drawn opening is the one asked for.
+    lower_lip_weights: tuple[float, float]
+    upper_lip_weight: float
 
     def shifted(self, dx: int, dy: int) -> MouthRig:
         return dataclasses.replace(self, x0=self.x0 + dx, y0=self.y0 + dy)
 
 
-def build_rig(landmarks: np.ndarray, image_size: tuple[int, int]) -> MouthRig:
-    """The rig for one template frame from its (478, 2) landmarks; ``image_size`` is (width, height)."""
+def build_rig(
+    landmarks: np.ndarray, image_size: tuple[int, int], mouth_range: MouthRange | None = None
+) -> MouthRig:
+    """The rig for one template frame from its (478, 2) landmarks; ``image_size`` is (width, height),
+    ``mouth_range`` how far speech may open the mouth."""
     image_width, image_height = image_size
     lm = landmarks.astype(np.float64)
     left_corner, right_corner = lm[face.MOUTH_LEFT_CORNER], lm[face.MOUTH_RIGHT_CORNER]
@@ -124,6 +169,9 @@ def build_rig(landmarks: np.ndarray, image_size: tuple[int, int]) -> MouthRig:
     # move with the lips); painting a second row under them would look wrong.
     lip_gap = float((lm[face.LOWER_LIP_INNER_CENTRE] - lm[face.UPPER_LIP_INNER_CENTRE]) @ axis_v)
     painted_teeth = float(np.clip(1.0 - (lip_gap / mouth_width - 0.02) / 0.05, 0.0, 1.0))
+    rest_gap = max(lip_gap, 0.0)
+    face_height = float(np.hypot(*(lm[face.CHIN] - lm[face.NASION])))
+    max_gap = (mouth_range or MouthRange()).max_gap_px(mouth_width, face_height)
 
     # Crop: the region the weights can reach, as a rectangle in (u, v), then its bounding box.
     reach_u = 1.05 * mouth_width
@@ -177,8 +225,9 @@ def build_rig(landmarks: np.ndarray, image_size: tuple[int, int]) -> MouthRig:
     across = 1.0 - _smoothstep(np.abs(below) / vertical_reach)
     corner_pull = along * across * border
 
-    max_drop = JAW_DROP * (1 + ROUND_HEIGHT_GAIN) * mouth_width
-    max_rise = UPPER_LIP_RISE * (1 + ROUND_HEIGHT_GAIN) * mouth_width
+    max_opening = max(max_gap - rest_gap, 0.0)
+    max_drop = LOWER_LIP_SHARE_OPENING * max_opening
+    max_rise = (1.0 - LOWER_LIP_SHARE_OPENING) * max_opening
     pad = 3.0
     box_u = np.array([-1.0, 1.0, -1.0, 1.0]) * (lens_half_width * (1 + SPREAD_CORNER_PUSH) + pad)
     box_v = np.array([-1.0, -1.0, 1.0, 1.0])
@@ -192,6 +241,13 @@ def build_rig(landmarks: np.ndarray, image_size: tuple[int, int]) -> MouthRig:
         int(np.clip(np.floor(box_xy[:, 1].min()) - y0, 0, height)),
         int(np.clip(np.ceil(box_xy[:, 1].max()) - y0 + 1, 0, height)),
     )
+
+    def crop_pixel(point: np.ndarray) -> tuple[int, int]:
+        row = int(np.clip(round(point[1]) - y0, 0, height - 1))
+        return row, int(np.clip(round(point[0]) - x0, 0, width - 1))
+
+    lower_at = crop_pixel(lm[face.LOWER_LIP_INNER_CENTRE])
+    upper_at = crop_pixel(lm[face.UPPER_LIP_INNER_CENTRE])
 
     def f32(array: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(array, dtype=np.float32)
@@ -217,57 +273,144 @@ def build_rig(landmarks: np.ndarray, image_size: tuple[int, int]) -> MouthRig:
         mouth_rows=mouth_rows,
         mouth_cols=mouth_cols,
         painted_teeth=painted_teeth,
+        rest_gap=rest_gap,
+        max_gap=max_gap,
+        lower_lip_weights=(float(jaw_near[lower_at]), float(jaw_far[lower_at])),
+        upper_lip_weight=float(upper_lip[upper_at]),
     )
 
 
-def render_mouth(frame: np.ndarray, rig: MouthRig, openness: float, roundness: float) -> np.ndarray:
-    """``frame`` (the rig's template frame) with the mouth opened; a new array, ``frame`` untouched."""
-    output = frame.copy()
+def pose_from_audio(openness: float, roundness: float) -> MouthPose:
+    """The pose for an audio-only estimate (:func:`mouth_shape`): silence is the template's own mouth,
+    full openness the natural maximum, linearly between; rounded sounds open a little taller than
+    spread ones."""
     if openness <= 1e-3:
-        return output
+        return MouthPose()
     openness = min(float(openness), 1.0)
     roundness = float(np.clip(roundness, -1.0, 1.0))
-    y0, x0 = rig.y0, rig.x0
-    crop = frame[y0 : y0 + rig.height, x0 : x0 + rig.width]
-    mouth_width = rig.mouth_width
-    height_gain = 1.0 + ROUND_HEIGHT_GAIN * roundness
-    jaw_drop = openness * JAW_DROP * mouth_width * height_gain
-    lip_rise = openness * UPPER_LIP_RISE * mouth_width * height_gain
-    corner_gain = roundness * (ROUND_CORNER_PULL if roundness > 0 else SPREAD_CORNER_PUSH)
+    opening = min(openness * (1.0 + 0.2 * roundness), 1.0)
+    return MouthPose(opening=opening, jaw=0.6 - 0.25 * max(-roundness, 0.0), roundness=roundness, rest=1.0)
 
+
+def lip_travel(rig: MouthRig, pose: MouthPose) -> tuple[float, float]:
+    """(lower lip down, upper lip up) at the midline in px for ``pose``; negative values close the lips.
+
+    The inner-lip gap the pose asks for: its ``opening`` share of the way from its base (the template's
+    own gap for rest and vowels, closed lips for the consonants that shape them) to the natural maximum
+    (``MouthRange``), never more than that maximum."""
+    base = pose.rest * rig.rest_gap
+    gap = base + pose.opening * max(rig.max_gap - base, 0.0)
+    # Below zero the lips press together (m, b, p), by a little at most.
+    gap = min(max(gap, PRESSED_LIPS * rig.max_gap), max(rig.max_gap, rig.rest_gap))
+    change = gap - rig.rest_gap
+    share = LOWER_LIP_SHARE_OPENING if change >= 0 else LOWER_LIP_SHARE_CLOSING
+    lower = share * change
+    return lower, change - lower
+
+
+def warp_maps(
+    rig: MouthRig, pose: MouthPose
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The backward map of the crop for ``pose`` (``cv2.remap``'s map_x, map_y, crop-local), and per
+    pixel the lower lip's drop, the upper lip's rise (px, negative when closing) and the lens profile
+    of the opening (0 at the inner corners, 1 in the middle)."""
+    lower, upper = lip_travel(rig, pose)
+    roundness = float(np.clip(pose.roundness, -1.0, 1.0))
+    corner_gain = roundness * (ROUND_CORNER_PULL if roundness > 0 else SPREAD_CORNER_PUSH)
     # Sampling further out along u than the output pixel pulls the corners in (rounded lips).
     u_shift = rig.u * (corner_gain * rig.corner_pull)
     u_source = rig.u + u_shift
     lens_t = 1.0 - np.square(u_source * (1.0 / rig.lens_half_width))
     np.maximum(lens_t, 0.0, out=lens_t)
     lens = lens_t * (1.5 - 0.5 * lens_t)  # 0 at the inner corners, 1 in the middle, lens-shaped
-    lower_drop = jaw_drop * (rig.jaw_near * lens + rig.jaw_far)
-    upper_rise = lip_rise * rig.upper_lip * lens
-    is_lower = rig.is_lower
+    # The chin follows the jaw: fully when the opening is a jaw drop (ah), less when the lips part over
+    # nearly closed teeth (ee), a little when the lips close.
+    chin_ratio = 0.35 + 0.65 * float(np.clip(pose.jaw, 0.0, 1.0)) if lower > 0 else 0.3
+    near_weight, far_weight = rig.lower_lip_weights
+    lower /= max(near_weight + far_weight * chin_ratio, 0.5)
+    upper /= max(rig.upper_lip_weight, 0.5)
+    chin = chin_ratio * lower
+    lower_drop = lower * (rig.jaw_near * lens) + chin * rig.jaw_far
+    upper_rise = upper * rig.upper_lip * lens
     # Signed travel along v (down positive): the lower face drops, the upper lip rises.
-    travel = is_lower * (lower_drop + upper_rise) - upper_rise
+    travel = rig.is_lower * (lower_drop + upper_rise) - upper_rise
     au, av = rig.axis_u, rig.axis_v
     map_x = rig.grid_x + u_shift * au[0] - travel * av[0]
     map_y = rig.grid_y + u_shift * au[1] - travel * av[1]
+    return map_x, map_y, lower_drop, upper_rise, lens
+
+
+def drawn_inner_lip_gap(rig: MouthRig, pose: MouthPose, landmarks: np.ndarray) -> float:
+    """Where the warp draws the inner lips at the midline for ``pose``: the distance in px between the
+    output rows showing the template's upper and lower inner-lip centre points (``landmarks`` are the
+    rig's frame's). Read off the backward map itself, so it measures what is drawn."""
+    _, map_y, _, _, _ = warp_maps(rig, pose)
+    upper = landmarks[face.UPPER_LIP_INNER_CENTRE].astype(np.float64)
+    lower = landmarks[face.LOWER_LIP_INNER_CENTRE].astype(np.float64)
+    column = round(0.5 * (upper[0] + lower[0])) - rig.x0
+    source_y = map_y[:, column].astype(np.float64) + rig.y0
+    rows = np.arange(rig.height, dtype=np.float64) + rig.y0
+    on_lower_side = rig.is_lower[:, column] > 0
+    upper_rows = rows[~on_lower_side & (source_y <= upper[1])]
+    lower_rows = rows[on_lower_side & (source_y >= lower[1])]
+    if upper_rows.size == 0 or lower_rows.size == 0:
+        raise ValueError("the inner lips are outside the rig")
+
+    # Sub-pixel: where the source coordinate crosses the landmark between two output rows.
+    def crossing(row: float, target: float) -> float:
+        index = int(row - rig.y0)
+        a, b = source_y[index], source_y[min(index + 1, rig.height - 1)]
+        return row + (target - a) / (b - a) if b != a else row
+
+    top = crossing(float(upper_rows.max()), upper[1])
+    bottom = crossing(float(lower_rows.min()) - 1.0, lower[1])
+    return float(bottom - top)
+
+
+def render_mouth(frame: np.ndarray, rig: MouthRig, pose: MouthPose) -> np.ndarray:
+    """``frame`` (the rig's template frame) with its mouth in ``pose``; a new array, ``frame`` untouched."""
+    output = frame.copy()
+    lower, upper = lip_travel(rig, pose)
+    if abs(lower) + abs(upper) < 0.05 and abs(pose.roundness) < 1e-3:
+        return output
+    y0, x0 = rig.y0, rig.x0
+    crop = frame[y0 : y0 + rig.height, x0 : x0 + rig.width]
+    map_x, map_y, lower_drop, upper_rise, lens = warp_maps(rig, pose)
     warped = cv2.remap(crop, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
-    # The tear: output pixels whose source lies across the line where the lips meet.
-    r0, r1 = rig.mouth_rows
-    c0, c1 = rig.mouth_cols
-    window = np.s_[r0:r1, c0:c1]
-    below = rig.below_line[window]
-    lower_w = is_lower[window]
-    drop_w, rise_w = lower_drop[window], upper_rise[window]
-    across = lower_w * (drop_w - below) + (1.0 - lower_w) * (rise_w + below)
-    feather = max(1.2, 0.02 * mouth_width)
-    alpha = np.clip(across * (1.0 / feather), 0.0, 1.0)
-    region = warped[window]
-    if float(alpha.max()) > 0.0:
-        region[:] = _paint_interior(
-            region, alpha, below, drop_w, rise_w, lens[window], openness, mouth_width, rig.painted_teeth
-        )
+    if lower + upper > 0.0:
+        # The tear: output pixels whose source lies across the line where the lips meet.
+        r0, r1 = rig.mouth_rows
+        c0, c1 = rig.mouth_cols
+        window = np.s_[r0:r1, c0:c1]
+        below = rig.below_line[window]
+        lower_w = rig.is_lower[window]
+        drop_w, rise_w = lower_drop[window], upper_rise[window]
+        across = lower_w * (drop_w - below) + (1.0 - lower_w) * (rise_w + below)
+        feather = max(1.0, 0.015 * rig.mouth_width)
+        alpha = np.clip(across * (1.0 / feather), 0.0, 1.0)
+        region = warped[window]
+        if float(alpha.max()) > 0.0:
+            region[:] = _paint_interior(
+                region, alpha, below, drop_w, rise_w, lens[window], rig.u[window], pose, rig
+            )
     output[y0 : y0 + rig.height, x0 : x0 + rig.width] = warped
     return output
+
+
+def _soft_inside(distance_inside: np.ndarray, edge_px: float = 0.8) -> np.ndarray:
+    """1 well inside a band (``distance_inside`` > 0 px from its edge), 0 outside, a soft edge between."""
+    return _smoothstep(distance_inside * (1.0 / (2.0 * edge_px)) + 0.5)
+
+
+def _tooth_gaps(u: np.ndarray, tooth_width: float) -> tuple[np.ndarray, np.ndarray]:
+    """(shade, edge) across a row of teeth: a faint dark line between neighbours (the midline falls
+    between the central incisors), and each tooth's biting edge a little shorter near its sides."""
+    phase = u * (1.0 / tooth_width)
+    from_gap = np.abs(phase - np.round(phase))  # 0 at a gap, 0.5 mid-tooth
+    shade = 1.0 - 0.15 * np.clip(1.0 - from_gap * (tooth_width / 0.9), 0.0, 1.0)
+    edge = 0.86 + 0.14 * np.sqrt(2.0 * from_gap)
+    return shade, edge
 
 
 def _paint_interior(
@@ -277,30 +420,79 @@ def _paint_interior(
     drop: np.ndarray,
     rise: np.ndarray,
     lens: np.ndarray,
-    openness: float,
-    mouth_width: float,
-    teeth_amount: float,
+    u: np.ndarray,
+    pose: MouthPose,
+    rig: MouthRig,
 ) -> np.ndarray:
-    """The mouth interior composited into ``region`` where ``alpha`` > 0."""
-    gap = drop + rise
-    safe_gap = np.maximum(gap, 1e-3)
-    depth_from_top = below + rise  # px below the (moved) upper lip
-    position = np.clip(depth_from_top / safe_gap, 0.0, 1.0)  # 0 at the upper lip, 1 at the lower
-    # Darkest in the middle of the opening and towards its centre line; lighter near the lips.
-    middle = 1.0 - np.abs(2.0 * position - 1.0)
-    deep = np.clip(middle * np.sqrt(lens) * min(1.0, openness * 1.6), 0.0, 1.0)[..., None]
+    """The mouth interior composited into ``region`` where ``alpha`` > 0: upper and lower teeth (unless
+    the template shows its own, which then move with the lips), the dark cavity between them, darker
+    inside and towards the corners, and the tongue low in it (or its tip between the teeth for th)."""
+    mouth_width = rig.mouth_width
+    gap = np.maximum(drop + rise, 1e-3)  # the opening's height in this column
+    from_top = np.clip(below + rise, 0.0, None)  # px below the moved upper lip
+    from_bottom = np.clip(gap - from_top, 0.0, None)  # px above the moved lower lip
+    jaw = float(np.clip(pose.jaw, 0.0, 1.0))
+    tuck = float(np.clip(pose.lip_tuck, 0.0, 1.0))
+    root_lens = np.sqrt(lens)
+
+    # Teeth: the part of the opening the jaw leaves closed shows teeth, mostly the upper ones; with the
+    # lower lip tucked under them (f, v) the upper teeth fill it.
+    # A template that shows its own teeth keeps them (the upper row moves with the upper lip, the lower
+    # row with the lower lip): then none are drawn, and the opening between them is the dark cavity.
+    # The upper incisors show a few millimetres below the lip as soon as the lips part.
+    upper_share = (0.6 + 0.4 * tuck) * rig.painted_teeth
+    teeth_height = (1.0 - jaw) * gap
+    exposure = np.minimum(UPPER_TEETH_EXPOSURE * mouth_width * rig.painted_teeth, teeth_height)
+    upper_height = np.minimum(np.maximum(teeth_height * upper_share, exposure), UPPER_TEETH_MAX * mouth_width)
+    upper_height = upper_height + (tuck * rig.painted_teeth) * (gap - upper_height)
+    lower_height = np.minimum(
+        teeth_height - np.minimum(upper_height, teeth_height), LOWER_TEETH_MAX * mouth_width
+    )
+    # Teeth recede along the dental arch: none in the dark corners of the mouth.
+    teeth_presence = rig.painted_teeth * _smoothstep((lens - 0.08) * (1.0 / 0.35))
+    upper_height *= teeth_presence
+    lower_height *= teeth_presence
+    cavity = np.maximum(gap - upper_height - lower_height, 0.0)
+    into_cavity = np.minimum(from_top - upper_height, from_bottom - lower_height)
+
+    # Cavity: dark red-brown at its edges, near black in the middle and towards the corners.
+    middle = _smoothstep(into_cavity / (0.5 * cavity + 1e-3))
+    depth = np.minimum(cavity * (1.0 / (0.1 * mouth_width)), 1.0)  # a slit is shallow, lit from the lips
+    deep = ((0.3 + 0.7 * middle * depth) * (0.55 + 0.45 * root_lens))[..., None]
     colour = INTERIOR_EDGE + (INTERIOR_DEEP - INTERIOR_EDGE) * deep
-    # Tongue: a dull red glow low in a wide-open mouth.
-    tongue_strength = 0.55 * float(_smoothstep(np.array(openness / 0.6)))
-    tongue = (_smoothstep((position - 0.6) / 0.3) * lens * tongue_strength)[..., None]
-    colour = colour + (TONGUE - colour) * tongue
-    # Upper teeth: a soft light band just under the upper lip when the mouth is well open.
-    teeth_height = np.minimum(0.085 * mouth_width, 0.4 * gap)
-    in_band = depth_from_top / np.maximum(teeth_height, 1e-3)
-    band = _smoothstep(in_band / 0.35) * (1.0 - _smoothstep((in_band - 0.6) / 0.4))
-    teeth_strength = 0.8 * teeth_amount * float(_smoothstep(np.array((openness - 0.3) / 0.4)))
-    teeth = (band * np.sqrt(lens) * teeth_strength)[..., None]
-    colour = colour + (TEETH * (0.75 + 0.25 * np.sqrt(lens))[..., None] - colour) * teeth
+    # Tongue: its back shows low in a mouth open more than a little, lit at the front, in shadow behind.
+    open_enough = float(
+        _smoothstep(np.array((float(cavity.max()) - 0.04 * mouth_width) / (0.08 * mouth_width)))
+    )
+    if open_enough > 0.0:
+        tongue_top = 0.42 * cavity * root_lens
+        on_tongue = (
+            _soft_inside(tongue_top - (from_bottom - lower_height), 1.2) * root_lens * (0.8 * open_enough)
+        )
+        tongue_colour = TONGUE * (0.55 + 0.35 * lens)[..., None]
+        colour = colour + (tongue_colour - colour) * on_tongue[..., None]
+    if pose.tongue_tip > 0.0:
+        tip = float(np.clip(pose.tongue_tip, 0.0, 1.0)) * _smoothstep((lens - 0.35) * (1.0 / 0.3))
+        colour = colour + (TONGUE * 1.1 - colour) * tip[..., None]
+
+    if float(upper_height.max()) > 0.3 or float(lower_height.max()) > 0.3:
+        # Upper teeth: shaded towards the corners, in the lip's shadow at the top, slightly translucent
+        # at the biting edge, with faint lines between them.
+        gaps, edge = _tooth_gaps(u, TOOTH_WIDTH_UPPER * mouth_width)
+        # Where the lower lip is tucked under the teeth (f, v) they rest on it: no rounded edges.
+        upper_edge = upper_height * (edge + tuck * (1.0 - edge))
+        in_upper = _soft_inside(upper_edge - from_top) * (upper_height > 0.3)
+        upper_shade = (0.74 + 0.26 * root_lens) * gaps
+        upper_shade *= 0.84 + 0.16 * _smoothstep(from_top / (0.3 * upper_height + 0.6))
+        upper_shade *= 0.92 + 0.08 * _smoothstep((upper_edge - from_top) / 1.5)
+        colour = colour + (TEETH * upper_shade[..., None] - colour) * in_upper[..., None]
+        # Lower teeth: smaller and more in shadow, under the upper ones.
+        gaps, edge = _tooth_gaps(u, TOOTH_WIDTH_LOWER * mouth_width)
+        in_lower = _soft_inside(lower_height * edge - from_bottom) * (lower_height > 0.3)
+        lower_shade = (0.6 + 0.3 * root_lens) * gaps
+        lower_shade *= 0.85 + 0.15 * _smoothstep(from_bottom / (0.4 * lower_height + 0.6))
+        colour = colour + (TEETH * lower_shade[..., None] - colour) * in_lower[..., None]
+
     a = alpha[..., None]
     blended = region.astype(np.float32) * (1.0 - a) + colour * a
     return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
@@ -313,8 +505,9 @@ class _TemplateRigs:
     # template could need one per frame, so keep the most recently used ones and rebuild the rest.
     max_rigs = 64
 
-    def __init__(self, template: Template) -> None:
+    def __init__(self, template: Template, mouth_range: MouthRange | None = None) -> None:
         self.template = template
+        self.mouth_range = mouth_range or MouthRange()
         self.lock = threading.Lock()
         self.by_frame: OrderedDict[int, MouthRig] = OrderedDict()
         self.unique: deque[tuple[np.ndarray, MouthRig]] = deque(maxlen=self.max_rigs)
@@ -345,7 +538,7 @@ class _TemplateRigs:
             if 0 <= base.x0 + dx and base.x0 + dx + base.width <= width:
                 if 0 <= base.y0 + dy and base.y0 + dy + base.height <= height:
                     return base.shifted(dx, dy)
-        rig = build_rig(self.template.landmarks[template_index], (width, height))
+        rig = build_rig(self.template.landmarks[template_index], (width, height), self.mouth_range)
         self.unique.append((points, rig))
         return rig
 
@@ -356,22 +549,45 @@ class WarpRenderer(StreamingRenderer):
     # A window centred on the frame time: the mouth shape then matches the sound heard with it.
     window_before_s = 0.04
     lookahead_s = 0.04
+    # With visemes, the share of a vowel's opening that follows the loudness (the rest is the vowel's).
+    loudness_share = 0.6
 
     def __init__(self, template: Template, rigs: _TemplateRigs) -> None:
         super().__init__(template)
         self._rigs = rigs
+        self._visemes = VisemeTrack()
+
+    def push_visemes(self, visemes: Sequence[TimedViseme], media_time: float) -> None:
+        self._visemes.push(visemes, media_time)
+
+    def clear(self) -> None:
+        super().clear()
+        self._visemes.clear()
+
+    def frame_pose(self, job: FrameJob) -> MouthPose:
+        """The mouth for the frame: the visemes said at its media time where the TTS gave them,
+        else an estimate from the audio around it."""
+        openness, roundness = mouth_shape(job.audio, self.sample_rate)
+        pose = self._visemes.pose_at(job.index / self.fps)
+        if pose is None:
+            return pose_from_audio(openness, roundness)
+        # The vowel sets the lip shape and how high the jaw goes relative to other vowels; how loud it
+        # is sets how far it goes (stressed, louder syllables open wider). Consonants that shape the lips
+        # themselves (rest = 0) ignore the loudness.
+        vowel = float(np.clip(pose.rest, 0.0, 1.0))
+        loudness_share = self.loudness_share * vowel
+        opening = (1.0 - loudness_share) * pose.opening + loudness_share * openness
+        return dataclasses.replace(pose, opening=opening)
+
+    def render_pose(self, template_index: int, pose: MouthPose) -> np.ndarray:
+        return render_mouth(self.template.frames[template_index], self._rigs.rig(template_index), pose)
 
     def render_frame(self, template_index: int, openness: float, roundness: float) -> np.ndarray:
-        return render_mouth(
-            self.template.frames[template_index], self._rigs.rig(template_index), openness, roundness
-        )
+        """The frame for an audio-only estimate (:func:`mouth_shape`'s openness and roundness)."""
+        return self.render_pose(template_index, pose_from_audio(openness, roundness))
 
     def render_batch(self, jobs: Sequence[FrameJob]) -> list[np.ndarray]:
-        images: list[np.ndarray] = []
-        for job in jobs:
-            openness, roundness = mouth_shape(job.audio, self.sample_rate)
-            images.append(self.render_frame(job.template_index, openness, roundness))
-        return images
+        return [self.render_pose(job.template_index, self.frame_pose(job)) for job in jobs]
 
 
 class WarpEngine:
@@ -384,8 +600,9 @@ class WarpEngine:
     name = "warp"
     extras_keys: tuple[str, ...] = ()
 
-    def __init__(self, max_templates: int = 32) -> None:
+    def __init__(self, max_templates: int = 32, mouth_range: MouthRange | None = None) -> None:
         self.max_templates = max_templates
+        self.mouth_range = mouth_range or MouthRange()
         self._lock = threading.Lock()
         self._rigs: OrderedDict[str, _TemplateRigs] = OrderedDict()
 
@@ -397,7 +614,7 @@ class WarpEngine:
                 entry.template.landmarks is not template.landmarks
                 and not np.array_equal(entry.template.landmarks, template.landmarks)
             ):
-                entry = _TemplateRigs(template)
+                entry = _TemplateRigs(template, self.mouth_range)
                 self._rigs[template.id] = entry
             self._rigs.move_to_end(template.id)
             while len(self._rigs) > self.max_templates:

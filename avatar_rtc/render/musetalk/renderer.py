@@ -44,6 +44,7 @@ from avatar_rtc.render.device_tier import DeviceTier
 from avatar_rtc.render.musetalk import layout
 from avatar_rtc.render.musetalk.prepare import KEYS, has_current_data, latents_key, musetalk_template_data
 from avatar_rtc.render.stream import FrameJob, StreamingRenderer, _Segment
+from avatar_rtc.render.visemes import TimedViseme
 
 if TYPE_CHECKING:
     import torch
@@ -318,6 +319,9 @@ class CpuFallbackRenderer:
 
     def push_audio(self, pcm: np.ndarray, media_time: float) -> None:
         self.inner.push_audio(pcm, media_time)
+
+    def push_visemes(self, visemes: Sequence[TimedViseme], media_time: float) -> None:
+        self.inner.push_visemes(visemes, media_time)
 
     def flush(self) -> None:
         self.inner.flush()
