@@ -30,7 +30,7 @@ from avatar_rtc.testing.speech import spoken_clip
 
 pytestmark = pytest.mark.slow
 
-CYCLES = 100
+CYCLES = int(os.environ.get("LEAK_CYCLES", "100"))
 QUESTION = spoken_clip("What is the capital of France?")
 RSS_BASELINE_AFTER = 10
 RSS_SLACK_MB = 50
