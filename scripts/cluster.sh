@@ -11,15 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "up" ]]; then
-  want_apt=()
-  command -v redis-server >/dev/null || want_apt+=(redis-server)
-  command -v haproxy >/dev/null || want_apt+=(haproxy)
-  command -v turnserver >/dev/null || want_apt+=(coturn)
-  if ((${#want_apt[@]})); then
-    if [[ $(id -u) -eq 0 ]]; then SUDO=(); else SUDO=(sudo); fi
-    "${SUDO[@]}" apt-get update -q
-    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${want_apt[@]}"
-  fi
+  source scripts/apt_missing.sh
+  apt_install_missing redis-server:redis-server haproxy:haproxy turnserver:coturn
 fi
 PYTHON=${PYTHON:-.venv/bin/python}
 exec "$PYTHON" scripts/cluster.py "$@"

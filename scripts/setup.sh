@@ -4,26 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-want_apt=()
-command -v espeak-ng >/dev/null || want_apt+=(espeak-ng)
-command -v sox >/dev/null || want_apt+=(sox)
-command -v ip >/dev/null || want_apt+=(iproute2)
+source scripts/apt_missing.sh
+wanted=(espeak-ng:espeak-ng sox:sox ip:iproute2)
 if [[ "${AVATAR_RTC_WITH_BROWSER:-0}" == "1" ]]; then
   # Headless Chromium for the end-to-end browser test (Debian's, never a downloaded build).
-  command -v chromium >/dev/null || want_apt+=(chromium)
+  wanted+=(chromium:chromium)
 fi
 if [[ "${AVATAR_RTC_WITH_TESTS:-0}" == "1" || "${AVATAR_RTC_WITH_CLUSTER:-0}" == "1" ]]; then
   # The cluster's parts (tests/test_cluster.py runs them on loopback; scripts/cluster.sh starts them):
   # Redis for the registry and limits, haproxy as the front door, coturn for TURN.
-  command -v redis-server >/dev/null || want_apt+=(redis-server)
-  command -v haproxy >/dev/null || want_apt+=(haproxy)
-  command -v turnserver >/dev/null || want_apt+=(coturn)
+  wanted+=(redis-server:redis-server haproxy:haproxy turnserver:coturn)
 fi
-if ((${#want_apt[@]})); then
-  if [[ $(id -u) -eq 0 ]]; then SUDO=(); else SUDO=(sudo); fi
-  "${SUDO[@]}" apt-get update -q
-  DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${want_apt[@]}"
-fi
+apt_install_missing "${wanted[@]}"
 
 PYTHON=${PYTHON:-python3}
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import aiohttp
 import numpy as np
 
 from avatar_rtc.conversation.llm import ChatMessage
 from avatar_rtc.conversation.phonemes import SpeechChunk
 from avatar_rtc.media.spoken_text import join_spoken
-from avatar_rtc.testing.receiver import CallReceiver
+from avatar_rtc.testing.receiver import CallReceiver, is_final_answer
 
 TURNS = 50
 REPLIES = [
@@ -72,18 +71,12 @@ class CyclingLLM:
 async def test_fifty_answers_are_heard_whole_and_none_is_marked_interrupted(make_server) -> None:
     server = await make_server(tts=OddLengthTTS(seed=13), llm=CyclingLLM())
     receiver = CallReceiver()
-    async with aiohttp.ClientSession() as http:
-        await receiver.connect_http(server.url, http)
-    await receiver.wait_event(lambda e: e["type"] == "hello")
-
-    def final_answer(event: dict) -> bool:
-        return event["type"] == "transcript" and event["role"] == "assistant" and event["final"]
-
+    await receiver.join(server.url)
     answers: list[dict] = []
     for turn in range(TURNS):
         seen = len(receiver.events)
         receiver.send({"type": "chat", "text": f"Question number {turn + 1}?"})
-        answers.append(await receiver.wait_event(final_answer, wait_s=20, after=seen))
+        answers.append(await receiver.wait_event(is_final_answer, wait_s=20, after=seen))
         # The turn's metrics come after its audio has played out: the next question never cuts it.
         await receiver.wait_event(lambda e: e["type"] == "metrics", wait_s=20, after=seen)
     await receiver.close()

@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import aiohttp
-
 from avatar_rtc.conversation.hygiene import reply_for_history
 from avatar_rtc.conversation.llm import ChatMessage, ConversationHistory
 from avatar_rtc.media.spoken_text import join_spoken
-from avatar_rtc.testing.receiver import CallReceiver
+from avatar_rtc.testing.receiver import CallReceiver, is_final_answer
 
 # --- the rule on its own ------------------------------------------------------------------------------
 
@@ -109,18 +107,12 @@ async def test_a_call_hears_the_whole_reply_but_the_model_is_not_fed_its_drift(m
     llm = ScriptedLLM([drifting, "You are welcome."])
     server = await make_server(llm=llm)
     receiver = CallReceiver()
-    async with aiohttp.ClientSession() as http:
-        await receiver.connect_http(server.url, http)
-    await receiver.wait_event(lambda e: e["type"] == "hello")
-
-    def final_answer(event: dict) -> bool:
-        return event["type"] == "transcript" and event["role"] == "assistant" and event["final"]
-
+    await receiver.join(server.url)
     receiver.send({"type": "chat", "text": "What is the capital of France?"})
-    first = await receiver.wait_event(final_answer, wait_s=30)
+    first = await receiver.wait_event(is_final_answer, wait_s=30)
     after_first = len(receiver.events)
     receiver.send({"type": "chat", "text": "Thanks!"})
-    await receiver.wait_event(final_answer, wait_s=30, after=after_first)
+    await receiver.wait_event(is_final_answer, wait_s=30, after=after_first)
     await receiver.close()
     # Every request named the call it was for (the key the model keeps its prompt under), and the
     # model was told to forget the call once it ended.

@@ -133,6 +133,12 @@ class CallReceiver:
 
         await self.connect(post)
 
+    async def join(self, base_url: str) -> dict[str, Any]:
+        """Connect to the server at ``base_url`` and return its ``hello`` event."""
+        async with aiohttp.ClientSession() as http:
+            await self.connect_http(base_url, http)
+        return await self.wait_event(lambda e: e["type"] == "hello")
+
     @property
     def session_headers(self) -> dict[str, str]:
         """Headers for this call's /api/sessions/{id}/... routes."""
@@ -165,3 +171,8 @@ class CallReceiver:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def is_final_answer(event: dict[str, Any]) -> bool:
+    """The assistant's final transcript of a turn: what the caller heard of the answer."""
+    return event["type"] == "transcript" and event["role"] == "assistant" and event["final"]
