@@ -98,6 +98,19 @@ async def test_alternating_sessions_each_evaluate_only_their_new_message(smollm2
     assert "dogs" not in smollm2.saved_prompts and smollm2.saved_prompts.nbytes == 0
 
 
+async def test_a_call_closed_before_its_prefill_ran_leaves_no_prompt_behind(smollm2: LlamaCppLLM) -> None:
+    """A call closes while its warm-up prefill waits for the model (the next turn's, started after an
+    answer): the prefill still runs and makes the closed call resident, and the next call's turn must
+    not save that prompt (it would sit in the budget until evicted: RSS that the leak test saw grow)."""
+    await smollm2.prefill(dog_call(), session="early")
+    smollm2.forget("gone")  # closed first...
+    await smollm2.prefill(dog_call(), session="gone")  # ...then its queued prefill ran
+    await one_turn(smollm2, "next", cat_call(), "Any tips for a rainy day?")
+    assert "gone" not in smollm2.saved_prompts
+    smollm2.forget("early")
+    smollm2.forget("next")
+
+
 async def test_without_saved_prompts_the_other_sessions_turn_costs_a_whole_history(
     smollm2: LlamaCppLLM,
 ) -> None:

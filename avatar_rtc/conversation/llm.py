@@ -182,6 +182,9 @@ class SavedPrompt:
         return len(self.kv_cells) + self.tokens.nbytes
 
 
+_CLOSED_SESSIONS_KEPT = 1024
+
+
 class SavedPrompts:
     """Saved prompts by session, least recently saved dropped first once they pass a memory budget.
 
@@ -193,6 +196,9 @@ class SavedPrompts:
     def __init__(self) -> None:
         self._guard = threading.Lock()
         self._saved: OrderedDict[str, SavedPrompt] = OrderedDict()
+        # Sessions that have closed (the newest ones): a prefill of theirs still queued or running
+        # when they closed makes them resident again afterwards, and must not save their prompt then.
+        self._closed: OrderedDict[str, None] = OrderedDict()
         self.resident: str = NO_SESSION
 
     @property
@@ -206,8 +212,8 @@ class SavedPrompts:
 
     def put(self, session: str, saved: SavedPrompt, budget_bytes: int) -> None:
         with self._guard:
-            if self.resident != session:
-                return  # forgotten while it was being saved: the session has closed
+            if self.resident != session or session in self._closed:
+                return  # forgotten while it was being saved, or before: the session has closed
             self._saved.pop(session, None)
             if saved.nbytes > budget_bytes:
                 return
@@ -227,6 +233,9 @@ class SavedPrompts:
             self._saved.pop(session, None)
             if self.resident == session:
                 self.resident = NO_SESSION
+            self._closed[session] = None
+            while len(self._closed) > _CLOSED_SESSIONS_KEPT:
+                self._closed.popitem(last=False)
 
 
 @dataclass
