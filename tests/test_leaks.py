@@ -1,9 +1,9 @@
 """100 connect / talk / disconnect cycles against one in-process server: asyncio tasks and threads
 come back to where they were, and RSS stays within 50 MB of its level after the first 10 cycles.
 
-Each cycle says a few words; every fifth also switches the call to another template and back (the
+Each cycle says a few words; every tenth also switches the call to another template and back (the
 template library's RAM tier, the renderer's per-template state, an encoder restarted at a new size),
-and every tenth asks a question out loud (VAD, Whisper, the LLM, TTS: a whole voice turn).
+and every 25th asks a question out loud (VAD, Whisper, the LLM, TTS: a whole voice turn).
 
 Kept fast: a two-word `say`, no frame probing on the receiving side, and the next cycle starts as
 soon as the session has left the server.
@@ -82,14 +82,14 @@ async def _cycle(server, http: aiohttp.ClientSession, n: int, other_template: st
         await receiver.connect_http(server.url, http)
         receiver.send({"type": "say", "text": "Hi there."})
         await receiver.wait_event(lambda e: e.get("type") == "metrics", 15)
-        if n % 5 == 0:
+        if n % 10 == 0:
             for template_id in (other_template, "default"):
                 seen = len(receiver.events)
                 receiver.send({"type": "select_template", "id": template_id})
                 await receiver.wait_event(
                     lambda e, t=template_id: e.get("type") == "template" and e["id"] == t, 10, after=seen
                 )
-        if n % 10 == 0:
+        if n % 25 == 0:
             seen = len(receiver.events)
             mic.play(QUESTION)
             await receiver.wait_event(
