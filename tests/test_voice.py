@@ -295,9 +295,10 @@ def cpu_hog() -> Iterator[None]:
 @pytest.mark.xfail(
     strict=False,
     reason=(
-        "issue 13 (open): the echo guard under a CPU hog. With the test's caller in the server's own"
-        " event loop, a loaded machine delays the echo itself past the guard's 0.6 s search (1.5-2 s"
-        " measured with the hog and four other jobs on 2 cores); it still runs and reports XPASS."
+        "issue 13 (open): the echo guard is not yet reliable. On 2026-12-01 it failed here with and"
+        " without the CPU hog: the best round-trip delay (0.29-0.34 s) left a 4-7 dB spread against the"
+        " 3 dB limit, judged from about 0.25 s of audio. Quarantined until the guard is tuned against this"
+        " test; it still runs and reports XPASS."
     ),
 )
 async def test_the_avatars_own_echo_does_not_interrupt_it(server, cpu_hog) -> None:
