@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from avatar_rtc.conversation.gguf_models import sha256_of
+
 _BLOCK = 1 << 20
 
 
@@ -100,14 +102,6 @@ class AssembleError(RuntimeError):
     pass
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as data:
-        while block := data.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify(spec: ChunkedModel, folder: Path) -> list[str]:
     """What is wrong with ``folder`` as this model (empty when every file has its size and hash)."""
     problems = []
@@ -117,7 +111,7 @@ def verify(spec: ChunkedModel, folder: Path) -> list[str]:
             problems.append(f"{item.name}: missing")
         elif path.stat().st_size != item.size:
             problems.append(f"{item.name}: {path.stat().st_size} bytes, expected {item.size}")
-        elif _sha256(path) != item.sha256:
+        elif sha256_of(path) != item.sha256:
             problems.append(f"{item.name}: sha256 differs from the pinned one")
     return problems
 
