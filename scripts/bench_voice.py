@@ -114,7 +114,9 @@ async def run(url: str, pid: int, turns: int) -> None:
 
         try:
             user = await receiver.wait_event(
-                lambda e: e["type"] == "transcript" and e["role"] == "user", wait_s=20, after=seen
+                lambda e: e["type"] == "transcript" and e["role"] == "user" and e["final"],
+                wait_s=20,
+                after=seen,
             )
             metrics = await receiver.wait_event(
                 lambda e: e["type"] == "metrics" and e["turn"] == "voice", wait_s=60, after=seen

@@ -4,10 +4,11 @@ or repeats itself is not fed back to it verbatim (trimmed to its clean sentences
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+
+from scripted_engines import ScriptedLLM
 
 from avatar_rtc.conversation.hygiene import reply_for_history
-from avatar_rtc.conversation.llm import ChatMessage, ConversationHistory
+from avatar_rtc.conversation.llm import ConversationHistory
 from avatar_rtc.media.spoken_text import join_spoken
 from avatar_rtc.testing.receiver import CallReceiver, is_final_answer
 
@@ -75,31 +76,6 @@ def test_drifting_and_repetitive_replies_stay_out_of_the_history() -> None:
 
 
 # --- over a real call -------------------------------------------------------------------------------------
-
-
-class ScriptedLLM:
-    """A language model that answers with the given replies in turn and remembers what it was sent."""
-
-    name = "scripted"
-
-    def __init__(self, replies: list[str]) -> None:
-        self.replies = list(replies)
-        self.requests: list[list[ChatMessage]] = []
-        # The session keys each call was made for, and those the model was told to forget.
-        self.sessions: list[str] = []
-        self.forgotten: list[str] = []
-
-    async def stream(self, messages: list[ChatMessage], *, session: str = "") -> AsyncIterator[str]:
-        self.requests.append([dict(m) for m in messages])
-        self.sessions.append(session)
-        for word in self.replies.pop(0).split(" "):
-            yield word + " "
-
-    async def prefill(self, messages: list[ChatMessage], *, session: str = "") -> None:
-        self.sessions.append(session)
-
-    def forget(self, session: str) -> None:
-        self.forgotten.append(session)
 
 
 async def test_a_call_hears_the_whole_reply_but_the_model_is_not_fed_its_drift(make_server) -> None:

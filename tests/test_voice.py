@@ -33,6 +33,11 @@ LONG_SPEECH = (
 )
 
 
+def _is_final_user(event: dict[str, Any]) -> bool:
+    """The caller's transcript once the utterance has ended (partial ones come at its pauses)."""
+    return event["type"] == "transcript" and event["role"] == "user" and event["final"]
+
+
 def _rms(pcm: np.ndarray) -> float:
     return float(np.sqrt(np.mean(pcm.astype(np.float64) ** 2))) if len(pcm) else 0.0
 
@@ -63,7 +68,7 @@ async def test_spoken_question_gets_a_transcript_and_a_spoken_answer(server) -> 
     receiver = await _join(server, mic)
     await asyncio.sleep(1.0)
     mic.play(spoken_clip(QUESTION))
-    user = await receiver.wait_event(lambda e: e["type"] == "transcript" and e["role"] == "user", wait_s=15)
+    user = await receiver.wait_event(_is_final_user, wait_s=15)
     wer = word_error_rate(QUESTION, user["text"])
     print(f"heard {user['text']!r}, WER {wer:.2f}")
     assert wer <= 0.3
@@ -110,7 +115,7 @@ async def test_barge_in_stops_the_avatar_and_keeps_only_what_was_heard(server) -
     barge = await receiver.wait_event(lambda e: e["type"] == "barge_in", wait_s=5)
     detected_at = receiver.event_times[receiver.events.index(barge)]
     cut = await receiver.wait_event(lambda e: e["type"] == "metrics" and e["turn"] == "say")
-    user = await receiver.wait_event(lambda e: e["type"] == "transcript" and e["role"] == "user", wait_s=15)
+    user = await receiver.wait_event(_is_final_user, wait_s=15)
     user_at = receiver.event_times[receiver.events.index(user)]
     rec = receiver.received
     last_loud = _last_loud_arrival(rec, before=user_at)

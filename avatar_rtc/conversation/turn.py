@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import itertools
 import logging
 import time
@@ -22,7 +23,7 @@ import numpy as np
 from avatar_rtc.conversation.asr import SpeechRecognizer, Transcript
 from avatar_rtc.conversation.echo import EchoGuard
 from avatar_rtc.conversation.fair import NO_SESSION
-from avatar_rtc.conversation.llm import ConversationHistory, LanguageModel
+from avatar_rtc.conversation.llm import ChatMessage, ConversationHistory, LanguageModel
 from avatar_rtc.conversation.sentences import SentenceChunker
 from avatar_rtc.conversation.speaker import Speaker, StageTimeoutError, stall_timeout
 from avatar_rtc.conversation.tts import TextToSpeech
@@ -79,12 +80,73 @@ class Turn:
         return event
 
 
+_ANSWER_OVER = object()  # the early answer's stream has ended (normally or not)
+
+
+@dataclass(eq=False)
+class _EarlyAnswer:
+    """The LLM's answer to an early transcript, read while the caller might still go on: deltas are
+    kept (not spoken) until the turn takes them over, or dropped with the task if it never does."""
+
+    messages: list[ChatMessage]  # what the model was asked: the history plus the early transcript
+    deltas: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    first_delta_at: float | None = None
+    task: asyncio.Task[None] | None = None
+
+    async def read(self, stream: AsyncIterator[str]) -> None:
+        try:
+            async for delta in stream:
+                if self.first_delta_at is None:
+                    self.first_delta_at = time.monotonic()
+                self.deltas.put_nowait(delta)
+        except Exception as error:  # handed to the turn, which fails the way a live stream would
+            self.deltas.put_nowait(error)
+        finally:
+            self.deltas.put_nowait(_ANSWER_OVER)
+
+    async def stream(self) -> AsyncIterator[str]:
+        while True:
+            item = await self.deltas.get()
+            if item is _ANSWER_OVER:
+                return
+            if isinstance(item, Exception):
+                raise item
+            assert isinstance(item, str)
+            yield item
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
+@dataclass(eq=False)
+class _EarlyTurn:
+    """Work started on a pause inside the caller's utterance, before the VAD has decided that it
+    ended: the transcript of the speech so far and, once that is in and the avatar is silent, the
+    LLM's answer to it. If the caller says nothing more it becomes the turn's, and the recogniser's
+    and the model's time is hidden behind the end-of-speech wait; keyed by the utterance's last
+    voiced VAD frame, so any further speech makes it stale."""
+
+    key: int
+    transcript: asyncio.Task[Transcript]
+    answer: _EarlyAnswer | None = None
+
+    def cancel(self) -> None:
+        self.transcript.cancel()
+        if self.answer is not None:
+            self.answer.cancel()
+
+
 @dataclass
 class _Job:
     turn: Turn
     text: str = ""
     audio: np.ndarray | None = None  # the caller's utterance, for a voice turn
-    transcript: asyncio.Task[Transcript] | None = None  # already started on a pause in that utterance
+    early: _EarlyTurn | None = None  # already started on a pause in that utterance
+
+    def drop(self) -> None:
+        if self.early is not None:
+            self.early.cancel()
 
 
 class Conversation:
@@ -137,11 +199,10 @@ class Conversation:
         # Wall time the caller started talking over the avatar, until that is confirmed or dismissed.
         self._overlap_since: float | None = None
         self._ignoring_echo = False
-        # Transcription started on a short pause, before the VAD has decided the utterance ended: if
-        # the caller says nothing more it is the answer's transcript, and the recogniser's time is
-        # hidden behind the end-of-speech wait. Keyed by the utterance's last voiced VAD frame.
+        # Transcription (then the answer) started on a short pause, before the VAD has decided the
+        # utterance ended (see _EarlyTurn).
         self._speculative_asr_pause_s = speculative_asr_pause_s
-        self._speculation: tuple[int, asyncio.Task[Transcript]] | None = None
+        self._speculation: _EarlyTurn | None = None
         self._prefill_task: asyncio.Task[None] | None = None
         self.barge_ins = 0
         self.echoes_ignored = 0
@@ -175,7 +236,7 @@ class Conversation:
     def interrupt(self, cut: bool = True) -> None:
         """The one cancel path: stop the running job, drop queued ones, clear renderer and playout."""
         while not self._jobs.empty():
-            self._jobs.get_nowait()
+            self._jobs.get_nowait().drop()
         if self._current is not None:
             self._current.cancel()
         self.renderer.clear()
@@ -224,6 +285,8 @@ class Conversation:
                     self._set_state("idle")
         if self._overlap_since is not None and at - self._overlap_since >= self._barge_in_confirm_s:
             self._decide_barge_in()
+        if self._speculation is not None and self._speculation.key != self.vad.last_voiced_frame:
+            self._drop_speculation()  # the caller went on: what was started on the pause is stale
         self._maybe_transcribe_early()
 
     def _maybe_transcribe_early(self) -> None:
@@ -232,17 +295,47 @@ class Conversation:
         if self.vad.silence_s < self._speculative_asr_pause_s:
             return
         key = self.vad.last_voiced_frame
-        if self._speculation is not None and self._speculation[0] == key:
+        if self._speculation is not None and self._speculation.key == key:
             return
         audio = self.vad.speech_so_far()
         if audio is None:
             return
         self._drop_speculation()
-        self._speculation = (key, asyncio.ensure_future(self.asr.transcribe(audio, session=self.session)))
+        early = _EarlyTurn(key, asyncio.ensure_future(self.asr.transcribe(audio, session=self.session)))
+        early.transcript.add_done_callback(lambda _task: self._on_early_transcript(early))
+        self._speculation = early
+
+    def _on_early_transcript(self, early: _EarlyTurn) -> None:
+        """The speech up to a pause is transcribed: show it as the caller's partial line and, if the
+        avatar is silent, let the model start answering it."""
+        if early is not self._speculation or early.transcript.cancelled():
+            return
+        if early.transcript.exception() is not None:
+            return  # the turn awaits the same task and reports the error
+        transcript = early.transcript.result()
+        text = transcript.text.strip()
+        if not text or self.busy:
+            return  # over the avatar it may be echo or a barge-in: that is decided at its end
+        language = transcript.language
+        self._emit({"type": "transcript", "role": "user", "text": text, "final": False, "language": language})
+        if self.llm is None:
+            return
+        if self._prefill_task is not None:
+            self._prefill_task.cancel()  # the answer reads the whole prompt anyway
+        answer = _EarlyAnswer(self._history_with_user(text))
+        stream = self.llm.stream(answer.messages, session=self.session)
+        answer.task = asyncio.ensure_future(answer.read(stream))
+        early.answer = answer
+
+    def _history_with_user(self, text: str) -> list[ChatMessage]:
+        """The messages the model would be sent if ``text`` were the caller's next message."""
+        history = copy.deepcopy(self.history)
+        history.add_user(text)
+        return history.messages()
 
     def _drop_speculation(self) -> None:
         if self._speculation is not None:
-            self._speculation[1].cancel()
+            self._speculation.cancel()
             self._speculation = None
 
     async def close(self) -> None:
@@ -284,20 +377,21 @@ class Conversation:
             )
             self._set_state("idle")
             return
-        transcript = None
-        if self._speculation is not None and self._speculation[0] == self.vad.last_voiced_frame:
-            transcript = self._speculation[1]  # nothing was said after the pause it was started on
+        early = None
+        if self._speculation is not None and self._speculation.key == self.vad.last_voiced_frame:
+            early = self._speculation  # nothing was said after the pause it was started on
             self._speculation = None
             turn.extra["early_asr"] = True
         self._drop_speculation()
         self.interrupt(cut=False)
-        self._enqueue(_Job(turn, audio=event.pcm, transcript=transcript))
+        self._enqueue(_Job(turn, audio=event.pcm, early=early))
 
     # -- jobs -------------------------------------------------------------------------------------
     def _enqueue(self, job: _Job) -> None:
         try:
             self._jobs.put_nowait(job)
         except asyncio.QueueFull:
+            job.drop()
             raise ConversationError(f"more than {MAX_PENDING_JOBS} requests are waiting") from None
 
     async def _run_jobs(self) -> None:
@@ -307,6 +401,7 @@ class Conversation:
             self._current = task
             await asyncio.wait({task})
             self._current = None
+            job.drop()  # an early answer the turn did not take (it failed, or was cut) stops here
             if not task.cancelled() and task.exception() is not None:
                 error = task.exception()
                 log.warning("%s turn failed: %s", job.turn.source, error, exc_info=error)
@@ -325,7 +420,11 @@ class Conversation:
         text = job.text
         if turn.source == "voice":
             assert self.asr is not None and job.audio is not None
-            recognising = job.transcript or self.asr.transcribe(job.audio, session=self.session)
+            recognising = (
+                job.early.transcript
+                if job.early is not None
+                else self.asr.transcribe(job.audio, session=self.session)
+            )
             try:
                 transcript = await asyncio.wait_for(recognising, self._stage_timeout_s)
             except TimeoutError:
@@ -346,28 +445,37 @@ class Conversation:
             if not text:
                 return
         turn.user_text = text
-        await self._speak(turn, self._answer(turn, text), keep_history=True)
+        early_answer = job.early.answer if job.early is not None else None
+        await self._speak(turn, self._answer(turn, text, early_answer), keep_history=True)
 
-    async def _answer(self, turn: Turn, text: str) -> AsyncIterator[str]:
-        """The LLM's answer as sentences, the first one cut early at a comma so speech starts sooner."""
+    async def _answer(self, turn: Turn, text: str, early: _EarlyAnswer | None = None) -> AsyncIterator[str]:
+        """The LLM's answer as sentences, the first one cut early at a comma so speech starts sooner.
+        ``early``: the answer already started on this text at a pause, taken over if it was asked
+        exactly what the model would be asked now."""
         if self.llm is None:
             raise ConversationError(f"no language model: {self._llm_unavailable}")
         self.history.add_user(text)
+        messages = self.history.messages()
         if self._prefill_task is not None:
             # The answer reads the whole prompt anyway: a prefill still waiting for the model is
             # skipped (one already running finishes, and the answer reuses what it read).
             self._prefill_task.cancel()
+        if early is not None and early.messages == messages:
+            deltas = early.stream()
+            turn.extra["early_llm"] = True
+        else:
+            if early is not None:
+                early.cancel()  # the history changed since (an answer ended): ask again
+            deltas = self.llm.stream(messages, session=self.session)
         chunker = SentenceChunker(first_clause_chars=self._first_clause_chars)
-        stream = stall_timeout(
-            self.llm.stream(self.history.messages(), session=self.session),
-            self._stage_timeout_s,
-            "the language model",
-        )
+        stream = stall_timeout(deltas, self._stage_timeout_s, "the language model")
         said = ""
         try:
             async for delta in stream:
                 if turn.llm_first_token_at is None:
-                    turn.llm_first_token_at = time.monotonic()
+                    # An early answer's first token may have come before the caller stopped speaking.
+                    arrived = early.first_delta_at if early is not None else None
+                    turn.llm_first_token_at = max(arrived or time.monotonic(), turn.origin)
                 for sentence in chunker.push(delta):
                     said = join_spoken(said, sentence)
                     self._emit_answer(said, final=False)

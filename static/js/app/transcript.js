@@ -12,6 +12,8 @@ let pendingAnswer = null;
 let answerCut = false;
 // "Listening…" placeholder line while the caller talks, turned into their line once transcribed.
 let listeningLine = null;
+// The caller's line while its transcript is partial (made at a pause; they may still go on).
+let pendingUser = null;
 // The last line said with Say: the server speaks it without a transcript event.
 let lastSaid = null;
 // The DOM line of each transcript entry (kept out of the entries so the test hook stays plain data).
@@ -101,10 +103,17 @@ export function updateListeningLine(state) {
 export function onTranscript(message) {
   const text = String(message.text ?? "");
   if (message.role === "user") {
-    const item = listeningLine || newLine("user");
-    listeningLine = null;
     const final = message.final !== false;
-    addEntry({ role: "user", text, final, interrupted: false, language: message.language }, item);
+    if (pendingUser) {
+      Object.assign(pendingUser, { text, final, language: message.language });
+      drawEntry(pendingUser, lineOf.get(pendingUser));
+      scrollToEnd();
+    } else {
+      const item = listeningLine || newLine("user");
+      listeningLine = null;
+      pendingUser = addEntry({ role: "user", text, final, interrupted: false, language: message.language }, item);
+    }
+    if (final) pendingUser = null;
     return;
   }
   let entry = pendingAnswer;
