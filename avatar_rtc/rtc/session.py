@@ -1,22 +1,21 @@
-"""One caller: a peer connection, its media clock and playout, its data channel, its speech."""
+"""One caller: a peer connection, its media clock and playout, its speech. The jobs beside the peer
+connection's are composed here: the ``events`` channel protocol (``data_channel``), the template and renderer
+the call shows (``template_switch``) and what it reports (``stats``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import secrets
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from aiortc import (
     RTCConfiguration,
-    RTCDataChannel,
     RTCIceServer,
     RTCPeerConnection,
     RTCRtpSender,
@@ -27,7 +26,6 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from avatar_rtc import metrics
 from avatar_rtc.avatar.library import TemplateLibrary
 from avatar_rtc.avatar.template import Template
-from avatar_rtc.bounded_json import JsonInputError, parse_json
 from avatar_rtc.config import Settings
 from avatar_rtc.conversation.asr import SpeechRecognizer
 from avatar_rtc.conversation.echo import EchoGuard
@@ -40,23 +38,28 @@ from avatar_rtc.media import executors
 from avatar_rtc.media.clock import MediaClock, RemoteTimeline
 from avatar_rtc.media.playout import Playout
 from avatar_rtc.render.base import Renderer, RendererEngine
+from avatar_rtc.rtc.data_channel import EVENTS_CHANNEL, MAX_MESSAGE_BYTES, EventsChannel, PingBudget
 from avatar_rtc.rtc.encoders import Vp8Tuning, use_h264_encoder
+from avatar_rtc.rtc.errors import SessionError, TextTooLongError
 from avatar_rtc.rtc.ice import host_candidates
 from avatar_rtc.rtc.recorder import SessionRecorder
+from avatar_rtc.rtc.stats import session_stats
+from avatar_rtc.rtc.template_switch import SpeechForLanguage, TemplateSwitcher, open_renderer
 from avatar_rtc.rtc.tracks import AvatarAudioTrack, AvatarVideoTrack
 
+# What callers have always imported from here, wherever it is defined now.
+__all__ = [
+    "EVENTS_CHANNEL",
+    "MAX_MESSAGE_BYTES",
+    "PingBudget",
+    "Session",
+    "SessionDeps",
+    "SessionError",
+    "TextTooLongError",
+    "rtc_configuration",
+]
+
 log = logging.getLogger(__name__)
-
-EVENTS_CHANNEL = "events"
-MAX_MESSAGE_BYTES = 64 * 1024
-
-
-class SessionError(ValueError):
-    """A request the session refuses; the message is safe to show the caller."""
-
-
-class TextTooLongError(SessionError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -73,26 +76,7 @@ class SessionDeps:
     llm_unavailable: str = ""
     # Speech engines for a language other than the server's (a template may ask for one):
     # language -> (TTS, ASR or None, why there is no ASR). Built on first use, shared.
-    speech_for_language: Callable[[str], tuple[TextToSpeech, SpeechRecognizer | None, str]] | None = None
-
-
-class PingBudget:
-    """A token bucket: ``rate`` pings a second answered on average, bursts up to one second's worth."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.capacity = max(1.0, rate)
-        self._tokens = self.capacity
-        self._at: float | None = None
-
-    def take(self, now: float) -> bool:
-        if self._at is not None:
-            self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
+    speech_for_language: SpeechForLanguage | None = None
 
 
 def rtc_configuration(settings: Settings) -> RTCConfiguration:
@@ -138,24 +122,26 @@ class Session:
             max_ahead_s=media.max_ahead_s,
         )
         self.library = library
-        self.language = deps.settings.conversation.language
-        self.template_id = template.id  # acquired (pinned) in the library by whoever made the session
+        language = deps.settings.conversation.language
         self._state_changed = asyncio.Event()  # set on every conversation state event
-        self.renderer = self._open_renderer(template)
-        # A template prepared before the renderer was enabled lacks its data: the call starts on the
-        # engine's light renderer and the data is completed in the background (see _complete_template).
-        self._incomplete_template: str | None = template.id if library.needs_extras(template) else None
-        self._pump_task: asyncio.Task[None] | None = None
-        self._switch_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.events_channel = EventsChannel(
+            self.id,
+            requests=self,
+            emit=self.send_event,
+            spawn=self._spawn,
+            pings_per_second=deps.settings.limits.pings_per_second,
+        )
+        renderer = open_renderer(deps.renderer, template, self.clock.now, self.send_event)
         talk = deps.settings.conversation
         self.conversation = Conversation(
             speaker=Speaker(
-                deps.tts, self.playout, self.renderer, stall_timeout_s=talk.stage_timeout_s, session=self.id
+                deps.tts, self.playout, renderer, stall_timeout_s=talk.stage_timeout_s, session=self.id
             ),
             playout=self.playout,
-            renderer=self.renderer,
+            renderer=renderer,
             history=ConversationHistory(
-                talk.system_prompt, talk.history_turns, talk.history_chars, language=self.language
+                talk.system_prompt, talk.history_turns, talk.history_chars, language=language
             ),
             emit=self.send_event,
             llm=deps.llm,
@@ -168,8 +154,25 @@ class Session:
             barge_in_confirm_s=talk.barge_in_confirm_ms / 1000,
             speculative_asr_pause_s=talk.early_asr_pause_ms / 1000,
             stage_timeout_s=talk.stage_timeout_s,
-            language=self.language,
+            language=language,
             session=self.id,
+        )
+        # The template is acquired (pinned) in the library by whoever made the session.
+        self.template_switcher = TemplateSwitcher(
+            session_id=self.id,
+            template=template,
+            renderer=renderer,
+            language=language,
+            engine=deps.renderer,
+            library=library,
+            playout=self.playout,
+            conversation=self.conversation,
+            media_clock=self.clock.now,
+            emit=self.send_event,
+            spawn=self._spawn,
+            state_changed=self._state_changed,
+            default_language=talk.language,
+            speech_for_language=deps.speech_for_language,
         )
         self.audio_track: MediaStreamTrack = AvatarAudioTrack(self.clock, self.playout, media.audio_frame_ms)
         # The track itself, for its output size and level; video_track may be a recorder's tap on it.
@@ -192,18 +195,33 @@ class Session:
             self.audio_track = self.recorder.tap(self.audio_track)
             self.video_track = self.recorder.tap(self.video_track)
         self.pc = RTCPeerConnection(rtc_configuration(deps.settings))
-        self.channel: RTCDataChannel | None = None
-        self._bad_message_times: deque[float] = deque(maxlen=10)
-        self.bad_messages_unanswered = 0
-        self._ping_budget = PingBudget(deps.settings.limits.pings_per_second)
-        self.pings_dropped = 0
         self._connected = asyncio.Event()
         self._on_closed = on_closed
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._closing: asyncio.Future[None] | None = None
-        self.pc.on("datachannel", self._on_datachannel)
+        self.pc.on("datachannel", self.events_channel.on_datachannel)
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_connection_state)
+
+    # -- what the parts hold ----------------------------------------------------------------------
+    @property
+    def template_id(self) -> str:
+        return self.template_switcher.template_id
+
+    @property
+    def renderer(self) -> Renderer:
+        return self.template_switcher.renderer
+
+    @property
+    def language(self) -> str:
+        return self.template_switcher.language
+
+    @property
+    def bad_messages_unanswered(self) -> int:
+        return self.events_channel.bad_messages_unanswered
+
+    @property
+    def pings_dropped(self) -> int:
+        return self.events_channel.pings_dropped
 
     # -- signaling ------------------------------------------------------------------------------
     async def accept(self, offer: RTCSessionDescription) -> RTCSessionDescription:
@@ -231,11 +249,10 @@ class Session:
         await self.pc.setRemoteDescription(offer)
         with host_candidates(self.deps.settings.ice_host_addresses):
             await self.pc.setLocalDescription(await self.pc.createAnswer())
-        self._pump_task = self._spawn(self._pump_frames(self.renderer))
+        self.template_switcher.start_pump()
         self._spawn(self._watch_connection())
         self.conversation.start()
-        if self._incomplete_template is not None:
-            self._spawn(self._complete_template(self._incomplete_template))
+        self.template_switcher.complete_in_background()
         return self.pc.localDescription
 
     def key_matches(self, presented: str | None) -> bool:
@@ -307,211 +324,28 @@ class Session:
         """Stop speaking now: cancel the turn, drop queued text, audio and frames."""
         self.conversation.interrupt()
 
+    async def select_template(self, template_id: object) -> float:
+        """Switch this call to another avatar; returns how long the switch took (ms)."""
+        return await self.template_switcher.select_template(template_id)
+
     def stats(self) -> dict[str, Any]:
-        playout = self.playout.stats
-        lateness = sorted(playout.video_send_lateness)
-
-        def pct(q: float) -> float | None:
-            return (
-                round(lateness[min(len(lateness) - 1, int(q * len(lateness)))] * 1000, 2)
-                if lateness
-                else None
-            )
-
-        return {
-            "session_id": self.id,
-            "state": self.state,
-            "media_time_s": round(self.clock.now(), 3),
-            "frames_sent": playout.frames_sent,
-            "frames_rendered": playout.frames_rendered,
-            "frames_idle": playout.frames_idle,
-            "frames_late": playout.frames_late,
-            "frames_dropped": playout.frames_dropped,
-            "audio_frames_sent": playout.audio_frames_sent,
-            "send_lateness_ms_p50": pct(0.5),
-            "send_lateness_ms_p99": pct(0.99),
-            "output_size": list(self.video_source.output_size),
-            "video_quality": self.video_source.quality_level,
-            "video_encoder": self.video_encoder,
-        }
+        return session_stats(
+            session_id=self.id,
+            state=self.state,
+            media_time_s=self.clock.now(),
+            playout=self.playout.stats,
+            video_source=self.video_source,
+            video_encoder=self.video_encoder,
+        )
 
     def send_event(self, event: dict[str, Any]) -> None:
         metrics.observe_event(event)
         if event.get("type") == "state":
             self._state_changed.set()
-        channel = self.channel
-        if channel is not None and channel.readyState == "open":
-            channel.send(json.dumps(event))
+        self.events_channel.send(event)
 
-    # -- loops ----------------------------------------------------------------------------------
-    def _open_renderer(self, template: Template) -> Renderer:
-        renderer = self.deps.renderer.open(template)
-        # A renderer that batches across sessions (MuseTalk) schedules by this call's media clock and
-        # reports its quality level on the data channel.
-        renderer.attach(self.clock.now, self.send_event)
-        return renderer
-
-    async def _pump_frames(self, renderer: Renderer) -> None:
-        while True:
-            try:
-                async for frame in renderer.frames():
-                    await self.playout.put_frame(frame.index, frame.image)
-                return
-            except Exception as error:
-                # A renderer that fails mid-utterance costs that utterance its mouth movement, not the
-                # call: speech goes on over repeated frames, and the next utterance renders afresh.
-                log.exception("session %s: renderer failed", self.id)
-                self.send_event({"type": "error", "message": f"rendering failed: {error}"})
-                renderer.clear()
-
-    async def select_template(self, template_id: object) -> float:
-        """Switch this call to another avatar; returns how long the switch took (ms).
-
-        The new template is pinned in the library (from RAM when warm, else loaded off the event
-        loop) before anything changes, so a failed load leaves the call as it was. Speech in progress
-        stops: it belongs to the old face.
-        """
-        if not isinstance(template_id, str) or not template_id:
-            raise SessionError("select_template needs an 'id'")
-        async with self._switch_lock:
-            started = time.monotonic()
-            if template_id == self.template_id:
-                self.send_event(
-                    {"type": "template", "id": template_id, "switch_ms": 0.0, "language": self.language}
-                )
-                return 0.0
-            try:
-                template = await self.library.acquire_async(template_id)
-            except LookupError:
-                raise SessionError(f"no template {template_id!r}") from None
-            except Exception as error:  # corrupt cache, over the RAM budget, ...
-                raise SessionError(f"template {template_id!r} cannot be used: {error}") from None
-            try:
-                # Loading the renderer's device data (MuseTalk latents) is blocking work: off the loop.
-                await executors.run_media(self.deps.renderer.warm, template)
-                info = self.library.info(template_id)
-                language = info.language or self.deps.settings.conversation.language
-                speech = None
-                if language != self.language and self.deps.speech_for_language is not None:
-                    speech = await executors.run_media(self.deps.speech_for_language, language)
-                renderer = self._open_renderer(template)
-            except Exception:
-                self.library.release(template_id)
-                raise
-            self.conversation.interrupt()
-            if speech is not None:
-                self.conversation.set_speech_engines(*speech, language=language)
-                self.language = language
-                # The model is told the call's language, and judged by it before its replies are kept.
-                self.conversation.history.language = language
-            old_id = self.template_id
-            self.template_id = template_id
-            await self._install_renderer(renderer, template)
-            self.library.release(old_id)
-            if self.library.needs_extras(template):
-                self._spawn(self._complete_template(template_id))
-            switch_ms = round((time.monotonic() - started) * 1000, 1)
-            self.send_event(
-                {"type": "template", "id": template_id, "switch_ms": switch_ms, "language": self.language}
-            )
-            if info.welcome:
-                self.conversation.say(info.welcome)
-            return switch_ms
-
-    async def _install_renderer(self, renderer: Renderer, template: Template) -> None:
-        """Show ``template`` through ``renderer`` from the next frame on; the old renderer is closed."""
-        old_renderer, old_pump = self.renderer, self._pump_task
-        self.renderer = renderer
-        self.conversation.set_renderer(renderer)
-        # From the next video frame on, idle frames come from the new template.
-        self.playout.set_template(template)
-        self._pump_task = self._spawn(self._pump_frames(renderer))
-        if old_pump is not None:
-            old_pump.cancel()
-        await old_renderer.aclose()
-
-    async def _complete_template(self, template_id: str) -> None:
-        """Have the library compute the renderer's data this template lacks (on its own thread, cached
-        for every later call), reporting progress as ``template_data`` events; then move this call from
-        the light renderer to the real one at the next moment the avatar is not speaking."""
-        loop = asyncio.get_running_loop()
-        engine = self.deps.renderer
-        last_tenth = -1
-
-        def report(done: int, total: int) -> None:  # on the loop
-            nonlocal last_tenth
-            tenth = 10 * done // max(total, 1)
-            if tenth != last_tenth:  # a few events, not one per frame
-                last_tenth = tenth
-                self.send_event(
-                    {
-                        "type": "template_data",
-                        "id": template_id,
-                        "renderer": engine.name,
-                        "state": "preparing",
-                        "done": done,
-                        "total": total,
-                    }
-                )
-
-        def progress(done: int, total: int) -> None:  # on the library's extras thread
-            loop.call_soon_threadsafe(report, done, total)
-
-        log.info(
-            "session %s: template %r lacks %s data; computing it in the background",
-            self.id,
-            template_id,
-            engine.name,
-        )
-        try:
-            template = await self.library.complete_extras_async(template_id, progress)
-            # Switching mid-sentence would drop the sentence's frames: wait for the avatar to finish.
-            while self.template_id == template_id and self.state == "speaking":
-                self._state_changed.clear()
-                await self._state_changed.wait()
-            async with self._switch_lock:
-                if self.template_id != template_id:
-                    return  # the caller switched away meanwhile
-                await executors.run_media(engine.warm, template)
-                await self._install_renderer(self._open_renderer(template), template)
-        except Exception as error:
-            log.exception("session %s: completing template %r failed", self.id, template_id)
-            self.send_event(
-                {
-                    "type": "template_data",
-                    "id": template_id,
-                    "renderer": engine.name,
-                    "state": "failed",
-                    "message": str(error),
-                }
-            )
-            return
-        self.send_event(
-            {"type": "template_data", "id": template_id, "renderer": engine.name, "state": "ready"}
-        )
-
-    async def _listen(self, track: MediaStreamTrack) -> None:
-        """The caller's microphone, resampled to 16 kHz, into VAD (and from there ASR and barge-in)."""
-        resampler = MicResampler()
-        # Times from the caller's own timestamps, not from when this loop got round to each frame.
-        timeline = RemoteTimeline()
-        with contextlib.suppress(MediaStreamError):
-            while True:
-                frame = await track.recv()
-                at = timeline.wall_time(frame.time, time.monotonic()) + frame.samples / frame.sample_rate
-                self.conversation.hear(resampler.push(frame), at)
-
-    # -- callbacks ------------------------------------------------------------------------------
-    def _on_datachannel(self, channel: RTCDataChannel) -> None:
-        if channel.label != EVENTS_CHANNEL:
-            return
-        self.channel = channel
-        channel.on("message", self._on_message)
-        channel.on("open", lambda: self._greet())
-        if channel.readyState == "open":
-            self._greet()
-
-    def _greet(self) -> None:
+    def hello(self) -> dict[str, Any]:
+        """The ``hello`` event the events channel greets the caller with."""
         deps = self.deps
         hello: dict[str, Any] = {
             "type": "hello",
@@ -529,62 +363,21 @@ class Session:
         # The video's own level (its size under CPU pressure), apart from the renderer's.
         hello["video_quality"] = self.video_source.quality_level
         hello["output_size"] = list(self.video_source.output_size)
-        self.send_event(hello)
-        self.send_event({"type": "state", "state": self.state})
+        return hello
 
-    def _on_message(self, message: str | bytes) -> None:
-        # Runs inside aiortc's receive loop: an exception escaping here would end the data channel
-        # for good, so nothing a caller sends may raise out of it.
-        try:
-            self._handle_message(message)
-        except SessionError as error:
-            self._report_bad_message(str(error))
-        except Exception:
-            log.exception("session %s: a data-channel message failed", self.id)
-            self._report_bad_message("the message could not be handled")
+    # -- loops ----------------------------------------------------------------------------------
+    async def _listen(self, track: MediaStreamTrack) -> None:
+        """The caller's microphone, resampled to 16 kHz, into VAD (and from there ASR and barge-in)."""
+        resampler = MicResampler()
+        # Times from the caller's own timestamps, not from when this loop got round to each frame.
+        timeline = RemoteTimeline()
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                at = timeline.wall_time(frame.time, time.monotonic()) + frame.samples / frame.sample_rate
+                self.conversation.hear(resampler.push(frame), at)
 
-    def _handle_message(self, message: str | bytes) -> None:
-        try:
-            data = parse_json(message, max_bytes=MAX_MESSAGE_BYTES)
-        except JsonInputError as error:
-            raise SessionError(f"message refused: {error}") from None
-        if not isinstance(data, dict):
-            raise SessionError("message must be a JSON object")
-        kind = data.get("type")
-        if kind == "say":
-            self.say(data.get("text"))
-        elif kind == "chat":
-            self.chat(data.get("text"))
-        elif kind == "interrupt":
-            self.interrupt()
-        elif kind == "select_template":
-            self._spawn(self._select_and_report(data.get("id")))
-        elif kind == "ping":
-            if self._ping_budget.take(time.monotonic()):
-                sent_at = data.get("t")
-                self.send_event({"type": "pong", "t": sent_at if isinstance(sent_at, int | float) else None})
-            else:
-                self.pings_dropped += 1
-        else:
-            raise SessionError(f"unknown message type {kind!r}")
-
-    def _report_bad_message(self, message: str) -> None:
-        # A client flooding the channel with garbage gets a few error events a second, not one per
-        # message: answering each would cost this call (and every other) its frame pacing.
-        now = time.monotonic()
-        recent = self._bad_message_times
-        if len(recent) == recent.maxlen and now - recent[0] < 1.0:
-            self.bad_messages_unanswered += 1
-            return
-        recent.append(now)
-        self.send_event({"type": "error", "message": message})
-
-    async def _select_and_report(self, template_id: object) -> None:
-        try:
-            await self.select_template(template_id)
-        except SessionError as error:
-            self.send_event({"type": "error", "message": str(error)})
-
+    # -- callbacks ------------------------------------------------------------------------------
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio":
             self._spawn(self._listen(track))
@@ -595,7 +388,7 @@ class Session:
         if self.pc.connectionState in ("failed", "closed"):
             await self.close()
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
