@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from avatar_rtc.conversation.asr import (  # noqa: E402
     FasterWhisperASR,
+    Transcript,
     character_error_rate,
     packaged_whisper_model,
     word_error_rate,
@@ -175,7 +176,15 @@ async def run(url: str, pid: int, turns: int) -> None:
 
 
 def _pcm16k_from_piper(tts: PiperTTS, text: str) -> np.ndarray:
-    return resample_pcm(tts._synthesize_blocking(text), tts.sample_rate, 16000)
+    async def speech() -> list[np.ndarray]:
+        return [pcm async for pcm in tts.synthesize(text)]
+
+    return resample_pcm(np.concatenate(asyncio.run(speech())), tts.sample_rate, 16000)
+
+
+def _transcribe(asr: FasterWhisperASR, pcm: np.ndarray) -> Transcript:
+    """Through the recogniser's own (async) entry point, as a call uses it."""
+    return asyncio.run(asr.transcribe(pcm))
 
 
 def _load_average() -> str:
@@ -205,11 +214,11 @@ def compare_asr(repeats: int, models_dir: Path) -> None:
     def measure(asr: FasterWhisperASR, pcm: np.ndarray) -> tuple[str, float, float]:
         """Text, median wall seconds and median CPU seconds (all threads) of one clip's decodes. CPU
         time is the steadier of the two on a shared machine: others' load stretches wall time."""
-        asr._transcribe_blocking(pcm)  # the first decode of a clip size allocates; not a live cost
+        _transcribe(asr, pcm)  # the first decode of a clip size allocates; not a live cost
         walls, cpus, text = [], [], ""
         for _ in range(repeats):
             cpu = time.process_time()
-            result = asr._transcribe_blocking(pcm)
+            result = _transcribe(asr, pcm)
             cpus.append(time.process_time() - cpu)
             walls.append(result.processing_s)
             text = result.text

@@ -277,6 +277,45 @@ async def test_a_template_uploaded_on_one_node_is_warm_on_the_other(
     await wait_for(lambda: _equals(state_on(n2), None), 5, "the template gone on n2")
 
 
+async def test_a_template_deleted_while_redis_was_down_is_not_served_from_ram_after(
+    cluster: Cluster, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """The delete's event is lost (no Redis to publish it on): once its subscription is back, n2
+    reads what is in RAM again from the shared directory instead of serving a copy of deleted files."""
+    from test_templates import make_moving_face_video
+
+    video = make_moving_face_video(tmp_path / "face.mp4", seconds=1.0)[0].read_bytes()
+    n1, n2 = cluster.nodes
+    form = aiohttp.FormData()
+    form.add_field("id", "offline-edit")
+    form.add_field("file", io.BytesIO(video), filename="face.mp4", content_type="video/mp4")
+    async with http.post(f"{n1.url}/api/templates", data=form) as r:
+        assert json.loads((await r.text()).splitlines()[-1])["state"] == "ready"
+
+    async def warm_on_n2() -> bool:
+        async with http.get(f"{n2.url}/api/templates") as r:
+            listing = (await r.json())["templates"]
+        return any(t["id"] == "offline-edit" and t["state"] == "warm" for t in listing)
+
+    await wait_for(warm_on_n2, 10, "the template warm on n2")
+    cluster.stop("redis", signal.SIGKILL)
+    try:
+        async with http.delete(f"{n1.url}/api/templates/offline-edit") as r:
+            assert r.status == 200
+    finally:
+        cluster.start_redis()
+    await wait_for(lambda: _all_up_and_idle(cluster, http), 10, "the nodes registered again")
+    # The subscription comes back within a heartbeat or two of the registry.
+    await asyncio.sleep(3 * HEARTBEAT_S)
+    call = await open_call(http, n2.url)
+    try:
+        call.send({"type": "select_template", "id": "offline-edit"})
+        answer = await call.wait_event(lambda e: e.get("type") in ("template", "error"), 10)
+    finally:
+        await call.close()
+    assert answer["type"] == "error" and "offline-edit" in answer["message"], answer
+
+
 async def _equals(value: Any, expected: Any) -> bool:
     return await value == expected
 

@@ -328,10 +328,17 @@ class ClusterNode:
             log.warning("cluster: template %r %s not announced: %s", template_id, event, error)
 
     async def _template_events_loop(self) -> None:
+        missed_events = False
         while True:
             pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.templates_channel)
+                if missed_events:
+                    # Pub/sub keeps nothing for a subscriber that was away (and a publisher finds no
+                    # Redis to tell while it is down): what changed meanwhile is read from the
+                    # shared directory instead.
+                    await self.reload_templates_in_ram()
+                    missed_events = False
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "message":
@@ -340,6 +347,7 @@ class ClusterNode:
                 raise
             except Exception as error:
                 log.debug("cluster: template events unavailable (%s); retrying", error)
+                missed_events = True
                 await asyncio.sleep(self.config.heartbeat_s)
             finally:
                 with contextlib.suppress(Exception):
@@ -373,6 +381,36 @@ class ClusterNode:
             log.info("cluster: template %r %s on node %s", template_id, kind, event.get("node"))
         except (TemplateBudgetError, TemplateCacheError, LookupError, OSError) as error:
             log.warning("cluster: template %r %s: not warmed here: %s", template_id, kind, error)
+
+    async def reload_templates_in_ram(self) -> None:
+        """Drop every template copy in RAM that no call is using and read it again from the shared
+        directory, where it still exists: after template events may have been missed, a copy in RAM
+        may be of files since changed or deleted on another node."""
+        from avatar_rtc.avatar.library import TemplateBudgetError, TemplateInUseError
+        from avatar_rtc.avatar.store import TemplateCacheError
+
+        library = self.library
+
+        def reload() -> tuple[int, int]:
+            dropped = reloaded = 0
+            for template_id in library.in_ram():
+                try:
+                    library.unload(template_id)
+                except TemplateInUseError:
+                    continue  # a live call keeps the copy it started with until it switches
+                dropped += 1
+                if library.store.exists(template_id):
+                    with contextlib.suppress(TemplateBudgetError, TemplateCacheError, LookupError, OSError):
+                        library.warm(template_id)
+                        reloaded += 1
+            return dropped, reloaded
+
+        dropped, reloaded = await asyncio.to_thread(reload)
+        log.info(
+            "cluster: template events may have been missed; %d copies in RAM dropped, %d read again",
+            dropped,
+            reloaded,
+        )
 
     # -- drain ---------------------------------------------------------------------------------------------
     def begin_drain(self, why: str = "admin") -> None:
