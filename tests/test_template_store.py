@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -493,3 +494,27 @@ def test_a_warm_switch_reads_nothing_from_the_cache(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(library.store, "load", no_disk)
     assert library.get_warm("t") is warm and library.acquire("t") is warm
     library.release("t")
+
+
+def test_work_directories_on_a_shared_cache_are_cleaned_only_by_their_own_host(tmp_path: Path) -> None:
+    """A pid says whether a writer is alive only on its own host: another host's work directory is
+    left alone while anything in it is recent, and removed once it has been abandoned for hours."""
+    from avatar_rtc.avatar.store import _HOST_TAG, _OTHER_HOST_STALE_S
+
+    dead_pid = 2**22 + 7  # above Linux's pid_max: no process has it
+    other_host = "0" * 8 if _HOST_TAG != "0" * 8 else "1" * 8
+    at_work = tmp_path / f".tmp-{dead_pid}@{other_host}-talker-abc"  # its pid is on its own host
+    abandoned = tmp_path / f".tmp-{dead_pid}@{other_host}-talker-def"
+    ours_dead = tmp_path / f".tmp-{dead_pid}@{_HOST_TAG}-talker-ghi"
+    ours_live = tmp_path / f".tmp-{os.getpid()}@{_HOST_TAG}-talker-jkl"
+    for directory in (at_work, abandoned, ours_dead, ours_live):
+        directory.mkdir()
+        (directory / "frames.jpgs").write_bytes(b"...")
+    long_ago = time.time() - _OTHER_HOST_STALE_S - 60
+    for path in (abandoned, abandoned / "frames.jpgs"):
+        os.utime(path, (long_ago, long_ago))
+
+    removed = TemplateStore(tmp_path).remove_stale()
+
+    assert sorted(removed) == sorted([abandoned.name, ours_dead.name])
+    assert at_work.is_dir() and ours_live.is_dir()

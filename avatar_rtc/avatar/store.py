@@ -47,6 +47,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -79,9 +80,20 @@ JPEG_QUALITY = 95
 TEMPLATE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _EXTRA_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 # Work directories start with a dot, so they can never be mistaken for (or collide with) a template id.
-# The writer's pid follows the prefix, so a later process can tell an abandoned one from a live one.
+# The writer's pid and host follow the prefix ("<pid>@<host tag>"), so a later process can tell an
+# abandoned one from a live one; on a directory shared by several hosts a pid says something only on
+# its own host, and another host's work directory is removed only once nothing has touched it for
+# _OTHER_HOST_STALE_S (no preparation takes that long).
 _TEMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_OTHER_HOST_STALE_S = 6 * 3600.0
+
+
+def _writer_tag() -> str:
+    return f"{os.getpid()}@{_HOST_TAG}"
+
+
 # The built-in template's "source hash": it is made from a photo inside scikit-image, not a file.
 DEFAULT_SOURCE_SHA256 = "builtin:skimage.data.astronaut"
 # Keys of the per-template settings kept in the manifest, changeable without preparing again.
@@ -195,6 +207,18 @@ def thumbnail_jpeg(
     if not ok:
         raise RuntimeError("JPEG encoding of the thumbnail failed")
     return encoded.tobytes()
+
+
+def _modified_at(path: Path) -> float:
+    """The latest modification time of ``path`` and what is directly inside it (a writer at work
+    keeps adding files), or 0 if it is gone."""
+    times = [0.0]
+    with contextlib.suppress(OSError):
+        times.append(path.stat().st_mtime)
+        for child in path.iterdir():
+            with contextlib.suppress(OSError):  # a file the writer just renamed or removed
+                times.append(child.stat().st_mtime)
+    return max(times)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -541,7 +565,7 @@ class TemplateStore:
         described = {**FILE_DESCRIPTIONS, **{f"extra_{k}.npy": v for k, v in (descriptions or {}).items()}}
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         work = Path(
-            tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-{template.id}-", dir=self.cache_dir)
+            tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{_writer_tag()}-{template.id}-", dir=self.cache_dir)
         )
         try:
             if encoded_frames is None:
@@ -596,7 +620,7 @@ class TemplateStore:
         old: Path | None = None
         if final.exists():
             old = Path(
-                tempfile.mkdtemp(prefix=f"{_OLD_PREFIX}{os.getpid()}-{final.name}-", dir=self.cache_dir)
+                tempfile.mkdtemp(prefix=f"{_OLD_PREFIX}{_writer_tag()}-{final.name}-", dir=self.cache_dir)
             )
             os.replace(final, old / "template")
         try:
@@ -636,7 +660,7 @@ class TemplateStore:
                 raise ValueError(f"invalid extras key {name!r}: use letters, digits and '_'")
         replaced = {f"extra_{name}.npy" for name in extras}
         work = Path(
-            tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-{template_id}-", dir=self.cache_dir)
+            tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{_writer_tag()}-{template_id}-", dir=self.cache_dir)
         )
         try:
             kept = [name for name in manifest["files"] if name not in replaced]
@@ -666,7 +690,8 @@ class TemplateStore:
         final = self.path(template_id)
         if not final.exists():
             return False
-        old = Path(tempfile.mkdtemp(prefix=f"{_OLD_PREFIX}{os.getpid()}-{template_id}-", dir=self.cache_dir))
+        aside = f"{_OLD_PREFIX}{_writer_tag()}-{template_id}-"
+        old = Path(tempfile.mkdtemp(prefix=aside, dir=self.cache_dir))
         os.replace(final, old / "template")
         shutil.rmtree(old, ignore_errors=True)
         return True
@@ -684,10 +709,15 @@ class TemplateStore:
             for prefix in (_TEMP_PREFIX, _OLD_PREFIX):
                 if not entry.name.startswith(prefix):
                     continue
-                pid_text = entry.name[len(prefix) :].split("-", 1)[0]
+                writer = entry.name[len(prefix) :].split("-", 1)[0]
+                pid_text, _, host = writer.partition("@")
                 pid = int(pid_text) if pid_text.isdigit() else None
+                if host and host != _HOST_TAG:
+                    # Another host's writer: its pid means nothing here.
+                    if time.time() - _modified_at(entry) < _OTHER_HOST_STALE_S:
+                        continue
                 # This process's own writers may still be at work; so may another live process's.
-                if pid is not None and (pid == os.getpid() or _pid_alive(pid)):
+                elif pid is not None and (pid == os.getpid() or _pid_alive(pid)):
                     continue
                 if prefix == _OLD_PREFIX:
                     template_id = entry.name[len(prefix) :].split("-", 1)[-1].rsplit("-", 1)[0]
@@ -778,7 +808,7 @@ class TemplateStore:
         manifest = self.read_manifest(template_id)
         manifest["info"] = {**manifest.get("info", {}), **info}
         directory = self.path(template_id)
-        fd, temp = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-", dir=directory)
+        fd, temp = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{_writer_tag()}-", dir=directory)
         os.close(fd)
         try:
             _write_json(Path(temp), manifest)
@@ -882,7 +912,7 @@ class TemplateStore:
             kept[file_name] = meta
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         work = Path(
-            tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-{template_id}-", dir=self.cache_dir)
+            tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{_writer_tag()}-{template_id}-", dir=self.cache_dir)
         )
         try:
             files = _write_frame_files(work, frames.shape, self._encoded(frames), self.jpeg_quality)
