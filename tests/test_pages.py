@@ -237,6 +237,24 @@ def wait_kiosk_connected(frame: Any, timeout_s: float = 30) -> None:
         time.sleep(0.2)
 
 
+PARTIAL_THEN_FINAL_JS = """
+async () => {
+  const { onTranscript } = await import("/static/js/app/transcript.js");
+  const { avatarCall } = await import("/static/js/app/state.js");
+  avatarCall.transcript.length = 0;
+  document.querySelectorAll("#transcript .line").forEach((line) => line.remove());
+  const user = (text, final) => ({ type: "transcript", role: "user", text, final, language: "en" });
+  onTranscript(user("What is the", false));
+  onTranscript(user("What is the capital", false));
+  onTranscript(user("What is the capital of France?", true));
+  return {
+    entries: avatarCall.transcript.map(({ role, text, final }) => ({ role, text, final })),
+    drawn: [...document.querySelectorAll("#transcript .line.user .text")].map((t) => t.textContent),
+  };
+}
+"""
+
+
 def browser_test(test: Callable[..., None]) -> Callable[..., None]:
     """The browser test modules' marks, on one test: the static tests here need no browser."""
     for mark in BROWSER_TEST_MARKS:
@@ -267,6 +285,12 @@ def test_each_page_loads_its_modules_and_connects(server: RunningServer, tmp_pat
         page.click("#hangup-btn")
         assert page.evaluate("window.avatarCall.pc") is None
         watch.assert_clean("call page", call_modules)
+        # A caller's line transcribed at a pause, then once they finished: one line, the final text.
+        lines = page.evaluate(PARTIAL_THEN_FINAL_JS)
+        assert lines == {
+            "entries": [{"role": "user", "text": "What is the capital of France?", "final": True}],
+            "drawn": ["What is the capital of France?"],
+        }, lines
 
         # The kiosk: connects by itself.
         watch = PageWatch(page, page_errors)
