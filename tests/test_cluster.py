@@ -243,19 +243,26 @@ async def _cluster_sessions_are(http: aiohttp.ClientSession, cluster: Cluster, c
         return (await r.json())["sessions"] == count
 
 
-async def test_a_template_uploaded_on_one_node_is_warm_on_the_other(
-    cluster: Cluster, http: aiohttp.ClientSession, tmp_path: Path
+async def _upload_video_template(
+    http: aiohttp.ClientSession, node: NodeSpec, template_id: str, tmp_path: Path
 ) -> None:
+    """Prepare a short talking-face video as ``template_id`` on ``node``, through its upload API."""
     from test_templates import make_moving_face_video
 
     video = make_moving_face_video(tmp_path / "face.mp4", seconds=1.0)[0].read_bytes()
-    n1, n2 = cluster.nodes
     form = aiohttp.FormData()
-    form.add_field("id", "clustered")
+    form.add_field("id", template_id)
     form.add_field("file", io.BytesIO(video), filename="face.mp4", content_type="video/mp4")
-    async with http.post(f"{n1.url}/api/templates", data=form) as r:
+    async with http.post(f"{node.url}/api/templates", data=form) as r:
         last = json.loads((await r.text()).splitlines()[-1])
     assert last["state"] == "ready", last
+
+
+async def test_a_template_uploaded_on_one_node_is_warm_on_the_other(
+    cluster: Cluster, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    n1, n2 = cluster.nodes
+    await _upload_video_template(http, n1, "clustered", tmp_path)
 
     async def state_on(node: NodeSpec) -> str | None:
         async with http.get(f"{node.url}/api/templates") as r:
@@ -282,15 +289,8 @@ async def test_a_template_deleted_while_redis_was_down_is_not_served_from_ram_af
 ) -> None:
     """The delete's event is lost (no Redis to publish it on): once its subscription is back, n2
     reads what is in RAM again from the shared directory instead of serving a copy of deleted files."""
-    from test_templates import make_moving_face_video
-
-    video = make_moving_face_video(tmp_path / "face.mp4", seconds=1.0)[0].read_bytes()
     n1, n2 = cluster.nodes
-    form = aiohttp.FormData()
-    form.add_field("id", "offline-edit")
-    form.add_field("file", io.BytesIO(video), filename="face.mp4", content_type="video/mp4")
-    async with http.post(f"{n1.url}/api/templates", data=form) as r:
-        assert json.loads((await r.text()).splitlines()[-1])["state"] == "ready"
+    await _upload_video_template(http, n1, "offline-edit", tmp_path)
 
     async def warm_on_n2() -> bool:
         async with http.get(f"{n2.url}/api/templates") as r:

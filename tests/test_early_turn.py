@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import aiohttp
 from scripted_engines import ScriptedASR, ScriptedLLM
 
 from avatar_rtc.testing.mic import ScriptedMic
@@ -26,9 +25,7 @@ def _user_transcripts(receiver: CallReceiver) -> list[dict[str, Any]]:
 
 async def _call(server: Any, mic: ScriptedMic) -> CallReceiver:
     receiver = CallReceiver(mic=mic)
-    async with aiohttp.ClientSession() as http:
-        await receiver.connect_http(server.url, http)
-    await receiver.wait_event(lambda e: e["type"] == "hello")
+    await receiver.join(server.url)
     return receiver
 
 

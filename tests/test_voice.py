@@ -57,9 +57,7 @@ def _last_loud_arrival(rec: Received, before: float, threshold: float = 300.0) -
 
 async def _join(server, mic: ScriptedMic | None = None) -> CallReceiver:
     receiver = CallReceiver(mic=mic)
-    async with aiohttp.ClientSession() as http:
-        await receiver.connect_http(server.url, http)
-    await receiver.wait_event(lambda e: e["type"] == "hello")
+    await receiver.join(server.url)
     return receiver
 
 
