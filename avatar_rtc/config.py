@@ -159,6 +159,10 @@ class AsrSettings(BaseModel):
     # auto: a CUDA GPU when CTranslate2 sees one (ctranslate2.get_cuda_device_count() > 0), else the
     # CPU. On a GPU host Whisper then leaves the CPU cores to the media.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Seconds of log-mel frames the encoder reads (the utterance and 1 s more, if that is longer);
+    # 0: Whisper's own 30 s window. The encoder's time follows the window, and a live question is a
+    # few seconds long (figures: scripts/bench_voice.py --asr, in the README).
+    encoder_window_s: float = Field(10.0, ge=0, le=30)
 
 
 class LlmSettings(BaseModel):

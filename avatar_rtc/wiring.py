@@ -71,6 +71,7 @@ def build_asr(settings: Settings) -> tuple[SpeechRecognizer | None, str]:
             asr.compute_type,
             asr.cpu_threads,
             device=device,
+            encoder_window_s=asr.encoder_window_s,
         )
 
     try:

