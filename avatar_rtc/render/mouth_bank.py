@@ -1,0 +1,492 @@
+"""Real mouths from the template itself: a bank of the template video's own mouth appearances.
+
+A video of someone talking already shows their mouth open, closed, rounded and spread, with their own
+teeth, tongue and lip texture. At preparation each template frame's mouth is measured from the face
+landmarks tracked anyway (:func:`measure_mouths`: the inner-lip gap and the mouth width, in units of the
+template's median mouth width, so head distance does not matter), and for each viseme the frame whose
+mouth is nearest that viseme's shape (:func:`select_entries`) gives an *entry*: its lower-face mouth
+region resampled into one canonical frame (the template's rest frame, by a similarity fitted to landmarks
+that do not move with the mouth: eye corners and nose) and a feathered mask around its lips. A photo,
+or a video whose mouth barely moves, gets an empty bank.
+
+At run time :meth:`MouthBank.choose` maps the mouth the renderer is asked to draw (the same two
+measures, of the pose applied to the current frame) to the nearest entries, with weights that fall
+to zero at the tolerance, so the real mouth fades in and out and adjacent entries cross-fade as the pose
+glides between visemes instead of popping; :meth:`MouthBank.composite` warps the blend into the current
+frame with its own landmark transform (``cv2.warpAffine`` on a small region), matches its colour to the
+skin around it and blends it in through the mask. Where nothing is near, the drawn mouth stays.
+
+The bank is a renderer extra (:class:`avatar_rtc.avatar.engine.TemplateEngine`): stored in the template
+cache beside the frames, recomputed when missing or from another :data:`BANK_VERSION`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import cv2
+import numpy as np
+
+from avatar_rtc.avatar import face
+from avatar_rtc.avatar.template import Template
+from avatar_rtc.render.visemes import Viseme
+
+# Bump when what is stored changes meaning: cached banks of another version are computed again.
+BANK_VERSION = 1
+CROPS_KEY = "mouth_bank_crops"
+MASKS_KEY = "mouth_bank_masks"
+ENTRIES_KEY = "mouth_bank_entries"
+META_KEY = "mouth_bank_meta"
+KEYS = (CROPS_KEY, MASKS_KEY, ENTRIES_KEY, META_KEY)
+DESCRIPTIONS = {
+    CROPS_KEY: "mouth bank: the template's own mouth per entry, (K, H, W, 3) uint8 BGR in the canonical box",
+    MASKS_KEY: "mouth bank: feathered mask around each entry's lips, (K, H, W) uint8",
+    ENTRIES_KEY: "mouth bank: per entry viseme index, template frame, inner-lip gap and mouth width "
+    "(template mouth widths), (K, 4) float32",
+    META_KEY: "mouth bank: version, canonical box x0 y0, median mouth width (eye distances), calibration "
+    "(gap, narrowing and widening scales), then the canonical anchor points x y, float64",
+}
+
+# Visemes the landmarks can tell apart by the lips' gap and width. Rest is the template's own mouth;
+# f/v (lower lip under the teeth) and th (tongue tip) look like other shapes to the mesh, so they keep
+# the drawn mouth, which shows the tuck and the tongue.
+BANK_VISEMES = tuple(v for v in Viseme if v not in (Viseme.REST, Viseme.LABIODENTAL, Viseme.DENTAL))
+VISEME_ORDER = tuple(Viseme)
+
+# Points that move with the head but not with the mouth: eye corners, nasion, nose bottom and wings.
+ANCHORS = (
+    face.LEFT_EYE_OUTER_CORNER,
+    face.LEFT_EYE_INNER_CORNER,
+    face.RIGHT_EYE_INNER_CORNER,
+    face.RIGHT_EYE_OUTER_CORNER,
+    face.NASION,
+    face.NOSE_BOTTOM,
+    face.NOSE_LEFT_WING,
+    face.NOSE_RIGHT_WING,
+)
+# Pairs of inner-lip points facing each other near the midline; their mean distance is the gap.
+_GAP_UPPER = (82, face.UPPER_LIP_INNER_CENTRE, 312)
+_GAP_LOWER = (87, face.LOWER_LIP_INNER_CENTRE, 317)
+_META_HEAD = 7  # version, box x0 y0, median width, three calibration scales; the anchors follow
+_LIP_POLYGON = (*face.LIP_OUTER_UPPER, *reversed(face.LIP_OUTER_LOWER[1:-1]))
+
+# How near a mouth must be, in template mouth widths: the natural speech range is about 0.3 of the
+# width in gap, and rounding narrows the mouth by about a quarter. A distance of 1 (scaled by these) is
+# the edge of a match.
+GAP_TOLERANCE = 0.05
+WIDTH_TOLERANCE = 0.08
+# At run time an entry within this (scaled) distance is shown fully; between it and 1 the drawn mouth
+# fades in.
+FULL_MATCH = 0.6
+# Entries are cross-faded over this (scaled) distance: wider than the match itself, so that a pose
+# moving from one entry to the next (usually one to two tolerances apart) always has both in its blend.
+BLEND_RADIUS = 1.8
+# A video whose inner-lip gap varies less than this (5th to 95th percentile, mouth widths) has no
+# mouths worth banking: the drawn mouth does better than near-copies of the rest mouth.
+MIN_GAP_VARIETY = 0.08
+# The mask: the outer lip contour, grown by this much and feathered over this much (mouth widths).
+MASK_GROW = 0.08
+MASK_FEATHER = 0.10
+# The canonical box reaches this far past the grown lips (mouth widths), so the feather fits in it.
+BOX_MARGIN = 0.14
+
+
+@dataclasses.dataclass(frozen=True)
+class MouthMeasures:
+    """Per template frame: the inner-lip gap and mouth width in eye distances (outer eye corners), and
+    the template's median mouth width (eye distances) that makes them relative."""
+
+    gap: np.ndarray
+    width: np.ndarray
+    median_width: float
+
+    def relative(self) -> tuple[np.ndarray, np.ndarray]:
+        """(gap, width) in template mouth widths (width 1 is the median mouth)."""
+        return self.gap / self.median_width, self.width / self.median_width
+
+
+def _eye_distance(landmarks: np.ndarray) -> np.ndarray:
+    lm = landmarks.astype(np.float64)
+    delta = lm[..., face.RIGHT_EYE_OUTER_CORNER, :] - lm[..., face.LEFT_EYE_OUTER_CORNER, :]
+    return np.maximum(np.hypot(delta[..., 0], delta[..., 1]), 1e-6)
+
+
+def gap_and_width_px(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inner-lip gap (across the mouth axis, mean of three pairs near the midline) and mouth width
+    (corner to corner) in pixels, for (..., 478, 2) landmarks."""
+    lm = landmarks.astype(np.float64)
+    across = lm[..., face.MOUTH_RIGHT_CORNER, :] - lm[..., face.MOUTH_LEFT_CORNER, :]
+    width = np.maximum(np.hypot(across[..., 0], across[..., 1]), 1e-6)
+    down = np.stack([-across[..., 1], across[..., 0]], axis=-1) / width[..., None]
+    opening = lm[..., list(_GAP_LOWER), :] - lm[..., list(_GAP_UPPER), :]
+    gap = (opening * down[..., None, :]).sum(axis=-1).mean(axis=-1)
+    return gap, width
+
+
+def unit_px(landmarks: np.ndarray, median_width: float) -> float:
+    """One template mouth width, in pixels, in a frame with (478, 2) ``landmarks``."""
+    return float(_eye_distance(landmarks)) * median_width
+
+
+def measure_mouths(landmarks: np.ndarray, candidates: np.ndarray | None = None) -> MouthMeasures:
+    """:class:`MouthMeasures` of (N, 478, 2) landmarks; the median over ``candidates`` (a bool mask of
+    frames whose face was tracked, not interpolated) when given."""
+    gap, width = gap_and_width_px(landmarks)
+    eye = _eye_distance(landmarks)
+    gap, width = gap / eye, width / eye
+    chosen = width if candidates is None or not candidates.any() else width[candidates]
+    return MouthMeasures(gap=gap, width=width, median_width=float(np.median(chosen)))
+
+
+def rest_frame(measures: MouthMeasures, candidates: np.ndarray) -> int:
+    """The frame that shows the template's relaxed mouth: closest to the median width and the smallest
+    gaps (its rig gives the targets each viseme is matched against, and its pixels are the canonical
+    frame the entries are stored in)."""
+    gap, width = measures.relative()
+    low_gap = float(np.percentile(gap[candidates], 10))
+    score = np.abs(width - 1.0) / WIDTH_TOLERANCE + np.abs(gap - low_gap) / GAP_TOLERANCE
+    score = np.where(candidates, score, np.inf)
+    return int(np.argmin(score))
+
+
+def has_variety(measures: MouthMeasures, candidates: np.ndarray) -> bool:
+    gap, _ = measures.relative()
+    chosen = gap[candidates]
+    return chosen.size >= 2 and float(np.percentile(chosen, 95) - np.percentile(chosen, 5)) >= MIN_GAP_VARIETY
+
+
+def match_distance(
+    gap: np.ndarray | float, width: np.ndarray | float, target_gap: float, target_width: float
+) -> np.ndarray:
+    """Scaled distance of mouths from a target (1: the edge of a match)."""
+    return np.hypot(
+        (np.asarray(gap) - target_gap) / GAP_TOLERANCE, (np.asarray(width) - target_width) / WIDTH_TOLERANCE
+    )
+
+
+def select_entries(
+    measures: MouthMeasures, candidates: np.ndarray, targets: Mapping[Viseme, tuple[float, float]]
+) -> list[tuple[Viseme, int]]:
+    """(viseme, template frame) for each viseme whose target (gap, width in mouth widths) some candidate
+    frame matches within the tolerance: the nearest one."""
+    gap, width = measures.relative()
+    chosen: list[tuple[Viseme, int]] = []
+    for viseme, (target_gap, target_width) in targets.items():
+        distance = np.where(candidates, match_distance(gap, width, target_gap, target_width), np.inf)
+        best = int(np.argmin(distance))
+        if distance[best] <= 1.0:
+            chosen.append((viseme, best))
+    return chosen
+
+
+def similarity(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The 2x3 similarity (rotation, uniform scale, shift) that maps ``source`` points onto ``target``
+    points best in least squares (both (M, 2))."""
+    src, dst = source.astype(np.float64), target.astype(np.float64)
+    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
+    s, d = src - src_mean, dst - dst_mean
+    norm = float((s * s).sum())
+    if norm < 1e-9:
+        return np.array([[1.0, 0.0, dst_mean[0] - src_mean[0]], [0.0, 1.0, dst_mean[1] - src_mean[1]]])
+    a = float((s * d).sum()) / norm
+    b = float((s[:, 0] * d[:, 1] - s[:, 1] * d[:, 0]).sum()) / norm
+    rotation = np.array([[a, -b], [b, a]])
+    shift = dst_mean - rotation @ src_mean
+    return np.hstack([rotation, shift[:, None]])
+
+
+def _compose(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """The 2x3 affine ``outer`` after ``inner``."""
+    full = np.vstack([inner, [0.0, 0.0, 1.0]])
+    return outer @ full
+
+
+def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return points.astype(np.float64) @ matrix[:, :2].T + matrix[:, 2]
+
+
+def _lip_mask(polygon: np.ndarray, size: tuple[int, int], grow: float, feather: float) -> np.ndarray:
+    """uint8 mask of ``size`` (width, height): 255 inside ``polygon`` grown by ``grow`` px, fading to 0
+    over ``feather`` px beyond."""
+    width, height = size
+    inside = np.zeros((height, width), np.uint8)
+    cv2.fillPoly(inside, [np.round(polygon * 16).astype(np.int32)], 255, lineType=cv2.LINE_AA, shift=4)
+    # Distance (px) from the lips for every pixel outside them.
+    outside = cv2.distanceTransform((inside < 128).astype(np.uint8), cv2.DIST_L2, 5)
+    t = np.clip((outside - grow) / max(feather, 1.0), 0.0, 1.0)
+    alpha = 1.0 - t * t * (3.0 - 2.0 * t)
+    return np.clip(alpha * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def empty_bank(box_height: int = 1, box_width: int = 1) -> dict[str, np.ndarray]:
+    """The extras of a template with no bankable mouths (a photo, a video whose mouth hardly moves):
+    stored all the same, so the bank is not computed again for every load."""
+    return {
+        CROPS_KEY: np.zeros((0, box_height, box_width, 3), np.uint8),
+        MASKS_KEY: np.zeros((0, box_height, box_width), np.uint8),
+        ENTRIES_KEY: np.zeros((0, 4), np.float32),
+        META_KEY: np.array(
+            [BANK_VERSION, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, *np.zeros(2 * len(ANCHORS))], np.float64
+        ),
+    }
+
+
+def build_bank(
+    template: Template,
+    measures: MouthMeasures,
+    candidates: np.ndarray,
+    reference: int,
+    entries: list[tuple[Viseme, int]],
+    calibration: Calibration,
+) -> dict[str, np.ndarray]:
+    """The bank's extras: each entry's mouth region resampled into the ``reference`` frame's
+    coordinates (one shared box around the lips of every entry), with its feathered lip mask."""
+    if not entries:
+        return empty_bank()
+    landmarks = template.landmarks.astype(np.float64)
+    canonical_anchors = landmarks[reference][list(ANCHORS)]
+    to_canonical = [similarity(landmarks[frame][list(ANCHORS)], canonical_anchors) for _, frame in entries]
+    polygons = [
+        _apply(matrix, landmarks[frame][list(_LIP_POLYGON)])
+        for matrix, (_, frame) in zip(to_canonical, entries, strict=True)
+    ]
+    _, mouth_width = gap_and_width_px(landmarks[reference])
+    mouth_width = float(mouth_width)
+    reach = (MASK_GROW + MASK_FEATHER + BOX_MARGIN) * mouth_width
+    every = np.vstack(polygons)
+    x0, y0 = np.floor(every.min(axis=0) - reach)
+    x1, y1 = np.ceil(every.max(axis=0) + reach)
+    box_width, box_height = int(x1 - x0) + 1, int(y1 - y0) + 1
+    into_box = np.array([[1.0, 0.0, -x0], [0.0, 1.0, -y0]])
+    crops = np.empty((len(entries), box_height, box_width, 3), np.uint8)
+    masks = np.empty((len(entries), box_height, box_width), np.uint8)
+    rows = np.empty((len(entries), 4), np.float32)
+    gap, width = measures.relative()
+    for k, ((viseme, frame), matrix, polygon) in enumerate(zip(entries, to_canonical, polygons, strict=True)):
+        # Cubic here: the run-time warp samples it a second time, bilinearly.
+        crops[k] = cv2.warpAffine(
+            template.frames[frame],
+            _compose(into_box, matrix),
+            (box_width, box_height),
+            flags=cv2.INTER_CUBIC,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
+        masks[k] = _lip_mask(
+            polygon - (x0, y0), (box_width, box_height), MASK_GROW * mouth_width, MASK_FEATHER * mouth_width
+        )
+        rows[k] = (VISEME_ORDER.index(viseme), frame, gap[frame], width[frame])
+    meta = np.array(
+        [
+            BANK_VERSION,
+            x0,
+            y0,
+            measures.median_width,
+            calibration.gap_scale,
+            calibration.narrow_scale,
+            calibration.wide_scale,
+            *canonical_anchors.reshape(-1),
+        ],
+        np.float64,
+    )
+    return {CROPS_KEY: crops, MASKS_KEY: masks, ENTRIES_KEY: rows, META_KEY: meta}
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """How the tracked mouths of this template relate to what the renderer draws.
+
+    The face mesh does not follow lips exactly: on the test videos it reports about 60% of a drawn
+    opening and two thirds of a drawn narrowing, and real speakers differ in how far they open and
+    round. So the speaker's own range in the video stands for the natural range: the gap 95% of frames
+    stay under is taken for the widest viseme (ah), and the narrowest and widest mouths (5th and 95th
+    percentile) for the most rounded (oo) and spread (ee). Each scale maps a change the renderer draws
+    (a gap change in mouth widths, a width factor) to the same change in tracked units."""
+
+    gap_scale: float = 1.0
+    narrow_scale: float = 1.0
+    wide_scale: float = 1.0
+
+    def target(
+        self, current_gap: float, current_width: float, gap_change: float, width_factor: float
+    ) -> tuple[float, float]:
+        """The tracked (gap, width) of a frame whose tracked mouth is ``current_gap``, ``current_width``
+        once the renderer changes its gap by ``gap_change`` and its width by ``width_factor``."""
+        scale = self.narrow_scale if width_factor < 1.0 else self.wide_scale
+        return current_gap + self.gap_scale * gap_change, current_width * (1.0 + (width_factor - 1.0) * scale)
+
+
+# Calibration scales are kept within these: a video whose speaker barely rounds must not have its one
+# slightly narrow mouth stand in for "oo".
+_SCALE_RANGE = (0.35, 1.5)
+
+
+def calibrate(
+    measures: MouthMeasures,
+    candidates: np.ndarray,
+    reference: int,
+    widest_gap_change: float,
+    narrowest_factor: float,
+    widest_factor: float,
+) -> Calibration:
+    """The :class:`Calibration` of a template from its measures, given what the renderer draws for the
+    widest viseme (gap change, mouth widths) and the most rounded and spread ones (width factors) on
+    the ``reference`` frame."""
+    gap, width = measures.relative()
+    chosen_gap, chosen_width = gap[candidates], width[candidates] / width[reference]
+
+    def scale(observed: float, drawn: float) -> float:
+        return float(np.clip(observed / drawn, *_SCALE_RANGE)) if drawn > 1e-6 else 1.0
+
+    return Calibration(
+        gap_scale=scale(float(np.percentile(chosen_gap, 95)) - float(gap[reference]), widest_gap_change),
+        narrow_scale=scale(1.0 - float(np.percentile(chosen_width, 5)), 1.0 - narrowest_factor),
+        wide_scale=scale(float(np.percentile(chosen_width, 95)) - 1.0, widest_factor - 1.0),
+    )
+
+
+def is_current(extras: Mapping[str, np.ndarray]) -> bool:
+    """Whether ``extras`` hold a complete bank of this :data:`BANK_VERSION` (cheap)."""
+    if any(key not in extras for key in KEYS):
+        return False
+    meta, crops = extras[META_KEY], extras[CROPS_KEY]
+    count = crops.shape[0] if crops.ndim == 4 else -1
+    return (
+        meta.ndim == 1
+        and meta.shape[0] == _META_HEAD + 2 * len(ANCHORS)
+        and int(meta[0]) == BANK_VERSION
+        and extras[MASKS_KEY].shape == crops.shape[:3]
+        and extras[ENTRIES_KEY].shape == (count, 4)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class BankChoice:
+    """What :meth:`MouthBank.choose` picked: up to two entries with weights summing to 1, the share of
+    the bank's mouth against the drawn one (``alpha``), and the blended entries' gap (template mouth
+    widths) for the renderer to open the jaw to."""
+
+    entries: tuple[int, ...]
+    weights: tuple[float, ...]
+    alpha: float
+    gap: float
+
+
+class MouthBank:
+    """A template's bank, ready for rendering (see the module docstring)."""
+
+    def __init__(self, extras: Mapping[str, np.ndarray]) -> None:
+        meta = extras[META_KEY]
+        self.crops = np.ascontiguousarray(extras[CROPS_KEY])
+        self.masks = np.ascontiguousarray(extras[MASKS_KEY])
+        rows = extras[ENTRIES_KEY].astype(np.float64)
+        self.visemes = tuple(VISEME_ORDER[int(i)] for i in rows[:, 0])
+        self.frames = rows[:, 1].astype(int)
+        self.gaps, self.widths = rows[:, 2], rows[:, 3]
+        self.box_origin = (float(meta[1]), float(meta[2]))
+        self.median_width = float(meta[3])
+        self.calibration = Calibration(float(meta[4]), float(meta[5]), float(meta[6]))
+        self.anchors = meta[_META_HEAD:].reshape(len(ANCHORS), 2)
+        # The feather ring around the lips, where the bank's skin meets the frame's: its colour is
+        # matched there.
+        self._rings = [(mask > 25) & (mask < 160) for mask in self.masks]
+
+    @classmethod
+    def from_template(cls, template: Template) -> MouthBank | None:
+        """The template's bank, or None if it has none (not computed, or empty)."""
+        if not is_current(template.extras) or template.extras[CROPS_KEY].shape[0] == 0:
+            return None
+        return cls(template.extras)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def entry_for(self, viseme: Viseme) -> int | None:
+        return self.visemes.index(viseme) if viseme in self.visemes else None
+
+    def target(self, landmarks: np.ndarray, gap_change_px: float, width_factor: float) -> tuple[float, float]:
+        """The tracked (gap, width) in template mouth widths that the mouth of a frame with
+        ``landmarks`` would show once the renderer opens it by ``gap_change_px`` and scales its width
+        by ``width_factor``: what :meth:`choose` matches."""
+        gap_px, width_px = gap_and_width_px(landmarks)
+        unit = unit_px(landmarks, self.median_width)
+        return self.calibration.target(
+            float(gap_px) / unit, float(width_px) / unit, gap_change_px / unit, width_factor
+        )
+
+    def gap_change_px(self, landmarks: np.ndarray, gap: float) -> float:
+        """How far the renderer must open the mouth of a frame with ``landmarks`` (px, negative to
+        close it) for it to show the tracked ``gap`` (template mouth widths): :meth:`target` reversed."""
+        gap_px, _ = gap_and_width_px(landmarks)
+        unit = unit_px(landmarks, self.median_width)
+        return (gap - float(gap_px) / unit) / self.calibration.gap_scale * unit
+
+    def choose(self, gap: float, width: float) -> BankChoice | None:
+        """The entries for a mouth of ``gap`` and ``width`` (template mouth widths), or None when none is
+        within the tolerance. Every entry within :data:`BLEND_RADIUS` takes part, its weight falling
+        smoothly to 0 there: a pose moving between entries cross-fades them (no entry drops out while it
+        still counts), and the bank fades against the drawn mouth instead of switching."""
+        distance = match_distance(self.gaps, self.widths, gap, width)
+        if float(distance.min()) >= 1.0:
+            return None
+        raw = np.clip(1.0 - distance / BLEND_RADIUS, 0.0, None) ** 2
+        near = np.flatnonzero(raw > 1e-6)
+        near = near[np.argsort(-raw[near])]
+        weights = raw[near] / raw[near].sum()
+        t = float(np.clip((1.0 - float(distance[near[0]])) / (1.0 - FULL_MATCH), 0.0, 1.0))
+        alpha = t * t * (3.0 - 2.0 * t)
+        return BankChoice(
+            entries=tuple(int(i) for i in near),
+            weights=tuple(float(w) for w in weights),
+            alpha=alpha,
+            gap=float(self.gaps[near] @ weights),
+        )
+
+    def placement(self, landmarks: np.ndarray) -> np.ndarray:
+        """The 2x3 affine from the canonical box into a frame with ``landmarks``."""
+        to_frame = similarity(self.anchors, landmarks[list(ANCHORS)])
+        x0, y0 = self.box_origin
+        return _compose(to_frame, np.array([[1.0, 0.0, x0], [0.0, 1.0, y0]]))
+
+    def composite(self, image: np.ndarray, landmarks: np.ndarray, choice: BankChoice) -> None:
+        """Blend the chosen entries into ``image`` (in place; ``landmarks`` are its frame's), warped by
+        the frame's own landmark transform, colour-matched on the feather ring."""
+        first = choice.entries[0]
+        if len(choice.entries) == 1:
+            crop = self.crops[first].astype(np.float32)
+            mask = self.masks[first].astype(np.float32)
+            ring = self._rings[first]
+        else:
+            crop = np.zeros(self.crops.shape[1:], np.float32)
+            mask = np.zeros(self.masks.shape[1:], np.float32)
+            ring = np.zeros(self.masks.shape[1:], bool)
+            for index, weight in zip(choice.entries, choice.weights, strict=True):
+                crop += weight * self.crops[index].astype(np.float32)
+                mask += weight * self.masks[index].astype(np.float32)
+                ring |= self._rings[index]
+        matrix = self.placement(landmarks)
+        box_height, box_width = mask.shape
+        corners = _apply(matrix, np.array([[0, 0], [box_width, 0], [0, box_height], [box_width, box_height]]))
+        height, width = image.shape[:2]
+        x0, y0 = np.maximum(np.floor(corners.min(axis=0)).astype(int), 0)
+        x1 = min(int(np.ceil(corners[:, 0].max())) + 1, width)
+        y1 = min(int(np.ceil(corners[:, 1].max())) + 1, height)
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            return
+        local = matrix.copy()
+        local[:, 2] -= (x0, y0)
+        size = (int(x1 - x0), int(y1 - y0))
+        # One resampling from the canonical box straight into the region of the frame.
+        warped = cv2.warpAffine(crop, local, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        alpha = cv2.warpAffine(
+            mask * (choice.alpha / 255.0), local, size, flags=cv2.INTER_LINEAR, borderValue=0.0
+        )
+        ring_out = cv2.warpAffine(ring.astype(np.uint8), local, size, flags=cv2.INTER_NEAREST) > 0
+        region = image[y0:y1, x0:x1]
+        current = region.astype(np.float32)
+        if ring_out.any():
+            # The bank frame may be lit a little differently: shift its colour to the skin around it.
+            offset = current[ring_out].mean(axis=0) - warped[ring_out].mean(axis=0)
+            warped += offset
+        a = alpha[..., None]
+        region[:] = np.clip(current + (warped - current) * a + 0.5, 0, 255).astype(np.uint8)
