@@ -592,16 +592,16 @@ class _TemplateRigs:
 
 
 def bank_choice(
-    bank: MouthBank, rig: MouthRig, pose: MouthPose, landmarks: np.ndarray
+    bank: MouthBank, rig: MouthRig, pose: MouthPose, frame: mouth_bank.BankFrame
 ) -> mouth_bank.BankChoice | None:
-    """The bank's mouths for ``pose`` in the frame of ``rig`` and ``landmarks``, or None for the drawn
+    """The bank's mouths for ``pose`` in the template frame of ``rig`` and ``frame``, or None for the drawn
     mouth: none near enough, the pose is the template's own mouth (which then stays exactly as it
     is), or it tucks the lip or shows the tongue (which the bank cannot tell from other shapes)."""
     gap_change, width_factor, departure = drawn_mouth_change(rig, pose)
     drawn_only = max(float(np.clip(pose.lip_tuck, 0.0, 1.0)), float(np.clip(pose.tongue_tip, 0.0, 1.0)))
     if departure <= 1e-3 or drawn_only >= 1.0:
         return None
-    choice = bank.choose(*bank.target(landmarks, gap_change, width_factor))
+    choice = bank.choose(*bank.target(frame, gap_change, width_factor))
     if choice is None:
         return None
     alpha = choice.alpha * departure * (1.0 - drawn_only)
@@ -695,16 +695,16 @@ class WarpRenderer(StreamingRenderer):
         bank = self._rigs.bank
         if bank is None:
             return render_mouth(frame, rig, pose)
-        landmarks = self.template.landmarks[template_index]
-        choice = bank_choice(bank, rig, pose, landmarks)
+        bank_frame = bank.frame(template_index, self.template.landmarks[template_index])
+        choice = bank_choice(bank, rig, pose, bank_frame)
         if choice is None:
             return render_mouth(frame, rig, pose)
         # The jaw opens to the real mouth's gap, so the chin the warp moves and the lips blended in over
         # it agree; the drawn interior is needed only where the real mouth does not fully cover it.
-        target = opening_for_gap(rig, pose, rig.rest_gap + bank.gap_change_px(landmarks, choice.gap))
+        target = opening_for_gap(rig, pose, rig.rest_gap + bank.gap_change_px(bank_frame, choice.gap))
         pose = dataclasses.replace(pose, opening=pose.opening + choice.alpha * (target - pose.opening))
         image = render_mouth(frame, rig, pose, paint_interior=choice.alpha < 0.999)
-        bank.composite(image, landmarks, choice)
+        bank.composite(image, bank_frame, choice)
         self.mouth_bank_frames += 1
         return image
 
