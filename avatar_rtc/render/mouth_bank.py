@@ -82,6 +82,14 @@ FULL_MATCH = 0.6
 # Entries are cross-faded over this (scaled) distance: wider than the match itself, so that a pose
 # moving from one entry to the next (usually one to two tolerances apart) always has both in its blend.
 BLEND_RADIUS = 1.8
+# How much a frame's mouth speed (tolerances per frame) counts against it when entries are chosen, in
+# tolerances of distance: a held mouth a little further from the target beats one rushing past it.
+STEADY_WEIGHT = 0.5
+# The cross-fade's inverse-distance weight is 1 / (distance² + NEAR²): an entry much nearer than this
+# to the pose dominates the blend (a half-and-half blend of two mouths shows a ghost of each), while a
+# pose midway between entries still fades evenly (sharper fades jump when the pose itself jumps between
+# two frames, as the coarticulated viseme track does at a short viseme's edges).
+NEAR = 1.0
 # A video whose inner-lip gap varies less than this (5th to 95th percentile, mouth widths) has no
 # mouths worth banking: the drawn mouth does better than near-copies of the rest mouth.
 MIN_GAP_VARIETY = 0.08
@@ -167,19 +175,40 @@ def match_distance(
     )
 
 
+def mouth_speed(measures: MouthMeasures) -> np.ndarray:
+    """Per frame, how fast its mouth is changing (scaled by the tolerances, per frame): the larger step to
+    either neighbour. A mouth held for a moment is sharp and a full shape; one passing between two
+    shapes is neither (motion blur, half of each)."""
+    gap, width = measures.relative()
+    step = np.hypot(np.diff(gap) / GAP_TOLERANCE, np.diff(width) / WIDTH_TOLERANCE)
+    if step.size == 0:
+        return np.zeros_like(gap)
+    return np.maximum(np.concatenate([step[:1], step]), np.concatenate([step, step[-1:]]))
+
+
 def select_entries(
     measures: MouthMeasures, candidates: np.ndarray, targets: Mapping[Viseme, tuple[float, float]]
 ) -> list[tuple[Viseme, int]]:
     """(viseme, template frame) for each viseme whose target (gap, width in mouth widths) some candidate
-    frame matches within the tolerance: the nearest one."""
+    frame matches within the tolerance: of those, the nearest, preferring mouths held still
+    (:func:`mouth_speed`) to ones in passing. Each frame serves one viseme (the surest match first): two
+    visemes with near targets get two different real mouths where the video has them, and the bank no
+    copy of one (at run time entries are found by their mouth's shape, not their viseme)."""
     gap, width = measures.relative()
-    chosen: list[tuple[Viseme, int]] = []
+    speed = mouth_speed(measures)
+    scores = {}
     for viseme, (target_gap, target_width) in targets.items():
-        distance = np.where(candidates, match_distance(gap, width, target_gap, target_width), np.inf)
-        best = int(np.argmin(distance))
-        if distance[best] <= 1.0:
+        distance = match_distance(gap, width, target_gap, target_width)
+        scores[viseme] = np.where(candidates & (distance <= 1.0), distance + STEADY_WEIGHT * speed, np.inf)
+    chosen: list[tuple[Viseme, int]] = []
+    taken = np.zeros(len(gap), bool)
+    for viseme in sorted(scores, key=lambda v: float(scores[v].min())):
+        score = np.where(taken, np.inf, scores[viseme])
+        best = int(np.argmin(score))
+        if np.isfinite(score[best]):
             chosen.append((viseme, best))
-    return chosen
+            taken[best] = True
+    return sorted(chosen, key=lambda item: VISEME_ORDER.index(item[0]))
 
 
 def similarity(source: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -454,7 +483,9 @@ class MouthBank:
         distance = match_distance(self.gaps, self.widths, gap, width)
         if float(distance.min()) >= 1.0:
             return None
-        raw = np.clip(1.0 - distance / BLEND_RADIUS, 0.0, None) ** 2
+        # Inverse distance: an entry the pose is at shows on its own (a blend of two mouths is a ghost
+        # of both); times a window that reaches 0 at the radius, so none enters or leaves with a jump.
+        raw = np.clip(1.0 - distance / BLEND_RADIUS, 0.0, None) ** 2 / (distance**2 + NEAR**2)
         near = np.argsort(-raw)[:MAX_BLEND]
         near = near[raw[near] > 1e-6]
         weights = raw[near] / raw[near].sum()
