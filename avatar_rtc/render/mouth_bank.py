@@ -9,12 +9,12 @@ region resampled into one canonical frame (the template's rest frame, by a simil
 that do not move with the mouth: eye corners and nose) and a feathered mask around its lips. A photo,
 or a video whose mouth barely moves, gets an empty bank.
 
-At run time :meth:`MouthBank.choose` maps the mouth the renderer is asked to draw (the same two
-measures, of the pose applied to the current frame) to the nearest entries, with weights that fall
-to zero at the tolerance, so the real mouth fades in and out and adjacent entries cross-fade as the pose
-glides between visemes instead of popping; :meth:`MouthBank.composite` warps the blend into the current
-frame with its own landmark transform (``cv2.warpAffine`` on a small region), matches its colour to the
-skin around it and blends it in through the mask. Where nothing is near, the drawn mouth stays.
+At run time :meth:`MouthBank.choose` maps the mouth the renderer is asked to draw (the same two measures, of
+the pose applied to the current frame) to the nearest entries, with weights that fall smoothly to zero with
+distance, so the real mouth fades in and out at the edge of the tolerance and adjacent entries cross-fade as
+the pose glides between visemes instead of popping; :meth:`MouthBank.composite` warps the blend into the
+current frame with its own landmark transform (``cv2.warpAffine`` on a small region), matches its colour to
+the skin around it and blends it in through the mask. Where nothing is near, the drawn mouth stays.
 
 The bank is a renderer extra (:class:`avatar_rtc.avatar.engine.TemplateEngine`): stored in the template
 cache beside the frames, recomputed when missing or from another :data:`BANK_VERSION`.
@@ -161,6 +161,7 @@ def rest_frame(measures: MouthMeasures, candidates: np.ndarray) -> int:
 
 
 def has_variety(measures: MouthMeasures, candidates: np.ndarray) -> bool:
+    """Whether the mouth moves enough in the video to be worth banking (:data:`MIN_GAP_VARIETY`)."""
     gap, _ = measures.relative()
     chosen = gap[candidates]
     return chosen.size >= 2 and float(np.percentile(chosen, 95) - np.percentile(chosen, 5)) >= MIN_GAP_VARIETY
@@ -266,7 +267,6 @@ def empty_bank(box_height: int = 1, box_width: int = 1) -> dict[str, np.ndarray]
 def build_bank(
     template: Template,
     measures: MouthMeasures,
-    candidates: np.ndarray,
     reference: int,
     entries: list[tuple[Viseme, int]],
     calibration: Calibration,
@@ -327,12 +327,12 @@ def build_bank(
 class Calibration:
     """How the tracked mouths of this template relate to what the renderer draws.
 
-    The face mesh does not follow lips exactly: on the test videos it reports about 60% of a drawn
-    opening and two thirds of a drawn narrowing, and real speakers differ in how far they open and
-    round. So the speaker's own range in the video stands for the natural range: the gap 95% of frames
-    stay under is taken for the widest viseme (ah), and the narrowest and widest mouths (5th and 95th
-    percentile) for the most rounded (oo) and spread (ee). Each scale maps a change the renderer draws
-    (a gap change in mouth widths, a width factor) to the same change in tracked units."""
+    The face mesh does not follow lips exactly (on the warp renderer's own mouths it reports about 60% of a
+    drawn opening or narrowing), and real speakers differ in how far they open and round. So the speaker's own
+    range in the video stands for the natural range: the gap 95% of frames stay under is taken for the widest
+    viseme (ah), and the narrowest and widest mouths (5th and 95th percentile) for the most rounded (oo) and
+    spread (ee). Each scale maps a change the renderer draws (a gap change in mouth widths, a width factor) to
+    the same change in tracked units."""
 
     gap_scale: float = 1.0
     narrow_scale: float = 1.0

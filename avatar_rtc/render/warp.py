@@ -29,6 +29,7 @@ from avatar_rtc.avatar.engine import ExtrasProgress
 from avatar_rtc.avatar.template import Template
 from avatar_rtc.render import mouth_bank
 from avatar_rtc.render.base import TierStats
+from avatar_rtc.render.mouth_bank import KEYS as MOUTH_BANK_KEYS  # WarpEngine's setting is mouth_bank
 from avatar_rtc.render.mouth_bank import MouthBank
 from avatar_rtc.render.mouth_shape import mouth_shape
 from avatar_rtc.render.stream import FrameJob, StreamingRenderer
@@ -102,7 +103,6 @@ _RIG_POINTS = np.array(
     )
 )
 _RIG_REUSE_TOLERANCE_PX = 0.6
-MOUTH_BANK_KEYS = mouth_bank.KEYS
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
@@ -641,7 +641,7 @@ def build_mouth_bank(template: Template, mouth_range: MouthRange | None = None) 
         for viseme, (gap, factor) in changes.items()
     }
     entries = mouth_bank.select_entries(measures, candidates, targets)
-    return mouth_bank.build_bank(template, measures, candidates, reference, entries, calibration)
+    return mouth_bank.build_bank(template, measures, reference, entries, calibration)
 
 
 class WarpRenderer(StreamingRenderer):
