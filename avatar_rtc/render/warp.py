@@ -103,6 +103,8 @@ _RIG_POINTS = np.array(
     )
 )
 _RIG_REUSE_TOLERANCE_PX = 0.6
+# A bank mouth blended in at least this strongly covers the opening: the drawn interior is not painted.
+FULL_BANK_MOUTH = 0.95
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
@@ -700,10 +702,12 @@ class WarpRenderer(StreamingRenderer):
         if choice is None:
             return render_mouth(frame, rig, pose)
         # The jaw opens to the real mouth's gap, so the chin the warp moves and the lips blended in over
-        # it agree; the drawn interior is needed only where the real mouth does not fully cover it.
+        # it agree; the drawn interior is needed only where the real mouth does not cover it (under a
+        # real mouth at 95% and more, the unpainted opening shows through by a twentieth at most, and
+        # painting it would cost as much as the real mouth does).
         target = opening_for_gap(rig, pose, rig.rest_gap + bank.gap_change_px(bank_frame, choice.gap))
         pose = dataclasses.replace(pose, opening=pose.opening + choice.alpha * (target - pose.opening))
-        image = render_mouth(frame, rig, pose, paint_interior=choice.alpha < 0.999)
+        image = render_mouth(frame, rig, pose, paint_interior=choice.alpha < FULL_BANK_MOUTH)
         bank.composite(image, bank_frame, choice)
         self.mouth_bank_frames += 1
         return image
