@@ -98,7 +98,7 @@ def test_an_open_viseme_shows_the_banked_mouth(cached: Template) -> None:
     landmarks = cached.landmarks[index]
     pose = VISEME_POSES[Viseme.OPEN]
     rig = renderer._rigs.rig(index)
-    choice = bank_choice(bank, rig, pose, bank.frame(index, landmarks))
+    choice = bank_choice(bank, rig, pose, bank.frame(index, cached.frames[index], landmarks))
     assert choice is not None and choice.entries[0] == entry and choice.alpha > 0.9
 
     image = renderer.render_pose(index, pose)
@@ -148,7 +148,7 @@ def test_changing_visemes_cross_fade_without_a_pop(cached: Template) -> None:
     for step in range(4, 76):
         pose = renderer._visemes.pose_at(step / 100)
         assert pose is not None
-        choice = bank_choice(bank, renderer._rigs.rig(0), pose, bank.frame(0, landmarks))
+        choice = bank_choice(bank, renderer._rigs.rig(0), pose, bank.frame(0, cached.frames[0], landmarks))
         shares.append(0.0 if choice is None else choice.alpha)
         used |= set() if choice is None else {bank.visemes[choice.entries[0]]}
         ours.append(renderer.render_pose(0, pose)[rows, cols].astype(np.float32))

@@ -391,12 +391,12 @@ def drawn_mouth_change(rig: MouthRig, pose: MouthPose) -> tuple[float, float, fl
     the mouth width's factor (corner to corner), and how far that departs from the frame's own mouth
     (0: not at all, 1: clearly). The mouth bank is matched on these."""
     lower, upper = lip_travel(rig, pose)
-    roundness = float(np.clip(pose.roundness, -1.0, 1.0))
+    roundness = min(max(pose.roundness, -1.0), 1.0)  # plain floats: this runs for every frame
     corner_gain = roundness * (ROUND_CORNER_PULL if roundness > 0 else SPREAD_CORNER_PUSH)
     # The corners sample from (1 + gain * weight) times further out (see warp_maps).
     width_factor = 1.0 / (1.0 + corner_gain * rig.corner_weight)
-    change = max(abs(lower + upper) / (0.04 * rig.mouth_width), abs(roundness) / 0.25)
-    departure = float(_smoothstep(np.array(change)))
+    change = min(max(abs(lower + upper) / (0.04 * rig.mouth_width), abs(roundness) / 0.25), 1.0)
+    departure = change * change * (3.0 - 2.0 * change)
     return lower + upper, width_factor, departure
 
 
@@ -600,7 +600,7 @@ def bank_choice(
     mouth: none near enough, the pose is the template's own mouth (which then stays exactly as it
     is), or it tucks the lip or shows the tongue (which the bank cannot tell from other shapes)."""
     gap_change, width_factor, departure = drawn_mouth_change(rig, pose)
-    drawn_only = max(float(np.clip(pose.lip_tuck, 0.0, 1.0)), float(np.clip(pose.tongue_tip, 0.0, 1.0)))
+    drawn_only = min(max(pose.lip_tuck, pose.tongue_tip, 0.0), 1.0)
     if departure <= 1e-3 or drawn_only >= 1.0:
         return None
     choice = bank.choose(*bank.target(frame, gap_change, width_factor))
@@ -697,7 +697,7 @@ class WarpRenderer(StreamingRenderer):
         bank = self._rigs.bank
         if bank is None:
             return render_mouth(frame, rig, pose)
-        bank_frame = bank.frame(template_index, self.template.landmarks[template_index])
+        bank_frame = bank.frame(template_index, frame, self.template.landmarks[template_index])
         choice = bank_choice(bank, rig, pose, bank_frame)
         if choice is None:
             return render_mouth(frame, rig, pose)
