@@ -52,12 +52,20 @@ def test_preparation_banks_open_closed_and_rounded_mouths(prepared: tuple[Path, 
     # narrower than spread.
     assert gap[Viseme.OPEN] > gap[Viseme.ROUNDED] + 0.03 > gap[Viseme.CLOSED] + 0.03
     assert width[Viseme.ROUNDED] < width[Viseme.SPREAD] - 0.08
-    # The crops are the template's own pixels around its lips, the masks feathered from 255 to 0.
+    # The masks are feathered from 255 around the lips to 0 before the box's edge.
     crops, masks = template.extras[mouth_bank.CROPS_KEY], template.extras[mouth_bank.MASKS_KEY]
     assert crops.dtype == np.uint8 and crops.shape[0] == len(bank) and crops.shape[1:3] == masks.shape[1:]
     for mask in masks:
         assert mask.max() == 255 and mask[0].max() < 128 and mask[-1].max() < 128
         assert np.count_nonzero((mask > 20) & (mask < 235)) > 0.1 * np.count_nonzero(mask > 235)
+    # The crops are the template's own pixels: its entry frame, aligned by the eyes and nose.
+    for entry, frame in enumerate(bank.frames):
+        to_box = mouth_bank.similarity(template.landmarks[frame][list(mouth_bank.ANCHORS)], bank.anchors)
+        to_box[:, 2] -= bank.box_origin
+        size = (crops.shape[2], crops.shape[1])
+        own = cv2.warpAffine(template.frames[frame], to_box, size, flags=cv2.INTER_CUBIC)
+        lips = masks[entry] > 128
+        assert np.abs(own[lips].astype(int) - crops[entry][lips]).mean() < 1.0
 
 
 def test_the_bank_is_stored_in_the_template_cache(prepared: tuple[Path, Template], cached: Template) -> None:
