@@ -84,6 +84,17 @@ def test_the_bank_is_stored_in_the_template_cache(prepared: tuple[Path, Template
     assert len(MouthBank.from_template(loaded) or ()) == len(MouthBank.from_template(template) or ())
 
 
+def test_a_bank_of_another_version_is_computed_again(cached: Template) -> None:
+    engine = WarpEngine()
+    meta = cached.extras[mouth_bank.META_KEY].copy()
+    meta[0] = mouth_bank.BANK_VERSION + 1
+    other = dataclasses.replace(cached, extras={**cached.extras, mouth_bank.META_KEY: meta})
+    assert engine.has_extras(cached) and not engine.has_extras(other)
+    assert engine.open(other).mouth_bank is None  # never used as if it were current
+    incomplete = {k: v for k, v in cached.extras.items() if k != mouth_bank.MASKS_KEY}
+    assert not engine.has_extras(dataclasses.replace(cached, extras=incomplete))
+
+
 def _mouth_box(bank: MouthBank, landmarks: np.ndarray, image_shape: tuple[int, ...]) -> tuple[slice, slice]:
     """The frame region the bank's canonical box lands on."""
     height, width = bank.masks.shape[1:]
