@@ -106,6 +106,10 @@ class RendererSettings(BaseModel):
     # speech never opens further.
     mouth_max_opening_mouth_widths: float = Field(0.30, gt=0, le=1.0)
     mouth_max_opening_face_heights: float = Field(0.14, gt=0, le=0.5)
+    # The warp renderer's real mouths: a video template that shows its presenter talking gets a bank of
+    # its own mouth appearances per viseme at preparation (cached with it), blended in over the drawn
+    # mouth where the pose is near one (render/mouth_bank.py). Off: every mouth is drawn.
+    mouth_bank: bool = True
 
 
 class AvatarSettings(BaseModel):

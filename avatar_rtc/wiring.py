@@ -147,7 +147,8 @@ def build_renderer(settings: Settings) -> RendererEngine:
         mouth_range=MouthRange(
             mouth_widths=settings.renderer.mouth_max_opening_mouth_widths,
             face_heights=settings.renderer.mouth_max_opening_face_heights,
-        )
+        ),
+        mouth_bank=settings.renderer.mouth_bank,
     )
     if settings.renderer.engine == "musetalk":
         from avatar_rtc.render.musetalk import MuseTalkEngine, MuseTalkUnavailableError

@@ -1,7 +1,9 @@
 """Time the warp renderer per frame at 512x512, and the one-off preparation of the default template.
 
-Usage: ``python scripts/bench_render.py [--frames N]``. Prints median and p95 milliseconds per frame
-over a mix of mouth shapes (as in speech), after a warm-up that builds the rigs.
+Usage: ``python scripts/bench_render.py [--frames N] [--visemes] [--bank]``. Prints median and p95
+milliseconds per frame over a mix of mouth shapes (as in speech), after a warm-up that builds the rigs.
+``--bank`` also times a 512x512 talking-video template whose mouths come from its own mouth bank
+(made on the spot: a few seconds of face tracking), against the same template with the bank off.
 """
 
 from __future__ import annotations
@@ -39,10 +41,52 @@ def _bench_visemes(renderer: object, template: object, frames: int) -> None:
     )
 
 
+def _bench_bank(frames: int) -> None:
+    """Frames of a talking-video template posed from visemes, with its mouth bank and without."""
+    from pathlib import Path
+
+    from avatar_rtc.avatar.library import TemplateLibrary
+    from avatar_rtc.render.visemes import VISEME_POSES, Viseme
+    from avatar_rtc.testing.talking import talking_video
+
+    with tempfile.TemporaryDirectory() as folder:
+        video = talking_video(Path(folder) / "talking.mp4")
+        library = TemplateLibrary(Path(folder) / "cache", ram_budget_bytes=1 << 30, engine=WarpEngine())
+        start = time.perf_counter()
+        library.prepare(video, "talking")
+        prepare_s = time.perf_counter() - start
+        template = library.get("talking")
+    start = time.perf_counter()
+    WarpEngine().template_extras(template)
+    bank_s = time.perf_counter() - start
+    print(
+        f"talking video ({template.frame_count} frames): prepared in {prepare_s * 1e3:.0f} ms, of which the "
+        f"mouth bank {bank_s * 1e3:.0f} ms"
+    )
+    poses = [VISEME_POSES[v] for v in Viseme]
+    for label, engine in (("with its mouth bank", WarpEngine()), ("bank off", WarpEngine(mouth_bank=False))):
+        renderer = engine.open(template)
+        for index in range(template.frame_count):
+            renderer.render_pose(index, poses[index % len(poses)])
+        renderer.mouth_bank_frames = 0
+        cpu_times = []
+        for i in range(frames):
+            start = time.thread_time()
+            renderer.render_pose(template.loop_index(i), poses[i % len(poses)])
+            cpu_times.append(time.thread_time() - start)
+        ms = np.array(cpu_times) * 1e3
+        print(
+            f"talking template 512x512 {label}, visemes in turn, thread CPU time: median {np.median(ms):.2f} "
+            f"ms, p95 {np.percentile(ms, 95):.2f} ms ({renderer.mouth_bank_frames} of {frames} frames from "
+            "the bank)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--frames", type=int, default=500)
     parser.add_argument("--visemes", action="store_true", help="also time frames posed from visemes")
+    parser.add_argument("--bank", action="store_true", help="also time a talking template's mouth bank")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -88,6 +132,8 @@ def main() -> None:
     )
     if args.visemes:
         _bench_visemes(renderer, template, args.frames)
+    if args.bank:
+        _bench_bank(args.frames)
 
     audio = (0.1 * np.sin(2 * np.pi * 150 * np.arange(1280) / 16000)).astype(np.float32)
     start = time.perf_counter()

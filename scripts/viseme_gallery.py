@@ -3,7 +3,9 @@ a spoken sentence. Writes small PNGs under ``docs/visemes/``.
 
 Usage::
 
-    python scripts/viseme_gallery.py                 # visemes.png, visemes_closed_lips.png, sentence_after.png
+    python scripts/viseme_gallery.py                 # visemes.png, visemes_closed_lips.png, sentence_after.png,
+                                                     # visemes_bank.png
+    python scripts/viseme_gallery.py --bank-only     # visemes_bank.png
     # The same strip from another checkout (an older renderer), audio-driven as that one was:
     PYTHONPATH=/path/to/old/checkout python scripts/viseme_gallery.py --strip-only before
 
@@ -88,6 +90,32 @@ def viseme_tiles(template: Any) -> list[np.ndarray]:
     return [_tile(renderer.render_pose(0, VISEME_POSES[viseme]), box, viseme.value) for viseme in Viseme]
 
 
+def bank_rows() -> np.ndarray:
+    """A talking video template (the closed-lips face saying visemes, made on the spot) with each
+    bankable viseme drawn (top row) and from the template's own mouth bank (bottom row)."""
+    from avatar_rtc.avatar.library import TemplateLibrary
+    from avatar_rtc.render.mouth_bank import BANK_VISEMES
+    from avatar_rtc.render.visemes import VISEME_POSES
+    from avatar_rtc.render.warp import WarpEngine
+    from avatar_rtc.testing.talking import talking_video
+
+    folder = Path(tempfile.mkdtemp(prefix="viseme-gallery-bank-"))
+    library = TemplateLibrary(folder / "cache", ram_budget_bytes=1 << 30, engine=WarpEngine())
+    library.prepare(talking_video(folder / "talking.mp4"), "talking")
+    template = library.get("talking")
+    box = _mouth_box(template.landmarks[0], template.size)
+    drawn, banked = WarpEngine(mouth_bank=False).open(template), WarpEngine().open(template)
+    bank = banked.mouth_bank
+    top, bottom = [], []
+    for viseme in BANK_VISEMES:
+        pose = VISEME_POSES[viseme]
+        top.append(_tile(drawn.render_pose(0, pose), box, f"drawn {viseme.value}"))
+        entry = bank.entry_for(viseme) if bank is not None else None
+        label = f"bank {viseme.value}" if entry is not None else f"{viseme.value}: none"
+        bottom.append(_tile(banked.render_pose(0, pose), box, label))
+    return _grid(top + bottom, len(top))
+
+
 async def sentence_strip(template: Any, with_visemes: bool) -> np.ndarray:
     """The mouth every other frame while the default voice says SENTENCE, through the streaming path."""
     from avatar_rtc.conversation.audio import resample_pcm
@@ -134,7 +162,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--strip-only", metavar="NAME", help="only the sentence strip, audio-driven, as NAME")
+    parser.add_argument("--bank-only", action="store_true", help="only the mouth bank's picture")
     args = parser.parse_args()
+    if args.bank_only:
+        _write("visemes_bank.png", bank_rows())
+        return
     template = _default_template()
     if args.strip_only:
         _write(f"sentence_{args.strip_only}.png", asyncio.run(sentence_strip(template, with_visemes=False)))
@@ -152,6 +184,7 @@ def main() -> None:
         "visemes_closed_lips.png", _grid(viseme_tiles(prepare_photo(closed, "closed-lips", seconds=1.0)), 6)
     )
     _write("sentence_after.png", asyncio.run(sentence_strip(template, with_visemes=True)))
+    _write("visemes_bank.png", bank_rows())
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ the lip corners, and the natural range of the opening (:class:`MouthRange`). Per
 from the audio around it via :func:`mouth_shape`) scales those maps into one backward map for
 ``cv2.remap`` over the crop only; lips that part show a drawn interior (teeth, tongue, a shaded cavity),
 lips that close (m, b, p) meet. Everything outside the crop is the template frame, untouched.
+
+A video template that shows its presenter talking has real mouths to offer: its *mouth bank*
+(:mod:`avatar_rtc.render.mouth_bank`, computed at preparation as this engine's template extras) holds
+one per viseme shape, and where the pose asks for a mouth near one of them, the warp opens the jaw to
+that mouth's gap and the real mouth is blended in over the lips instead of the drawn interior.
 """
 
 from __future__ import annotations
@@ -22,10 +27,19 @@ import numpy as np
 from avatar_rtc.avatar import face
 from avatar_rtc.avatar.engine import ExtrasProgress
 from avatar_rtc.avatar.template import Template
+from avatar_rtc.render import mouth_bank
 from avatar_rtc.render.base import TierStats
+from avatar_rtc.render.mouth_bank import KEYS as MOUTH_BANK_KEYS  # WarpEngine's setting is mouth_bank
+from avatar_rtc.render.mouth_bank import MouthBank
 from avatar_rtc.render.mouth_shape import mouth_shape
 from avatar_rtc.render.stream import FrameJob, StreamingRenderer
-from avatar_rtc.render.visemes import PRESSED_LIPS, MouthPose, TimedViseme, VisemeTrack
+from avatar_rtc.render.visemes import (
+    PRESSED_LIPS,
+    VISEME_POSES,
+    MouthPose,
+    TimedViseme,
+    VisemeTrack,
+)
 
 # How far a mouth opens in speech, from measurements of real lips. Fromkin (1964, "Lip positions in
 # American English vowels", Language and Speech 7) photographed the lips frontally during vowels: the
@@ -89,6 +103,8 @@ _RIG_POINTS = np.array(
     )
 )
 _RIG_REUSE_TOLERANCE_PX = 0.6
+# A bank mouth blended in at least this strongly covers the opening: the drawn interior is not painted.
+FULL_BANK_MOUTH = 0.95
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
@@ -126,6 +142,7 @@ class MouthRig:
     # by the travel divided out by these, so the drawn opening is the one asked for.
     lower_lip_weights: tuple[float, float]
     upper_lip_weight: float
+    corner_weight: float  # the corner pull at the outer lip corners: how far rounding moves them
 
     def shifted(self, dx: int, dy: int) -> MouthRig:
         return dataclasses.replace(self, x0=self.x0 + dx, y0=self.y0 + dy)
@@ -248,6 +265,7 @@ def build_rig(
 
     lower_at = crop_pixel(lm[face.LOWER_LIP_INNER_CENTRE])
     upper_at = crop_pixel(lm[face.UPPER_LIP_INNER_CENTRE])
+    corner_weight = 0.5 * float(corner_pull[crop_pixel(left_corner)] + corner_pull[crop_pixel(right_corner)])
 
     def f32(array: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(array, dtype=np.float32)
@@ -277,6 +295,7 @@ def build_rig(
         max_gap=max_gap,
         lower_lip_weights=(float(jaw_near[lower_at]), float(jaw_far[lower_at])),
         upper_lip_weight=float(upper_lip[upper_at]),
+        corner_weight=corner_weight,
     )
 
 
@@ -367,8 +386,35 @@ def drawn_inner_lip_gap(rig: MouthRig, pose: MouthPose, landmarks: np.ndarray) -
     return float(bottom - top)
 
 
-def render_mouth(frame: np.ndarray, rig: MouthRig, pose: MouthPose) -> np.ndarray:
-    """``frame`` (the rig's template frame) with its mouth in ``pose``; a new array, ``frame`` untouched."""
+def drawn_mouth_change(rig: MouthRig, pose: MouthPose) -> tuple[float, float, float]:
+    """How the warp changes the template frame's mouth for ``pose``: the inner-lip gap's change (px),
+    the mouth width's factor (corner to corner), and how far that departs from the frame's own mouth
+    (0: not at all, 1: clearly). The mouth bank is matched on these."""
+    lower, upper = lip_travel(rig, pose)
+    roundness = min(max(pose.roundness, -1.0), 1.0)  # plain floats: this runs for every frame
+    corner_gain = roundness * (ROUND_CORNER_PULL if roundness > 0 else SPREAD_CORNER_PUSH)
+    # The corners sample from (1 + gain * weight) times further out (see warp_maps).
+    width_factor = 1.0 / (1.0 + corner_gain * rig.corner_weight)
+    change = min(max(abs(lower + upper) / (0.04 * rig.mouth_width), abs(roundness) / 0.25), 1.0)
+    departure = change * change * (3.0 - 2.0 * change)
+    return lower + upper, width_factor, departure
+
+
+def opening_for_gap(rig: MouthRig, pose: MouthPose, gap_px: float) -> float:
+    """The ``opening`` that makes :func:`lip_travel` draw an inner-lip gap of ``gap_px`` with ``pose``'s
+    other settings (its inverse)."""
+    base = pose.rest * rig.rest_gap
+    span = rig.max_gap - base
+    if span <= 1e-3:
+        return pose.opening
+    return float(np.clip((gap_px - base) / span, PRESSED_LIPS, 1.0))
+
+
+def render_mouth(
+    frame: np.ndarray, rig: MouthRig, pose: MouthPose, paint_interior: bool = True
+) -> np.ndarray:
+    """``frame`` (the rig's template frame) with its mouth in ``pose``; a new array, ``frame`` untouched.
+    ``paint_interior`` False leaves the opening unpainted, for a caller that covers it with a real mouth."""
     output = frame.copy()
     lower, upper = lip_travel(rig, pose)
     if abs(lower) + abs(upper) < 0.05 and abs(pose.roundness) < 1e-3:
@@ -378,7 +424,7 @@ def render_mouth(frame: np.ndarray, rig: MouthRig, pose: MouthPose) -> np.ndarra
     map_x, map_y, lower_drop, upper_rise, lens = warp_maps(rig, pose)
     warped = cv2.remap(crop, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
-    if lower + upper > 0.0:
+    if lower + upper > 0.0 and paint_interior:
         # The tear: output pixels whose source lies across the line where the lips meet.
         r0, r1 = rig.mouth_rows
         c0, c1 = rig.mouth_cols
@@ -505,9 +551,13 @@ class _TemplateRigs:
     # template could need one per frame, so keep the most recently used ones and rebuild the rest.
     max_rigs = 64
 
-    def __init__(self, template: Template, mouth_range: MouthRange | None = None) -> None:
+    def __init__(
+        self, template: Template, mouth_range: MouthRange | None = None, use_bank: bool = True
+    ) -> None:
         self.template = template
         self.mouth_range = mouth_range or MouthRange()
+        # The template's real mouths, if it has any (None: the drawn mouth everywhere).
+        self.bank = MouthBank.from_template(template) if use_bank else None
         self.lock = threading.Lock()
         self.by_frame: OrderedDict[int, MouthRig] = OrderedDict()
         self.unique: deque[tuple[np.ndarray, MouthRig]] = deque(maxlen=self.max_rigs)
@@ -543,6 +593,59 @@ class _TemplateRigs:
         return rig
 
 
+def bank_choice(
+    bank: MouthBank, rig: MouthRig, pose: MouthPose, frame: mouth_bank.BankFrame
+) -> mouth_bank.BankChoice | None:
+    """The bank's mouths for ``pose`` in the template frame of ``rig`` and ``frame``, or None for the drawn
+    mouth: none near enough, the pose is the template's own mouth (which then stays exactly as it
+    is), or it tucks the lip or shows the tongue (which the bank cannot tell from other shapes)."""
+    gap_change, width_factor, departure = drawn_mouth_change(rig, pose)
+    drawn_only = min(max(pose.lip_tuck, pose.tongue_tip, 0.0), 1.0)
+    if departure <= 1e-3 or drawn_only >= 1.0:
+        return None
+    choice = bank.choose(*bank.target(frame, gap_change, width_factor))
+    if choice is None:
+        return None
+    alpha = choice.alpha * departure * (1.0 - drawn_only)
+    return dataclasses.replace(choice, alpha=alpha) if alpha > 1e-3 else None
+
+
+def build_mouth_bank(template: Template, mouth_range: MouthRange | None = None) -> dict[str, np.ndarray]:
+    """The template's mouth bank (:mod:`avatar_rtc.render.mouth_bank`) as extras: each bankable
+    viseme's target is what this renderer would draw for it on the template's rest frame, and the
+    frame that shows the nearest mouth becomes its entry."""
+    found = template.extras.get("face_found")
+    candidates = np.ones(template.frame_count, bool) if found is None else np.asarray(found).astype(bool)
+    if found is not None and not candidates.any():
+        candidates[:] = True
+    measures = mouth_bank.measure_mouths(template.landmarks, candidates)
+    if not mouth_bank.has_variety(measures, candidates):
+        return mouth_bank.empty_bank()
+    reference = mouth_bank.rest_frame(measures, candidates)
+    landmarks = template.landmarks[reference]
+    try:
+        rig = build_rig(landmarks, template.size, mouth_range)
+    except ValueError:  # no usable mouth on the rest frame: nothing to match against
+        return mouth_bank.empty_bank()
+    unit = mouth_bank.unit_px(landmarks, measures.median_width)
+    changes = {v: drawn_mouth_change(rig, VISEME_POSES[v])[:2] for v in mouth_bank.BANK_VISEMES}
+    calibration = mouth_bank.calibrate(
+        measures,
+        candidates,
+        reference,
+        widest_gap_change=max(gap for gap, _ in changes.values()) / unit,
+        narrowest_factor=min(factor for _, factor in changes.values()),
+        widest_factor=max(factor for _, factor in changes.values()),
+    )
+    gaps, widths = measures.relative()
+    targets = {
+        viseme: calibration.target(float(gaps[reference]), float(widths[reference]), gap / unit, factor)
+        for viseme, (gap, factor) in changes.items()
+    }
+    entries = mouth_bank.select_entries(measures, candidates, targets)
+    return mouth_bank.build_bank(template, measures, reference, entries, calibration)
+
+
 class WarpRenderer(StreamingRenderer):
     """One session's warp renderer (see the module docstring)."""
 
@@ -556,6 +659,13 @@ class WarpRenderer(StreamingRenderer):
         super().__init__(template)
         self._rigs = rigs
         self._visemes = VisemeTrack()
+        # Frames that showed a real mouth from the template's bank (a statistic; tests read it too).
+        self.mouth_bank_frames = 0
+
+    @property
+    def mouth_bank(self) -> MouthBank | None:
+        """The template's bank of real mouths this renderer uses (None: it draws every mouth)."""
+        return self._rigs.bank
 
     def push_visemes(self, visemes: Sequence[TimedViseme], media_time: float) -> None:
         self._visemes.push(visemes, media_time)
@@ -580,7 +690,27 @@ class WarpRenderer(StreamingRenderer):
         return dataclasses.replace(pose, opening=opening)
 
     def render_pose(self, template_index: int, pose: MouthPose) -> np.ndarray:
-        return render_mouth(self.template.frames[template_index], self._rigs.rig(template_index), pose)
+        """The template frame with its mouth in ``pose``: a real mouth from the template's bank where
+        one is near the pose, the drawn one elsewhere (and blended between the two at the edge)."""
+        frame = self.template.frames[template_index]
+        rig = self._rigs.rig(template_index)
+        bank = self._rigs.bank
+        if bank is None:
+            return render_mouth(frame, rig, pose)
+        bank_frame = bank.frame(template_index, frame, self.template.landmarks[template_index])
+        choice = bank_choice(bank, rig, pose, bank_frame)
+        if choice is None:
+            return render_mouth(frame, rig, pose)
+        # The jaw opens to the real mouth's gap, so the chin the warp moves and the lips blended in over
+        # it agree; the drawn interior is needed only where the real mouth does not cover it (under a
+        # real mouth at 95% and more, the unpainted opening shows through by a twentieth at most, and
+        # painting it would cost as much as the real mouth does).
+        target = opening_for_gap(rig, pose, rig.rest_gap + bank.gap_change_px(bank_frame, choice.gap))
+        pose = dataclasses.replace(pose, opening=pose.opening + choice.alpha * (target - pose.opening))
+        image = render_mouth(frame, rig, pose, paint_interior=choice.alpha < FULL_BANK_MOUTH)
+        bank.composite(image, bank_frame, choice)
+        self.mouth_bank_frames += 1
+        return image
 
     def render_frame(self, template_index: int, openness: float, roundness: float) -> np.ndarray:
         """The frame for an audio-only estimate (:func:`mouth_shape`'s openness and roundness)."""
@@ -598,23 +728,34 @@ class WarpEngine:
     """
 
     name = "warp"
-    extras_keys: tuple[str, ...] = ()
 
-    def __init__(self, max_templates: int = 32, mouth_range: MouthRange | None = None) -> None:
+    def __init__(
+        self, max_templates: int = 32, mouth_range: MouthRange | None = None, mouth_bank: bool = True
+    ) -> None:
         self.max_templates = max_templates
         self.mouth_range = mouth_range or MouthRange()
+        # The bank of the template's own mouths: its extras (computed at preparation, cached with the
+        # template) and its use. Off, every mouth is drawn and templates need no extras from this engine.
+        self.use_mouth_bank = mouth_bank
+        self.extras_keys: tuple[str, ...] = MOUTH_BANK_KEYS if mouth_bank else ()
         self._lock = threading.Lock()
         self._rigs: OrderedDict[str, _TemplateRigs] = OrderedDict()
 
     def rigs(self, template: Template) -> _TemplateRigs:
         with self._lock:
             entry = self._rigs.get(template.id)
-            # A template re-prepared under the same id must not get the old rigs.
-            if entry is None or (
-                entry.template.landmarks is not template.landmarks
-                and not np.array_equal(entry.template.landmarks, template.landmarks)
+            # A template re-prepared under the same id must not get the old rigs, and one whose bank was
+            # completed since (a new copy with more extras) must get its bank.
+            if (
+                entry is None
+                or (
+                    entry.template.landmarks is not template.landmarks
+                    and not np.array_equal(entry.template.landmarks, template.landmarks)
+                )
+                or entry.template.extras.get(mouth_bank.CROPS_KEY)
+                is not template.extras.get(mouth_bank.CROPS_KEY)
             ):
-                entry = _TemplateRigs(template, self.mouth_range)
+                entry = _TemplateRigs(template, self.mouth_range, self.use_mouth_bank)
                 self._rigs[template.id] = entry
             self._rigs.move_to_end(template.id)
             while len(self._rigs) > self.max_templates:
@@ -624,10 +765,19 @@ class WarpEngine:
     def template_extras(
         self, template: Template, progress: ExtrasProgress | None = None
     ) -> dict[str, np.ndarray]:
-        return {}
+        """The template's mouth bank (empty for a photo or a mouth that hardly moves); nothing when the
+        bank is off. Landmarks and a few frames only: well under a second for a 30 s video."""
+        if not self.use_mouth_bank:
+            return {}
+        if progress is not None:
+            progress(0, template.frame_count)
+        extras = build_mouth_bank(template, self.mouth_range)
+        if progress is not None:
+            progress(template.frame_count, template.frame_count)
+        return extras
 
     def has_extras(self, template: Template) -> bool:
-        return True
+        return not self.use_mouth_bank or mouth_bank.is_current(template.extras)
 
     def warm(self, template: Template) -> None:
         self.rigs(template)
