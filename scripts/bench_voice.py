@@ -235,7 +235,7 @@ def compare_asr(repeats: int, models_dir: Path) -> None:
 
     print("\nEnglish (the bench_voice questions)")
     print(
-        f"  {'speech':26s} {'model':8s} {'WER mean':>8s} {'exact':>6s} {'wall ms':>8s} {'max':>6s}"
+        f"  {'speech':26s} {'model':11s} {'WER mean':>8s} {'exact':>6s} {'wall ms':>8s} {'max':>6s}"
         f" {'CPU ms':>7s} {'RTF':>6s}   (medians per utterance; RTF = wall / audio)"
     )
     for label, source in english_voices.items():
@@ -252,7 +252,7 @@ def compare_asr(repeats: int, models_dir: Path) -> None:
             walls = [v[1] for v in values]
             rtf = sum(walls) / sum(v[3] for v in values)
             print(
-                f"  {label:26s} {name:8s} {statistics.mean(wers):8.3f} {sum(w == 0 for w in wers):3d}/{len(wers):<2d}"
+                f"  {label:26s} {name:11s} {statistics.mean(wers):8.3f} {sum(w == 0 for w in wers):3d}/{len(wers):<2d}"
                 f" {statistics.median(walls) * 1000:8.0f} {max(walls) * 1000:6.0f}"
                 f" {statistics.median(v[2] for v in values) * 1000:7.0f} {rtf:6.3f}"
             )
@@ -277,7 +277,7 @@ def compare_asr(repeats: int, models_dir: Path) -> None:
                 if cers[-1] > 0:
                     print(f"    {name}: {sentence} -> {text}  (CER {cers[-1]:.2f}, {wall * 1000:.0f} ms)")
             print(
-                f"  {label:26s} {name:8s} CER mean {statistics.mean(cers):.3f}, exact "
+                f"  {label:26s} {name:11s} CER mean {statistics.mean(cers):.3f}, exact "
                 f"{sum(c == 0 for c in cers)}/{len(cers)}, wall ms median {statistics.median(walls) * 1000:.0f}, "
                 f"CPU ms median {statistics.median(cpus) * 1000:.0f}"
             )

