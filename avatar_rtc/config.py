@@ -219,6 +219,9 @@ class ConversationSettings(BaseModel):
     history_chars: int = Field(3000, ge=100)
     # The first chunk of an answer may end at a comma once it is this long, so speech starts sooner.
     first_clause_chars: int = Field(16, ge=0)
+    # ... and after this many words even without a comma (0: never), so the first sentence of an
+    # answer is heard while the model is still writing its end.
+    first_chunk_words: int = Field(5, ge=0)
     # Transcription starts after this much silence inside an utterance, before the VAD decides it has
     # ended (end_silence_ms); if the caller says nothing more, its result is used. 0 turns it off.
     early_asr_pause_ms: int = Field(150, ge=0, le=5000)

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from avatar_rtc.conversation.audio import resample_pcm
-from avatar_rtc.conversation.sentences import SentenceChunker, split_sentences
+from avatar_rtc.conversation.phonemes import SpeechChunk, TimedPhoneme
+from avatar_rtc.conversation.sentences import SentenceChunker, ends_mid_sentence, split_sentences
+from avatar_rtc.conversation.speaker import without_trailing_pause
 
 
 def test_english_sentences_split_on_punctuation_but_not_abbreviations_or_numbers() -> None:
@@ -60,3 +62,33 @@ def test_first_clause_is_cut_early_only_once() -> None:
     assert chunker.push(" turns orange, then red, then dark. ") == [
         "Later, it turns orange, then red, then dark."
     ]
+
+
+def test_the_first_chunk_ends_after_its_words_when_no_comma_comes() -> None:
+    chunker = SentenceChunker(first_clause_chars=16, first_chunk_words=5)
+    said: list[str] = []
+    for token in "The sky is usually blue on a clear day. It is lovely, really.".split(" "):
+        said += chunker.push(token + " ")
+    said += chunker.flush()
+    # Only the first chunk is cut by its words; it is one the speaker runs on from without a pause.
+    assert said == ["The sky is usually blue", "on a clear day.", "It is lovely, really."]
+    assert [ends_mid_sentence(chunk) for chunk in said] == [True, False, False]
+    # A short first sentence ends at its full stop as before.
+    chunker = SentenceChunker(first_clause_chars=16, first_chunk_words=5)
+    assert chunker.push("Paris. It is in France. ") == ["Paris.", "It is in France."]
+
+
+def test_a_chunk_that_runs_on_loses_the_pause_the_tts_ends_it_with() -> None:
+    rate = 22050
+    sound = (np.sin(np.arange(rate // 2) * 0.2) * 8000).astype(np.int16)
+    pause = np.zeros(rate // 4, np.int16)
+    phonemes = (
+        TimedPhoneme("b", 0.0, 0.3),
+        TimedPhoneme("u", 0.3, 0.5),
+        TimedPhoneme(".", 0.5, 0.75),
+    )
+    cut = without_trailing_pause(SpeechChunk(np.concatenate([sound, pause]), phonemes), rate)
+    assert len(cut.pcm) == pytest.approx(len(sound) + 0.03 * rate, abs=rate // 100)
+    assert cut.phonemes is not None and cut.phonemes[-1].end_s <= len(cut.pcm) / rate
+    quiet = SpeechChunk(np.zeros(rate // 2, np.int16))
+    assert without_trailing_pause(quiet, rate) is quiet  # nothing said: nothing to cut to

@@ -27,12 +27,14 @@ class SentenceChunker:
     lengths a Chinese character counts as three, so a Chinese first clause is about as long to say as
     an English one."""
 
-    def __init__(self, max_chars: int = 300, first_clause_chars: int = 0) -> None:
+    def __init__(self, max_chars: int = 300, first_clause_chars: int = 0, first_chunk_words: int = 0) -> None:
         """``first_clause_chars`` > 0 lets the first chunk end at a comma once it is that long, so the
-        first words can be spoken before a long first sentence is complete."""
+        first words can be spoken before a long first sentence is complete; ``first_chunk_words`` > 0
+        ends it after that many words even without a comma (text written with spaces between words)."""
         self._buffer = ""
         self._max_chars = max_chars
         self._first_clause_chars = first_clause_chars
+        self._first_chunk_words = first_chunk_words
         self._emitted = False
 
     def push(self, text: str) -> list[str]:
@@ -79,6 +81,10 @@ class SentenceChunker:
             spoken += _IDEOGRAPH_WEIGHT if is_ideograph(ch) else 1
             if limit is None and spoken > self._max_chars:
                 limit = i
+        if clause_from is not None and self._first_chunk_words:
+            words = list(re.finditer(r"\S+(?=\s)", text))
+            if len(words) >= self._first_chunk_words:
+                return words[self._first_chunk_words - 1].end()
         if limit is not None:
             # A run-on without punctuation: cut at the last comma or space so TTS is not starved.
             for sep in "，,、 ":
@@ -98,6 +104,13 @@ class SentenceChunker:
     def _is_abbreviation(head: str) -> bool:
         word = re.split(r"\s", head)[-1].lower().rstrip(".")
         return word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha() and word not in "ia")
+
+
+def ends_mid_sentence(chunk: str) -> bool:
+    """A chunk cut after a number of words (``first_chunk_words``), not at punctuation: its speech
+    goes on in the next chunk without a pause."""
+    stripped = chunk.rstrip().rstrip(_CLOSERS)
+    return bool(stripped) and stripped[-1] not in _CJK_END + _ASCII_END + _CLAUSE_END + "\n"
 
 
 def split_sentences(text: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
@@ -12,7 +13,8 @@ import numpy as np
 
 from avatar_rtc.conversation.audio import resample_pcm
 from avatar_rtc.conversation.fair import NO_SESSION
-from avatar_rtc.conversation.phonemes import TimedPhoneme
+from avatar_rtc.conversation.phonemes import SpeechChunk, TimedPhoneme
+from avatar_rtc.conversation.sentences import ends_mid_sentence
 from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.media.playout import Playout, SpokenSentence, Utterance
 from avatar_rtc.render.base import Renderer
@@ -20,6 +22,34 @@ from avatar_rtc.render.visemes import visemes_from_phonemes
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+# Quieter than this (RMS over 10 ms, full scale 32768) is the pause a TTS ends every utterance with.
+_PAUSE_RMS = 200.0
+_KEPT_PAUSE_S = 0.03
+
+
+def without_trailing_pause(chunk: SpeechChunk, sample_rate: int) -> SpeechChunk:
+    """``chunk`` less the pause after its last sound (but ``_KEPT_PAUSE_S``): the TTS ends every
+    text as if it were a sentence, and a chunk cut mid-sentence must run on into the next one."""
+    window = sample_rate // 100
+    whole = len(chunk.pcm) // window * window
+    if not whole:
+        return chunk
+    levels = np.sqrt(np.mean(np.square(chunk.pcm[:whole].reshape(-1, window), dtype=np.float64), axis=1))
+    loud = np.flatnonzero(levels > _PAUSE_RMS)
+    if not len(loud):
+        return chunk
+    end = min(len(chunk.pcm), (int(loud[-1]) + 1) * window + round(_KEPT_PAUSE_S * sample_rate))
+    if end >= len(chunk.pcm):
+        return chunk
+    end_s = end / sample_rate
+    phonemes = None
+    if chunk.phonemes is not None:
+        phonemes = tuple(
+            dataclasses.replace(p, end_s=min(p.end_s, end_s)) for p in chunk.phonemes if p.start_s < end_s
+        )
+    return SpeechChunk(chunk.pcm[:end], phonemes)
 
 
 class StageTimeoutError(RuntimeError):
@@ -88,7 +118,10 @@ class Speaker:
             self.stall_timeout_s,
             "speech synthesis",
         )
+        joins_next = ends_mid_sentence(sentence)
         async for chunk in synthesis:
+            if joins_next:
+                chunk = without_trailing_pause(chunk, self.tts.sample_rate)
             if utterance.first_tts_audio_at is None:
                 utterance.first_tts_audio_at = time.monotonic()
             await self._schedule(chunk.pcm, self.tts.sample_rate, utterance, sentence, chunk.phonemes)

@@ -165,6 +165,7 @@ class Conversation:
         llm_unavailable: str = "",
         asr_unavailable: str = "",
         first_clause_chars: int = 40,
+        first_chunk_words: int = 0,
         barge_in_confirm_s: float = 0.24,
         speculative_asr_pause_s: float = 0.15,
         stage_timeout_s: float = 20.0,
@@ -190,6 +191,7 @@ class Conversation:
         self._llm_unavailable = llm_unavailable
         self._asr_unavailable = asr_unavailable
         self._first_clause_chars = first_clause_chars
+        self._first_chunk_words = first_chunk_words
         self._stage_timeout_s = stage_timeout_s
         self._jobs: asyncio.Queue[_Job] = asyncio.Queue(MAX_PENDING_JOBS)
         self._current: asyncio.Task[None] | None = None
@@ -412,7 +414,9 @@ class Conversation:
     async def _run(self, job: _Job) -> None:
         turn = job.turn
         if turn.source == "say":
-            chunker = SentenceChunker(first_clause_chars=self._first_clause_chars)
+            chunker = SentenceChunker(
+                first_clause_chars=self._first_clause_chars, first_chunk_words=self._first_chunk_words
+            )
             chunks = chunker.push(job.text) + chunker.flush()
             await self._speak(turn, _iterate(chunks), keep_history=False)
             return
@@ -467,7 +471,9 @@ class Conversation:
             if early is not None:
                 early.cancel()  # the history changed since (an answer ended): ask again
             deltas = self.llm.stream(messages, session=self.session)
-        chunker = SentenceChunker(first_clause_chars=self._first_clause_chars)
+        chunker = SentenceChunker(
+            first_clause_chars=self._first_clause_chars, first_chunk_words=self._first_chunk_words
+        )
         stream = stall_timeout(deltas, self._stage_timeout_s, "the language model")
         said = ""
         try:

@@ -151,6 +151,7 @@ class Session:
             llm_unavailable=deps.llm_unavailable,
             asr_unavailable=deps.asr_unavailable,
             first_clause_chars=talk.first_clause_chars,
+            first_chunk_words=talk.first_chunk_words,
             barge_in_confirm_s=talk.barge_in_confirm_ms / 1000,
             speculative_asr_pause_s=talk.early_asr_pause_ms / 1000,
             stage_timeout_s=talk.stage_timeout_s,
