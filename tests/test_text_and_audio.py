@@ -7,7 +7,7 @@ import pytest
 
 from avatar_rtc.conversation.audio import resample_pcm
 from avatar_rtc.conversation.phonemes import SpeechChunk, TimedPhoneme
-from avatar_rtc.conversation.sentences import SentenceChunker, ends_mid_sentence, split_sentences
+from avatar_rtc.conversation.sentences import RunOnChunk, SentenceChunker, split_sentences
 from avatar_rtc.conversation.speaker import without_trailing_pause
 
 
@@ -72,7 +72,7 @@ def test_the_first_chunk_ends_after_its_words_when_no_comma_comes() -> None:
     said += chunker.flush()
     # Only the first chunk is cut by its words; it is one the speaker runs on from without a pause.
     assert said == ["The sky is usually blue", "on a clear day.", "It is lovely, really."]
-    assert [ends_mid_sentence(chunk) for chunk in said] == [True, False, False]
+    assert [isinstance(chunk, RunOnChunk) for chunk in said] == [True, False, False]
     # A short first sentence ends at its full stop as before.
     chunker = SentenceChunker(first_clause_chars=16, first_chunk_words=5)
     assert chunker.push("Paris. It is in France. ") == ["Paris.", "It is in France."]

@@ -22,6 +22,13 @@ _CLOSERS = "\"')]}”’」』）》"
 _IDEOGRAPH_WEIGHT = 3
 
 
+class RunOnChunk(str):
+    """A chunk cut between words (``first_chunk_words``), not at punctuation: its speech runs on into
+    the next chunk without a pause."""
+
+    __slots__ = ()
+
+
 class SentenceChunker:
     """Feed text as it streams in; get complete sentences back. English and Chinese punctuation; in the
     lengths a Chinese character counts as three, so a Chinese first clause is about as long to say as
@@ -36,6 +43,7 @@ class SentenceChunker:
         self._first_clause_chars = first_clause_chars
         self._first_chunk_words = first_chunk_words
         self._emitted = False
+        self._word_cuts: set[int] = set()  # the cut _find_cut just made was between words
 
     def push(self, text: str) -> list[str]:
         self._buffer += text
@@ -46,8 +54,9 @@ class SentenceChunker:
                 break
             sentence, self._buffer = self._buffer[:cut].strip(), self._buffer[cut:]
             if sentence:
-                sentences.append(sentence)
+                sentences.append(RunOnChunk(sentence) if cut in self._word_cuts else sentence)
                 self._emitted = True
+            self._word_cuts.clear()
         return sentences
 
     def flush(self) -> list[str]:
@@ -84,7 +93,9 @@ class SentenceChunker:
         if clause_from is not None and self._first_chunk_words:
             words = list(re.finditer(r"\S+(?=\s)", text))
             if len(words) >= self._first_chunk_words:
-                return words[self._first_chunk_words - 1].end()
+                cut = words[self._first_chunk_words - 1].end()
+                self._word_cuts.add(cut)
+                return cut
         if limit is not None:
             # A run-on without punctuation: cut at the last comma or space so TTS is not starved.
             for sep in "，,、 ":
@@ -104,13 +115,6 @@ class SentenceChunker:
     def _is_abbreviation(head: str) -> bool:
         word = re.split(r"\s", head)[-1].lower().rstrip(".")
         return word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha() and word not in "ia")
-
-
-def ends_mid_sentence(chunk: str) -> bool:
-    """A chunk cut after a number of words (``first_chunk_words``), not at punctuation: its speech
-    goes on in the next chunk without a pause."""
-    stripped = chunk.rstrip().rstrip(_CLOSERS)
-    return bool(stripped) and stripped[-1] not in _CJK_END + _ASCII_END + _CLAUSE_END + "\n"
 
 
 def split_sentences(text: str) -> list[str]:

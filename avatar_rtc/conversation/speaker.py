@@ -14,7 +14,7 @@ import numpy as np
 from avatar_rtc.conversation.audio import resample_pcm
 from avatar_rtc.conversation.fair import NO_SESSION
 from avatar_rtc.conversation.phonemes import SpeechChunk, TimedPhoneme
-from avatar_rtc.conversation.sentences import ends_mid_sentence
+from avatar_rtc.conversation.sentences import RunOnChunk
 from avatar_rtc.conversation.tts import TextToSpeech
 from avatar_rtc.media.playout import Playout, SpokenSentence, Utterance
 from avatar_rtc.render.base import Renderer
@@ -118,7 +118,7 @@ class Speaker:
             self.stall_timeout_s,
             "speech synthesis",
         )
-        joins_next = ends_mid_sentence(sentence)
+        joins_next = isinstance(sentence, RunOnChunk)
         async for chunk in synthesis:
             if joins_next:
                 chunk = without_trailing_pause(chunk, self.tts.sample_rate)
