@@ -99,7 +99,7 @@ def iframe_src(page: Any) -> str:
     )
 
 
-def kiosk_frame(page: Any, url: str, timeout_s: float = 10) -> Any:
+def kiosk_frame(page: Any, url: str, timeout_s: float = 20) -> Any:
     """The page's frame showing ``url`` (the iframe's src), once its kiosk script has run."""
     deadline = time.monotonic() + timeout_s
     while True:

