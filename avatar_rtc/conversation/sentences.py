@@ -43,20 +43,21 @@ class SentenceChunker:
         self._first_clause_chars = first_clause_chars
         self._first_chunk_words = first_chunk_words
         self._emitted = False
-        self._word_cuts: set[int] = set()  # the cut _find_cut just made was between words
 
     def push(self, text: str) -> list[str]:
         self._buffer += text
         sentences: list[str] = []
         while True:
-            cut = self._find_cut(self._buffer)
+            cut, between_words = self._find_cut(self._buffer), False
+            if cut is None:
+                cut = self._first_words_cut(self._buffer)
+                between_words = cut is not None
             if cut is None:
                 break
             sentence, self._buffer = self._buffer[:cut].strip(), self._buffer[cut:]
             if sentence:
-                sentences.append(RunOnChunk(sentence) if cut in self._word_cuts else sentence)
+                sentences.append(RunOnChunk(sentence) if between_words else sentence)
                 self._emitted = True
-            self._word_cuts.clear()
         return sentences
 
     def flush(self) -> list[str]:
@@ -90,12 +91,6 @@ class SentenceChunker:
             spoken += _IDEOGRAPH_WEIGHT if is_ideograph(ch) else 1
             if limit is None and spoken > self._max_chars:
                 limit = i
-        if clause_from is not None and self._first_chunk_words:
-            words = list(re.finditer(r"\S+(?=\s)", text))
-            if len(words) >= self._first_chunk_words:
-                cut = words[self._first_chunk_words - 1].end()
-                self._word_cuts.add(cut)
-                return cut
         if limit is not None:
             # A run-on without punctuation: cut at the last comma or space so TTS is not starved.
             for sep in "，,、 ":
@@ -104,6 +99,15 @@ class SentenceChunker:
                     return pos + 1
             return limit
         return None
+
+    def _first_words_cut(self, text: str) -> int | None:
+        """After the first chunk's ``first_chunk_words`` words, if no punctuation has ended it yet."""
+        if self._emitted or not self._first_chunk_words:
+            return None
+        words = list(re.finditer(r"\S+(?=\s)", text))
+        if len(words) < self._first_chunk_words:
+            return None
+        return words[self._first_chunk_words - 1].end()
 
     @staticmethod
     def _after_closers(text: str, i: int) -> int:
