@@ -164,9 +164,9 @@ class FaultyRendererEngine(WarpEngine):
         return renderer
 
 
-def _gaps_p99_ms(arrivals: list[float]) -> float:
+def _longest_gap_ms(arrivals: list[float]) -> float:
     gaps = np.diff(np.asarray(arrivals)) * 1000
-    return float(np.percentile(gaps, 99)) if len(gaps) else float("inf")
+    return float(gaps.max()) if len(gaps) else float("inf")
 
 
 async def _fault_and_recover(server: Any, cue: Cue, mode: str, kind: str) -> dict[str, Any]:
@@ -187,7 +187,7 @@ async def _fault_and_recover(server: Any, cue: Cue, mode: str, kind: str) -> dic
         await victim.wait_event(lambda e: e.get("type") == "state" and e.get("state") == "idle", 10)
         # The bystander's turn completes and its video keeps its pace through the fault.
         other_metrics = await bystander.wait_event(lambda e: e.get("type") == "metrics", 20)
-        bystander_gaps = _gaps_p99_ms(bystander.received.video_arrival[bystander_start:])
+        bystander_gap = _longest_gap_ms(bystander.received.video_arrival[bystander_start:])
         # The victim answers its next request normally.
         seen = len(victim.events)
         victim.send({"type": "say", "text": "Back to normal."})
@@ -203,19 +203,20 @@ async def _fault_and_recover(server: Any, cue: Cue, mode: str, kind: str) -> dic
         "error": error,
         "after": after,
         "bystander": other_metrics,
-        "bystander_p99_gap_ms": bystander_gaps,
+        "bystander_longest_gap_ms": bystander_gap,
         "sessions_alive": alive,
     }
 
 
 def _check(result: dict[str, Any], stage_words: str) -> None:
-    print(f"bystander p99 video gap {result['bystander_p99_gap_ms']:.1f} ms")
+    print(f"bystander's longest video gap {result['bystander_longest_gap_ms']:.1f} ms")
     assert stage_words in result["error"]["message"], result["error"]
     assert result["after"]["interrupted"] is False and result["after"]["frames"] > 0
     assert result["bystander"]["interrupted"] is False
-    # A bystander held up by the fault would stall for the stage timeout (1.5 s) or more. Its normal p99
-    # gap on these 2 cores, two calls talking: 65-143 ms measured (unchanged code, 2026-12-01).
-    assert result["bystander_p99_gap_ms"] < 200, result["bystander_p99_gap_ms"]
+    # A bystander held up by the fault would stall for the stage timeout (1.5 s) or more: one gap that
+    # long. Pacing under load is not what this checks (the p99 gap it used to bound was 88-280 ms on
+    # these 2 cores with two calls talking, 2026-12-01; bench_call.py measures pacing).
+    assert result["bystander_longest_gap_ms"] < 1000, result["bystander_longest_gap_ms"]
     assert result["sessions_alive"] == 2
 
 
