@@ -19,6 +19,7 @@ from avatar_rtc.avatar.template import Template
 from avatar_rtc.conversation.offline import AudioClipSpeech, render_to_file
 from avatar_rtc.render.warp import WarpEngine
 from avatar_rtc.testing.synthetic import RATE, syllable_signal
+from avatar_rtc.testing.talking import write_video
 
 FPS = 25
 BACKGROUND = (40, 90, 60)
@@ -37,16 +38,7 @@ def presenter_video(path: Path, size: tuple[int, int], seconds: float = 1.2) -> 
             [[scale, 0, (width - 512 * scale) / 2 + dx], [0, scale, 0.12 * height]], dtype=np.float64
         )
         frames.append(cv2.warpAffine(photo, matrix, size, flags=cv2.INTER_LINEAR, borderValue=BACKGROUND))
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "crf": "16"}
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="bgr24")):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return path
+    return write_video(path, frames, FPS)
 
 
 def mouth_region(template: Template, margin: float = 0.25) -> tuple[int, int, int, int]:

@@ -14,7 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 import pytest
@@ -33,6 +32,7 @@ from avatar_rtc.avatar.ram_tier import template_bytes
 from avatar_rtc.avatar.store import TemplateCacheError, TemplateStore
 from avatar_rtc.avatar.template import Template
 from avatar_rtc.avatar.tracking import VideoTracker
+from avatar_rtc.testing.talking import write_video
 
 FPS = 25
 VIDEO_SIZE = (640, 480)
@@ -55,21 +55,6 @@ def face_motion(frame_count: int, fps: int = FPS, size: tuple[int, int] = VIDEO_
     return matrices
 
 
-def write_video(path: Path, frames: list[np.ndarray], fps: int = FPS) -> Path:
-    """H.264 MP4 of BGR ``frames``, encoded with av."""
-    height, width = frames[0].shape[:2]
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "crf": "18"}
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="bgr24")):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return path
-
-
 def make_moving_face_video(
     path: Path, seconds: float = 3.0, covered: tuple[int, ...] = COVERED_FRAMES
 ) -> tuple[Path, np.ndarray]:
@@ -84,15 +69,14 @@ def make_moving_face_video(
             corners = np.array([[40.0, 20.0, 1.0], [470.0, 480.0, 1.0]]) @ matrix.T
             cv2.rectangle(image, tuple(corners[0].astype(int)), tuple(corners[1].astype(int)), (0, 0, 0), -1)
         frames.append(image)
-    return write_video(path, frames), matrices
+    return write_video(path, frames, crf=18), matrices
 
 
 def noise_video(path: Path, seconds: float = 1.0, size: tuple[int, int] = (320, 240)) -> Path:
     rng = np.random.default_rng(3)
     count = round(seconds * FPS)
-    return write_video(
-        path, [rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) for _ in range(count)]
-    )
+    frames = [rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) for _ in range(count)]
+    return write_video(path, frames, crf=18)
 
 
 def synthetic_template(template_id: str, frames: int = 4, side: int = 64) -> Template:

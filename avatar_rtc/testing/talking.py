@@ -57,13 +57,13 @@ def talking_frames(
     return frames
 
 
-def write_video(path: Path, frames: list[np.ndarray], fps: int = FPS) -> Path:
-    """H.264 MP4 of BGR ``frames`` (near-lossless: the mouths are what is tested)."""
+def write_video(path: Path, frames: list[np.ndarray], fps: int = FPS, crf: int = 16) -> Path:
+    """H.264 MP4 of BGR ``frames`` (crf 16: near-lossless, where the mouths are what is tested)."""
     height, width = frames[0].shape[:2]
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "crf": "16"}
+        stream.options = {"preset": "ultrafast", "crf": str(crf)}
         for image in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="bgr24")):
                 container.mux(packet)
