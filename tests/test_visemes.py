@@ -3,7 +3,6 @@ times, and an interior that reads as a mouth (teeth, tongue, a dark cavity with 
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 
 import numpy as np
@@ -37,6 +36,7 @@ from avatar_rtc.render.warp import (
     pose_from_audio,
     warp_maps,
 )
+from avatar_rtc.testing.frames import first_frames
 
 SAMPLE_RATE = 16000
 FPS = 25
@@ -197,13 +197,7 @@ async def _speak_known(template: Template, engine: WarpEngine) -> tuple[WarpRend
     await Speaker(tts, playout, renderer).speak(["pa moo fee"], utterance)
     start = utterance.sentences[0].start_time
     expected = int(np.ceil((start + KNOWN_PHONEMES[-1].end_s) * FPS)) - int(np.ceil(start * FPS))
-    frames = []
-    async with asyncio.timeout(20):
-        async for frame in renderer.frames():
-            frames.append(frame)
-            if len(frames) == expected:
-                break
-    await renderer.aclose()
+    frames = await first_frames(renderer, expected)
     return renderer, start, frames
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import numpy as np
@@ -14,6 +13,7 @@ from avatar_rtc.avatar.template import Template
 from avatar_rtc.render.base import Renderer
 from avatar_rtc.render.mouth_shape import mouth_shape
 from avatar_rtc.render.warp import WarpEngine, WarpRenderer, lip_travel, pose_from_audio
+from avatar_rtc.testing.frames import first_frames
 
 SAMPLE_RATE = 16000
 FPS = 25
@@ -188,13 +188,7 @@ async def test_streamed_speech_moves_the_mouth_in_sync(engine: WarpEngine, templ
         renderer.push_audio(pcm[start : start + chunk], start / SAMPLE_RATE)
     renderer.flush()
     expected = int(np.ceil(seconds * FPS))
-    frames = []
-    async with asyncio.timeout(20):
-        async for frame in renderer.frames():
-            frames.append(frame)
-            if len(frames) == expected:
-                break
-    await renderer.aclose()
+    frames = await first_frames(renderer, expected)
 
     indices = [frame.index for frame in frames]
     assert indices == list(range(expected))
