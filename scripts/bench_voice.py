@@ -399,6 +399,13 @@ def run_browser(url: str, turns: int, work: Path) -> None:
             f"server's own figure (first audio frame sent, since its VAD's speech end): p50 "
             f"{np.percentile(server, 50):.0f} ms, p90 {np.percentile(server, 90):.0f} ms"
         )
+    print("server stages (ms since its VAD's speech end, p50):")
+    for stage in STAGES:
+        values = [m[stage] for m in metrics if m.get(stage) is not None]
+        if values:
+            print(f"  {stage:22s} {statistics.median(values):7.0f}   (min {min(values):.0f}, max {max(values):.0f})")
+    early = sum(bool(m.get("early_asr")) for m in metrics), sum(bool(m.get("early_llm")) for m in metrics)
+    print(f"turns on the early transcript: {early[0]}, on the early answer: {early[1]} of {len(metrics)}")
     print(f"answers marked interrupted by the page: {interrupted} of {len(answers)}")
     print(f"load average at end: {_load_average()}")
 
