@@ -403,7 +403,9 @@ def run_browser(url: str, turns: int, work: Path) -> None:
     for stage in STAGES:
         values = [m[stage] for m in metrics if m.get(stage) is not None]
         if values:
-            print(f"  {stage:22s} {statistics.median(values):7.0f}   (min {min(values):.0f}, max {max(values):.0f})")
+            print(
+                f"  {stage:22s} {statistics.median(values):7.0f}   (min {min(values):.0f}, max {max(values):.0f})"
+            )
     early = sum(bool(m.get("early_asr")) for m in metrics), sum(bool(m.get("early_llm")) for m in metrics)
     print(f"turns on the early transcript: {early[0]}, on the early answer: {early[1]} of {len(metrics)}")
     print(f"answers marked interrupted by the page: {interrupted} of {len(answers)}")
