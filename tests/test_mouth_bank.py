@@ -173,7 +173,9 @@ def test_changing_visemes_cross_fade_without_a_pop(cached: Template) -> None:
         ours.append(renderer.render_pose(0, pose)[rows, cols].astype(np.float32))
         theirs.append(drawn.render_pose(0, pose)[rows, cols].astype(np.float32))
     assert max(shares) > 0.9 and np.abs(np.diff(shares)).max() < 0.5
-    assert {Viseme.OPEN, Viseme.ROUNDED, Viseme.SPREAD} <= used
+    # Rounded speech may take the bank's "oo" or its "oh" (both rounded lips): which one is nearest
+    # turns on a pixel of the synthetic video's landmarks.
+    assert {Viseme.OPEN, Viseme.SPREAD} <= used and used & {Viseme.ROUNDED, Viseme.ROUNDED_OPEN}, used
     for step, ((a, b), (c, d)) in enumerate(
         zip(itertools.pairwise(ours), itertools.pairwise(theirs), strict=True)
     ):

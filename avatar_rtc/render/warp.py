@@ -129,12 +129,22 @@ class MouthRig:
     u: np.ndarray  # along the mouth, 0 between the inner corners
     below_line: np.ndarray  # signed distance below the line where the lips meet
     is_lower: np.ndarray  # 1 below that line, 0 above
-    jaw_near: np.ndarray  # weight of the opening profile (near the lips) in the jaw drop
-    jaw_far: np.ndarray  # weight of the whole-jaw drop (chin), independent of the lip profile
-    upper_lip: np.ndarray  # weight of the upper lip rise
-    corner_pull: np.ndarray  # weight of the horizontal corner movement
+    # The weights each frame's travel along v is made of, over the crop (see warp_maps): per px of the
+    # lower lip's drop, the opening profile's share near the lips (0 above the line); per px of the
+    # upper lip's rise, minus its weight above the line (0 below); per px of the chin's drop, the
+    # whole-jaw weight below the line. And u times the corner pull: the horizontal corner movement
+    # per unit of corner gain.
+    lower_near: np.ndarray
+    upper_signed: np.ndarray
+    lower_far: np.ndarray
+    u_corner: np.ndarray
     mouth_rows: tuple[int, int]  # crop rows the interior can reach at full opening
     mouth_cols: tuple[int, int]
+    # Over that mouth window only (what the interior is painted from): the jaw drop's weight of the
+    # opening profile and of the whole jaw, and the upper lip rise's weight, on both sides of the line.
+    jaw_near: np.ndarray
+    jaw_far: np.ndarray
+    upper_lip: np.ndarray
     painted_teeth: float  # 1 for a closed mouth; 0 when the template already shows its teeth
     rest_gap: float  # the template's own inner-lip opening at the midline, px
     max_gap: float  # the largest inner-lip opening speech may show (MouthRange), px
@@ -143,6 +153,10 @@ class MouthRig:
     lower_lip_weights: tuple[float, float]
     upper_lip_weight: float
     corner_weight: float  # the corner pull at the outer lip corners: how far rounding moves them
+
+    @property
+    def mouth_window(self) -> tuple[slice, slice]:
+        return np.s_[self.mouth_rows[0] : self.mouth_rows[1], self.mouth_cols[0] : self.mouth_cols[1]]
 
     def shifted(self, dx: int, dy: int) -> MouthRig:
         return dataclasses.replace(self, x0=self.x0 + dx, y0=self.y0 + dy)
@@ -259,6 +273,8 @@ def build_rig(
         int(np.clip(np.ceil(box_xy[:, 1].max()) - y0 + 1, 0, height)),
     )
 
+    window = np.s_[mouth_rows[0] : mouth_rows[1], mouth_cols[0] : mouth_cols[1]]
+
     def crop_pixel(point: np.ndarray) -> tuple[int, int]:
         row = int(np.clip(round(point[1]) - y0, 0, height - 1))
         return row, int(np.clip(round(point[0]) - x0, 0, width - 1))
@@ -284,12 +300,15 @@ def build_rig(
         u=f32(u),
         below_line=f32(below),
         is_lower=f32(is_lower),
-        jaw_near=f32(jaw_near),
-        jaw_far=f32(jaw_far),
-        upper_lip=f32(upper_lip),
-        corner_pull=f32(corner_pull),
+        lower_near=f32(is_lower * jaw_near),
+        upper_signed=f32((is_lower - 1.0) * upper_lip),
+        lower_far=f32(is_lower * jaw_far),
+        u_corner=f32(u * corner_pull),
         mouth_rows=mouth_rows,
         mouth_cols=mouth_cols,
+        jaw_near=f32(jaw_near[window]),
+        jaw_far=f32(jaw_far[window]),
+        upper_lip=f32(upper_lip[window]),
         painted_teeth=painted_teeth,
         rest_gap=rest_gap,
         max_gap=max_gap,
@@ -330,33 +349,42 @@ def lip_travel(rig: MouthRig, pose: MouthPose) -> tuple[float, float]:
 def warp_maps(
     rig: MouthRig, pose: MouthPose
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The backward map of the crop for ``pose`` (``cv2.remap``'s map_x, map_y, crop-local), and per
-    pixel the lower lip's drop, the upper lip's rise (px, negative when closing) and the lens profile
-    of the opening (0 at the inner corners, 1 in the middle)."""
+    """The backward map of the crop for ``pose`` (``cv2.remap``'s map_x, map_y, crop-local), and over
+    the rig's mouth window (``rig.mouth_window``) the lower lip's drop, the upper lip's rise (px,
+    negative when closing) and the lens profile of the opening (0 at the inner corners, 1 in the
+    middle), which the interior is painted from."""
     lower, upper = lip_travel(rig, pose)
-    roundness = float(np.clip(pose.roundness, -1.0, 1.0))
+    roundness = min(max(pose.roundness, -1.0), 1.0)  # plain floats: this runs for every frame
     corner_gain = roundness * (ROUND_CORNER_PULL if roundness > 0 else SPREAD_CORNER_PUSH)
     # Sampling further out along u than the output pixel pulls the corners in (rounded lips).
-    u_shift = rig.u * (corner_gain * rig.corner_pull)
-    u_source = rig.u + u_shift
-    lens_t = 1.0 - np.square(u_source * (1.0 / rig.lens_half_width))
-    np.maximum(lens_t, 0.0, out=lens_t)
-    lens = lens_t * (1.5 - 0.5 * lens_t)  # 0 at the inner corners, 1 in the middle, lens-shaped
+    u_source = cv2.scaleAdd(rig.u_corner, corner_gain, rig.u)
+    # The lens: 0 at the inner corners, 1 in the middle, lens-shaped; t (1 - (u / half width)^2, not
+    # below 0) becomes t * (1.5 - 0.5 t).
+    lens_t = cv2.multiply(u_source, u_source, scale=-1.0 / (rig.lens_half_width * rig.lens_half_width))
+    lens_t += 1.0
+    lens_t = cv2.max(lens_t, 0.0)  # vectorised; np.maximum is five times slower on float32 here
+    lens = cv2.multiply(lens_t, lens_t, scale=-0.5)
+    lens = cv2.scaleAdd(lens_t, 1.5, lens)
     # The chin follows the jaw: fully when the opening is a jaw drop (ah), less when the lips part over
     # nearly closed teeth (ee), a little when the lips close.
-    chin_ratio = 0.35 + 0.65 * float(np.clip(pose.jaw, 0.0, 1.0)) if lower > 0 else 0.3
+    chin_ratio = 0.35 + 0.65 * min(max(pose.jaw, 0.0), 1.0) if lower > 0 else 0.3
     near_weight, far_weight = rig.lower_lip_weights
     lower /= max(near_weight + far_weight * chin_ratio, 0.5)
     upper /= max(rig.upper_lip_weight, 0.5)
     chin = chin_ratio * lower
-    lower_drop = lower * (rig.jaw_near * lens) + chin * rig.jaw_far
-    upper_rise = upper * rig.upper_lip * lens
-    # Signed travel along v (down positive): the lower face drops, the upper lip rises.
-    travel = rig.is_lower * (lower_drop + upper_rise) - upper_rise
+    # Signed travel along v (down positive): below the line the lower face drops by
+    # lower * near * lens + chin * far; above it the upper lip rises by upper * lip * lens.
+    travel = cv2.addWeighted(rig.lower_near, lower, rig.upper_signed, upper, 0.0)
+    travel = cv2.multiply(travel, lens)
+    travel = cv2.scaleAdd(rig.lower_far, chin, travel)
     au, av = rig.axis_u, rig.axis_v
-    map_x = rig.grid_x + u_shift * au[0] - travel * av[0]
-    map_y = rig.grid_y + u_shift * au[1] - travel * av[1]
-    return map_x, map_y, lower_drop, upper_rise, lens
+    map_x = cv2.scaleAdd(travel, -av[0], cv2.scaleAdd(rig.u_corner, corner_gain * au[0], rig.grid_x))
+    map_y = cv2.scaleAdd(travel, -av[1], cv2.scaleAdd(rig.u_corner, corner_gain * au[1], rig.grid_y))
+    window = rig.mouth_window
+    lens_w = lens[window]
+    lower_drop = lower * (rig.jaw_near * lens_w) + chin * rig.jaw_far
+    upper_rise = upper * rig.upper_lip * lens_w
+    return map_x, map_y, lower_drop, upper_rise, lens_w
 
 
 def drawn_inner_lip_gap(rig: MouthRig, pose: MouthPose, landmarks: np.ndarray) -> float:
@@ -422,24 +450,25 @@ def render_mouth(
     y0, x0 = rig.y0, rig.x0
     crop = frame[y0 : y0 + rig.height, x0 : x0 + rig.width]
     map_x, map_y, lower_drop, upper_rise, lens = warp_maps(rig, pose)
-    warped = cv2.remap(crop, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    # remap turns float maps into fixed point (1/32 px) block by block as it goes; converting them
+    # first gives the same picture in about 60% of the time (0.36 against 0.64 ms for this crop).
+    fixed_xy, fixed_fraction = cv2.convertMaps(map_x, map_y, cv2.CV_16SC2)
+    warped = cv2.remap(
+        crop, fixed_xy, fixed_fraction, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
 
     if lower + upper > 0.0 and paint_interior:
         # The tear: output pixels whose source lies across the line where the lips meet.
-        r0, r1 = rig.mouth_rows
-        c0, c1 = rig.mouth_cols
-        window = np.s_[r0:r1, c0:c1]
+        window = rig.mouth_window
         below = rig.below_line[window]
         lower_w = rig.is_lower[window]
-        drop_w, rise_w = lower_drop[window], upper_rise[window]
+        drop_w, rise_w = lower_drop, upper_rise
         across = lower_w * (drop_w - below) + (1.0 - lower_w) * (rise_w + below)
         feather = max(1.0, 0.015 * rig.mouth_width)
         alpha = np.clip(across * (1.0 / feather), 0.0, 1.0)
         region = warped[window]
         if float(alpha.max()) > 0.0:
-            region[:] = _paint_interior(
-                region, alpha, below, drop_w, rise_w, lens[window], rig.u[window], pose, rig
-            )
+            region[:] = _paint_interior(region, alpha, below, drop_w, rise_w, lens, rig.u[window], pose, rig)
     output[y0 : y0 + rig.height, x0 : x0 + rig.width] = warped
     return output
 
@@ -504,8 +533,10 @@ def _paint_interior(
     # Cavity: dark red-brown at its edges, near black in the middle and towards the corners.
     middle = _smoothstep(into_cavity / (0.5 * cavity + 1e-3))
     depth = np.minimum(cavity * (1.0 / (0.1 * mouth_width)), 1.0)  # a slit is shallow, lit from the lips
-    deep = ((0.3 + 0.7 * middle * depth) * (0.55 + 0.45 * root_lens))[..., None]
-    colour = INTERIOR_EDGE + (INTERIOR_DEEP - INTERIOR_EDGE) * deep
+    deep = (0.3 + 0.7 * middle * depth) * (0.55 + 0.45 * root_lens)
+    # Colours are built channel first, (3, rows, cols): numpy then runs its loops along the rows, not
+    # over three channels at a time (four times faster on this window).
+    colour = _channels(INTERIOR_EDGE) + _channels(INTERIOR_DEEP - INTERIOR_EDGE) * deep
     # Tongue: its back shows low in a mouth open more than a little, lit at the front, in shadow behind.
     open_enough = float(
         _smoothstep(np.array((float(cavity.max()) - 0.04 * mouth_width) / (0.08 * mouth_width)))
@@ -515,11 +546,11 @@ def _paint_interior(
         on_tongue = (
             _soft_inside(tongue_top - (from_bottom - lower_height), 1.2) * root_lens * (0.8 * open_enough)
         )
-        tongue_colour = TONGUE * (0.55 + 0.35 * lens)[..., None]
-        colour = colour + (tongue_colour - colour) * on_tongue[..., None]
+        tongue_colour = _channels(TONGUE) * (0.55 + 0.35 * lens)
+        colour = colour + (tongue_colour - colour) * on_tongue
     if pose.tongue_tip > 0.0:
         tip = float(np.clip(pose.tongue_tip, 0.0, 1.0)) * _smoothstep((lens - 0.35) * (1.0 / 0.3))
-        colour = colour + (TONGUE * 1.1 - colour) * tip[..., None]
+        colour = colour + (_channels(TONGUE * 1.1) - colour) * tip
 
     if float(upper_height.max()) > 0.3 or float(lower_height.max()) > 0.3:
         # Upper teeth: shaded towards the corners, in the lip's shadow at the top, slightly translucent
@@ -531,17 +562,21 @@ def _paint_interior(
         upper_shade = (0.74 + 0.26 * root_lens) * gaps
         upper_shade *= 0.84 + 0.16 * _smoothstep(from_top / (0.3 * upper_height + 0.6))
         upper_shade *= 0.92 + 0.08 * _smoothstep((upper_edge - from_top) / 1.5)
-        colour = colour + (TEETH * upper_shade[..., None] - colour) * in_upper[..., None]
+        colour = colour + (_channels(TEETH) * upper_shade - colour) * in_upper
         # Lower teeth: smaller and more in shadow, under the upper ones.
         gaps, edge = _tooth_gaps(u, TOOTH_WIDTH_LOWER * mouth_width)
         in_lower = _soft_inside(lower_height * edge - from_bottom) * (lower_height > 0.3)
         lower_shade = (0.6 + 0.3 * root_lens) * gaps
         lower_shade *= 0.85 + 0.15 * _smoothstep(from_bottom / (0.4 * lower_height + 0.6))
-        colour = colour + (TEETH * lower_shade[..., None] - colour) * in_lower[..., None]
+        colour = colour + (_channels(TEETH) * lower_shade - colour) * in_lower
 
-    a = alpha[..., None]
-    blended = region.astype(np.float32) * (1.0 - a) + colour * a
-    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    blended = region.transpose(2, 0, 1).astype(np.float32) * (1.0 - alpha) + colour * alpha
+    return np.clip(blended + 0.5, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+def _channels(colour: np.ndarray) -> np.ndarray:
+    """A BGR colour shaped to broadcast over a channel-first (3, rows, cols) image."""
+    return colour.reshape(3, 1, 1)
 
 
 class _TemplateRigs:
