@@ -236,9 +236,10 @@ class ConversationSettings(BaseModel):
     early_asr_pause_ms: int = Field(150, ge=0, le=5000)
     # Caller speech over the avatar cuts it off once it has lasted this long (and is not echo).
     barge_in_confirm_ms: int = Field(240, ge=0, le=2000)
-    # Microphone audio whose level follows the avatar's own recent voice within this spread (dB, at
-    # some round-trip delay) is echo, not a barge-in.
-    echo_max_spread_db: float = Field(3.0, ge=0, le=30)
+    # Microphone audio whose band pattern correlates with the avatar's own recent voice at least this
+    # well (at some round-trip delay, and weaker than it was sent) is echo, not a barge-in
+    # (conversation/echo.py).
+    echo_min_correlation: float = Field(0.7, gt=0, le=1)
     # A back-end (ASR, LLM, TTS) that yields nothing for this long fails the turn with an error event.
     stage_timeout_s: float = Field(20.0, gt=0)
     vad: VadSettings = Field(default_factory=VadSettings)

@@ -179,6 +179,8 @@ class TurnResult:
     first_audio_ms: float | None
     answer_ms: float  # at this client: sent -> final transcript (after the answer was spoken)
     error: str | None = None
+    # The page's "interrupted" mark on the final transcript; nobody interrupts here, so any is false.
+    interrupted: bool = False
 
 
 @dataclass
@@ -222,7 +224,11 @@ async def ask(receiver: CallReceiver, text: str, timeout_s: float) -> TurnResult
     if done["type"] == "error":
         return TurnResult("", None, None, answer_ms, error=done["message"])
     return TurnResult(
-        done["text"], metrics.get("llm_first_token_ms"), metrics.get("first_audio_frame_ms"), answer_ms
+        done["text"],
+        metrics.get("llm_first_token_ms"),
+        metrics.get("first_audio_frame_ms"),
+        answer_ms,
+        interrupted=bool(done.get("interrupted")),
     )
 
 
@@ -291,6 +297,8 @@ def summary(results: list[ItemResult]) -> dict[str, Any]:
         "by_kind": by_kind,
         "unclean": sum(r.unclean for r in results),
         "errors": sum(1 for r in results for t in r.timings if t.error is not None),
+        "turns": len(turns),
+        "falsely_interrupted": sum(t.interrupted for t in turns),
         "first_token_ms": stats([t.first_token_ms for t in turns if t.first_token_ms is not None]),
         "first_audio_ms": stats([t.first_audio_ms for t in turns if t.first_audio_ms is not None]),
         "answer_spoken_ms": stats([t.answer_ms for t in turns]),
@@ -417,7 +425,8 @@ async def evaluate(args: argparse.Namespace) -> int:
     ft, fa, sp = totals["first_token_ms"], totals["first_audio_ms"], totals["answer_spoken_ms"]
     print(
         f"\nscore {totals['passed']}/{totals['items']} = {totals['score']:.0%}  by kind {totals['by_kind']}  "
-        f"unclean {totals['unclean']}  errors {totals['errors']}\n"
+        f"unclean {totals['unclean']}  errors {totals['errors']}  answers marked interrupted "
+        f"{totals['falsely_interrupted']} of {totals['turns']}\n"
         f"first token ms median {ft['median']} p90 {ft['p90']} | first audio ms median {fa['median']} "
         f"p90 {fa['p90']} | whole answer spoken ms median {sp['median']} p90 {sp['p90']} | "
         f"words median {totals['answer_words']['median']}"

@@ -267,7 +267,7 @@ class Conversation:
 
     def hear(self, pcm16k: np.ndarray, at: float) -> None:
         """Microphone audio (16 kHz mono) that arrived at wall time ``at``."""
-        self.echo_guard.mic_level(at, pcm16k)
+        self.echo_guard.mic_audio(at, pcm16k)
         for event in self.vad.push(pcm16k):
             if isinstance(event, SpeechStarted):
                 onset = at - (self.vad.stream_s - event.at_s)
@@ -355,16 +355,16 @@ class Conversation:
         microphone hears is the avatar's own voice coming back."""
         since, self._overlap_since = self._overlap_since, None
         assert since is not None
-        verdict = self.echo_guard.assess(self.playout.sent_levels, since)
+        verdict = self.echo_guard.assess(self.playout.sent_audio, self.playout.sample_rate, since)
         log.debug("speech over the avatar: %s", verdict)
         if verdict.is_echo:
             self._ignoring_echo = True
             self.echoes_ignored += 1
-            log.info("speech over the avatar ignored as echo (spread %.1f dB)", verdict.spread_db)
+            log.info("speech over the avatar ignored as echo (correlation %.2f)", verdict.correlation)
             return
         self.barge_ins += 1
         self.interrupt(cut=False)
-        self._emit({"type": "barge_in", "echo_spread_db": round(min(verdict.spread_db, 99.0), 1)})
+        self._emit({"type": "barge_in", "echo_correlation": round(verdict.correlation, 2)})
         self._set_state("listening")
 
     def _on_caller_finished(self, event: UtteranceEnded, speech_end: float) -> None:

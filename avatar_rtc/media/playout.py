@@ -164,10 +164,10 @@ class Playout:
         self._next_video_index = 0
         self._generation = 0
         self._active: list[Utterance] = []
-        # (wall time, RMS) of each 5 ms of outgoing audio: what the caller's microphone may hear back.
-        self.sent_levels: deque[tuple[float, float]] = deque(maxlen=600)
-        self._sent_levels_end = 0.0  # wall time the last stamped read ends at
-        self._level_block = sample_rate // 200
+        # The last 2 s of outgoing audio as (wall time it left, pcm) reads: what the caller's
+        # microphone may hear back (the echo guard compares the two).
+        self.sent_audio: deque[tuple[float, np.ndarray]] = deque(maxlen=100)
+        self._sent_audio_end = 0.0  # wall time the last stamped read ends at
 
     # -- writers (speech pipeline, renderer pump) -------------------------------------------------
     @property
@@ -270,16 +270,10 @@ class Playout:
         self.stats.audio_frames_sent += 1
         # Each read leaves now, but the caller hears the reads one after another (its jitter buffer
         # plays a burst out in order): a burst of late reads on a busy machine is stamped back to back,
-        # not all at the same moment, or the contour the echo guard compares the caller's microphone
-        # with would fold onto itself.
-        now = max(time.monotonic(), self._sent_levels_end)
-        self._sent_levels_end = now + count / self.sample_rate
-        block = self._level_block
-        if self._active and count % block == 0:
-            levels = np.sqrt(np.mean(np.square(out.reshape(-1, block), dtype=np.float32), axis=1))
-            self.sent_levels.extend((now + i * 0.005, float(v)) for i, v in enumerate(levels))
-        else:
-            self.sent_levels.extend((now + i * 0.005, 0.0) for i in range(max(1, count // block)))
+        # not all at the same moment (the echo guard anchors the stream in time by these stamps).
+        now = max(time.monotonic(), self._sent_audio_end)
+        self._sent_audio_end = now + count / self.sample_rate
+        self.sent_audio.append((now, out))
         return out
 
     def frame_for(self, index: int) -> np.ndarray:

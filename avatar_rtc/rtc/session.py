@@ -147,7 +147,7 @@ class Session:
             llm=deps.llm,
             asr=deps.asr,
             vad=VoiceActivitySegmenter(talk.vad),
-            echo_guard=EchoGuard(max_spread_db=talk.echo_max_spread_db),
+            echo_guard=EchoGuard(min_correlation=talk.echo_min_correlation),
             llm_unavailable=deps.llm_unavailable,
             asr_unavailable=deps.asr_unavailable,
             first_clause_chars=talk.first_clause_chars,
