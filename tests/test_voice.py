@@ -373,6 +373,9 @@ def test_echo_guard_tells_echo_from_a_caller(delay_s: float) -> None:
     assert echo.is_echo and abs(echo.delay_s - delay_s) <= 0.03, echo
     caller = _echo_guard_heard(delay_s, {"caller": 1.0})
     assert not caller.is_echo, caller
+    # Told apart by what is said, not only by how loud: a caller as quiet as the echo is still a caller.
+    quiet_caller = _echo_guard_heard(delay_s, {"caller": 0.1})
+    assert quiet_caller.attenuation_db >= 3.0 and not quiet_caller.is_echo, quiet_caller
     # A caller talking over the echo is a barge-in, even though the echo is there too.
     both = _echo_guard_heard(delay_s, {"caller": 1.0, "echo": 0.1})
     assert not both.is_echo, both
