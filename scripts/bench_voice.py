@@ -366,6 +366,7 @@ def run_browser(url: str, turns: int, work: Path) -> None:
         metrics = page.evaluate(
             "window.avatarCall.events.filter((e) => e.type === 'metrics' && e.turn === 'voice')"
         )
+        events = page.evaluate("window.avatarCall.events.map((e) => e.type)")
         page.click("#hangup-btn")
     if errors:
         print(f"page errors: {errors}")
@@ -409,6 +410,8 @@ def run_browser(url: str, turns: int, work: Path) -> None:
     early = sum(bool(m.get("early_asr")) for m in metrics), sum(bool(m.get("early_llm")) for m in metrics)
     print(f"turns on the early transcript: {early[0]}, on the early answer: {early[1]} of {len(metrics)}")
     print(f"answers marked interrupted by the page: {interrupted} of {len(answers)}")
+    barge_ins = events.count("barge_in")
+    print(f"barge-ins (a question heard while the avatar still spoke): {barge_ins}")
     print(f"load average at end: {_load_average()}")
 
 
