@@ -12,7 +12,7 @@ A browser's jitter buffer that runs dry or catches up moves the echo's delay by 
 the middle of the window, so each 60 ms block may also take its own delay within 50 ms of the best
 one (:func:`_piecewise_correlation`). Measured on 260 ms windows, the moment a barge-in is decided:
 the echo in tests/test_voice.py's call (two Opus passes, a speaker playing out of a jitter buffer,
-both cores busy) 0.72-0.96 over 10 runs; espeak-ng callers against an espeak-ng avatar (the same
+both cores busy) 0.72-0.96 over 30 runs; espeak-ng callers against an espeak-ng avatar (the same
 synthetic voice, so a hard case) median 0.38, p90 0.52, 4 windows of 144 above 0.7, and those were
 as loud as the avatar, which the attenuation check refuses as echo. Loudness contours were not
 enough: the echo's missed the avatar's by 4-7 dB at its best delay, as much as a caller's did; band
